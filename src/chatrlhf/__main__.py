@@ -1,0 +1,3 @@
+from chatrlhf.cli import main
+
+raise SystemExit(main())
