@@ -1,0 +1,84 @@
+"""One place where training metrics go: ``metrics.jsonl`` in the step's output dir (read by reports) and
+TensorBoard scalars (when enabled). Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from chatrlhf.utils import is_rank0
+
+
+def _clean(v: Any) -> Any:
+    try:
+        import torch
+
+        if isinstance(v, torch.Tensor):
+            v = v.detach().float().item()
+    except ImportError:
+        pass
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no nan/inf; keep them visible as strings
+    return v
+
+
+class MetricsWriter:
+    """``log(kind, step, **scalars)`` appends {"kind", "step", "time", ...} to metrics.jsonl and, when a
+    TensorBoard dir is given, writes each scalar as ``kind/name``. Kinds used: "train", "eval", "throughput"."""
+
+    def __init__(self, output_dir: str | Path, tensorboard_dir: str | Path | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = is_rank0()
+        self._tb = None
+        self._fh = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def log(self, kind: str, step: int, **scalars: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}
+        rec.update({k: _clean(v) for k, v in scalars.items()})
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl; a resumed run may have logged a step twice, the later record wins."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.exists():
+        return []
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a run killed mid-write leaves at most one torn last line
+        out[(rec.get("kind", ""), int(rec.get("step", 0)))] = rec
+    return sorted(out.values(), key=lambda r: (r["kind"], r["step"]))
