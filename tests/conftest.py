@@ -10,3 +10,41 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".torch_extensions"))
 
 import pytest  # noqa: E402
+
+
+# ---- shared tiny artifacts (owner: models/task helper). Built once per session into tmp dirs. ----
+TASK_TEST_SIZES = dict(seed=1234, n_sft=64, n_pairs=160, n_eval=40, n_heldout=12, k=4, noise=0.35, n_corpus=1500)
+
+
+@pytest.fixture(scope="session")
+def task_data_dir(tmp_path_factory):
+    """A small built-in task dataset: data/train.json + data/eval.json (local/jsonfile root), sft/, kwise.jsonl,
+    heldout.jsonl, corpus.txt, meta.json."""
+    from chatrlhf.task import write_task_dataset
+
+    out = tmp_path_factory.mktemp("task_data")
+    write_task_dataset(out, **TASK_TEST_SIZES)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """callable(family="opt", **build_tiny_model kwargs) -> model dir, built once per distinct arguments."""
+    from chatrlhf.models.tiny import build_tiny_model
+
+    cache = {}
+
+    def make(family="opt", **kw):
+        key = (family, repr(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = build_tiny_model(family, tmp_path_factory.mktemp(f"tiny_{family}") / "model", **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_factory):
+    """The standard test actor / reward-model base: OPT family, hidden 64, 2 layers, vocab 512, tokenizer trained
+    on the built-in task corpus (leading BOS == pad, so num_padding_at_beginning == 1)."""
+    return tiny_model_factory("opt", hidden=64, layers=2, vocab=512)

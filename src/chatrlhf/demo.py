@@ -1,0 +1,298 @@
+"""``chatrlhf demo``: the embedded default. Tiny models + the built-in task, all three steps on a CPU in minutes.
+
+1. Assets (OUTPUT/assets): the built-in task's data (chatrlhf.task.write_task_dataset) and two tiny random
+   models with a locally trained tokenizer (chatrlhf.models.tiny): the actor base and the reward-model base.
+2. Steps 1 -> 2 -> 3 through ``chatrlhf train``'s run_train, with the demo's tuned per-step settings.
+3. Evaluation on held-out prompts (task items never seen in training): greedy answers of the SFT actor and of
+   the final (PPO) actor scored by the gold scorer, the gold win-rate of final over SFT, the reward model's
+   accuracy on held-out preference pairs, the KL of the final actor to the SFT actor (mean per answer token
+   of the final actor's greedy answers), and a few answers side by side.
+4. OUTPUT/summary.json, a before/after table on the terminal, OUTPUT/report.md.
+
+``--quick`` shrinks every budget (tests use it); the numbers it gives are not meant to show learning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from chatrlhf.config import parse_config
+from chatrlhf.errors import UserError
+from chatrlhf.utils import atomic_write_json
+
+logger = logging.getLogger("chatrlhf.demo")
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = field(default="demo_out", metadata={"help": "Run dir (assets/, step1_sft/, ..., summary.json)."})
+    quick: bool = field(default=False, metadata={
+        "help": "A much shorter run (tiny budgets, few eval prompts) for tests; shows the machinery, not learning."})
+    family: str = field(default="opt", metadata={"help": "Tiny model family: opt, llama, gpt_neox, bloom, gpt2."})
+    seed: int = field(default=1234, metadata={"help": "Seed for data, models and training."})
+    deployment_type: str = field(default="cpu", metadata={
+        "help": "Passed to chatrlhf train: cpu | single_gpu | single_node."})
+    n_eval_prompts: int = field(default=40, metadata={"help": "Held-out prompts for the before/after evaluation."})
+    n_samples: int = field(default=6, metadata={"help": "Answers shown side by side."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Greedy answer length limit in the evaluation."})
+    config: dict = field(default_factory=dict, metadata={
+        "help": "(YAML) overrides of the pipeline config, e.g. {ppo: {actor_learning_rate: 1e-4}}."})
+
+
+# ---------------------------------------------------------------------------------------------- tuned defaults
+# Why these sizes: ~10 minutes for all three steps on a 2-core CPU. The actor must learn the task language from
+# random init in step 1, so it gets the larger budget; the reward model is a smaller body (its task - tell a clean
+# stop from rambling or a wrong answer - is easier than generating). PPO answers are short (task answers are
+# 1-4 words), which keeps rollouts cheap.
+ACTOR = {"hidden": 128, "layers": 4, "heads": 4, "vocab": 512, "max_positions": 128}
+REWARD = {"hidden": 96, "layers": 3, "heads": 4, "vocab": 512, "max_positions": 128}
+TASK = {"n_sft": 2000, "n_pairs": 3000, "n_eval": 300, "n_heldout": 40, "noise": 0.35}
+
+STEP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "reward": {},
+    "ppo": {},
+}
+
+QUICK_ACTOR = {"hidden": 32, "layers": 1, "heads": 2, "vocab": 320, "max_positions": 64}
+QUICK_REWARD = QUICK_ACTOR
+QUICK_TASK = {"n_sft": 64, "n_pairs": 96, "n_eval": 32, "n_heldout": 8, "noise": 0.35}
+QUICK_STEPS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "reward": {},
+    "ppo": {},
+}
+
+
+# ---------------------------------------------------------------------------------------------- assets
+def build_assets(out: Path, cfg: DemoConfig) -> dict[str, Path]:
+    """Task data + tiny actor/reward bases under OUTPUT/assets; reused when already there (reruns resume)."""
+    from chatrlhf.models.tiny import build_tiny_model
+    from chatrlhf.task import task_corpus, write_task_dataset
+
+    assets = out / "assets"
+    task_kw = QUICK_TASK if cfg.quick else TASK
+    paths = {"task": assets / "task", "actor": assets / "actor", "reward": assets / "reward"}
+    if not (paths["task"] / "meta.json").is_file():
+        write_task_dataset(paths["task"], seed=cfg.seed, **task_kw)
+    corpus = task_corpus(seed=cfg.seed, n=1000 if cfg.quick else 4000)
+    for role, shape in (("actor", QUICK_ACTOR if cfg.quick else ACTOR), ("reward", QUICK_REWARD if cfg.quick else REWARD)):
+        if not (paths[role] / "config.json").is_file():
+            # Same corpus + vocab + family -> the same tokenizer for both, as PPO needs.
+            build_tiny_model(cfg.family, paths[role], corpus=corpus, seed=cfg.seed + (role == "reward"), **shape)
+    return paths
+
+
+def pipeline_config(out: Path, assets: dict[str, Path], cfg: DemoConfig):
+    """The TrainPipelineConfig the demo runs: tuned per-step sections, user overrides merged over them."""
+    from chatrlhf.pipeline import TrainPipelineConfig
+
+    sections = {k: dict(v) for k, v in (QUICK_STEPS if cfg.quick else STEP_DEFAULTS).items()}
+    extra = dict(cfg.config or {})
+    for k in ("sft", "reward", "ppo"):
+        sections[k].update(extra.pop(k, {}) or {})
+    pcfg = TrainPipelineConfig(
+        actor_model=str(assets["actor"]), reward_model=str(assets["reward"]), data_path=[str(assets["task"])],
+        data_split="2,4,4", output_dir=str(out), deployment_type=cfg.deployment_type, seed=cfg.seed,
+        sft=sections["sft"], reward=sections["reward"], ppo=sections["ppo"], **extra)
+    pcfg.validate()
+    return pcfg
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _load_actor(path: Path):
+    from chatrlhf.models.loading import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(path), padding_side="left")
+    model = load_causal_lm(str(path))
+    model.eval()
+    return model, tok
+
+
+def greedy_answers(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """Greedy answer token ids per prompt, cut after the first EOS (kept out of the ids)."""
+    import torch
+
+    out: list[list[int]] = []
+    eos = tok.eos_token_id
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=eos)
+        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            ids = []
+            for t in row:
+                if t == eos:
+                    break
+                ids.append(t)
+            out.append(ids)
+    return out
+
+
+def answer_kl(final, ref, tok, prompts: Sequence[str], answers: Sequence[list[int]]) -> float:
+    """Mean over answer tokens (and the EOS that ends each answer) of KL(final || ref) at that position, on the
+    final actor's own greedy answers: how far PPO moved the policy where it actually generates."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    eos = tok.eos_token_id
+    for p, a in zip(prompts, answers):
+        p_ids = tok(p)["input_ids"]
+        ids = torch.tensor([p_ids + a + [eos]])
+        with torch.no_grad():
+            lf = F.log_softmax(final(input_ids=ids).logits.float(), -1)
+            lr = F.log_softmax(ref(input_ids=ids).logits.float(), -1)
+        # positions predicting the answer tokens and the EOS
+        sl = slice(len(p_ids) - 1, ids.shape[1] - 1)
+        kl = (lf[0, sl].exp() * (lf[0, sl] - lr[0, sl])).sum(-1)
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / max(1, count)
+
+
+def reward_accuracy(rm_path: Path, pairs: Sequence[dict], batch_size: int = 32) -> dict[str, float]:
+    """Held-out preference accuracy of the step-2 reward model (chosen scored above rejected)."""
+    import torch
+
+    from chatrlhf.models.loading import load_tokenizer
+    from chatrlhf.models.reward_model import load_reward_model
+
+    tok = load_tokenizer(str(rm_path), padding_side="right")
+    rm = load_reward_model(str(rm_path))
+    rm.eval()
+    eos = tok.eos_token or ""
+    correct, chosen_s, rejected_s = 0, [], []
+    for i in range(0, len(pairs), batch_size):
+        rows = pairs[i:i + batch_size]
+        texts = [r["prompt"] + r["chosen"] + eos for r in rows] + [r["prompt"] + r["rejected"] + eos for r in rows]
+        enc = tok(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            s = rm.score(enc["input_ids"], enc["attention_mask"]).float()
+        c, r = s[: len(rows)], s[len(rows):]
+        correct += int((c > r).sum())
+        chosen_s += c.tolist()
+        rejected_s += r.tolist()
+    n = max(1, len(chosen_s))
+    return {"rm_accuracy": correct / n, "rm_chosen_mean": sum(chosen_s) / n, "rm_rejected_mean": sum(rejected_s) / n,
+            "rm_pairs": len(chosen_s)}
+
+
+def evaluate(out: Path, assets: dict[str, Path], cfg: DemoConfig) -> dict[str, Any]:
+    """SFT actor vs final actor on held-out prompts with the gold scorer; RM accuracy; KL; samples."""
+    from chatrlhf.task import classify_answer, gold_score, gold_win_rate, read_heldout
+
+    held = read_heldout(assets["task"] / "heldout.jsonl")[: cfg.n_eval_prompts]
+    prompts = [h["prompt"] for h in held]
+    sft_path, final_path = out / "step1_sft", _final_actor_dir(out)
+    sft_model, tok = _load_actor(sft_path)
+    final_model, _ = _load_actor(final_path)
+    sft_ids = greedy_answers(sft_model, tok, prompts, cfg.max_new_tokens)
+    final_ids = greedy_answers(final_model, tok, prompts, cfg.max_new_tokens)
+    sft_txt = [tok.decode(a, skip_special_tokens=True) for a in sft_ids]
+    final_txt = [tok.decode(a, skip_special_tokens=True) for a in final_ids]
+    sft_scores = [gold_score(p, a) for p, a in zip(prompts, sft_txt)]
+    final_scores = [gold_score(p, a) for p, a in zip(prompts, final_txt)]
+
+    def kinds(answers: list[str]) -> dict[str, float]:
+        ks = [classify_answer(p, a) for p, a in zip(prompts, answers)]
+        return {k: ks.count(k) / len(ks) for k in ("clean", "ramble", "fake_turn", "never_stop", "wrong", "empty")}
+
+    eval_pairs = json.loads((assets["task"] / "data" / "eval.json").read_text(encoding="utf-8"))
+    res: dict[str, Any] = {
+        "n_prompts": len(prompts),
+        "gold_sft": sum(sft_scores) / len(sft_scores),
+        "gold_final": sum(final_scores) / len(final_scores),
+        "pass_sft": sum(s == 1.0 for s in sft_scores) / len(sft_scores),
+        "pass_final": sum(s == 1.0 for s in final_scores) / len(final_scores),
+        "win_rate_final_vs_sft": gold_win_rate(final_scores, sft_scores),
+        "answer_tokens_sft": sum(map(len, sft_ids)) / len(sft_ids),
+        "answer_tokens_final": sum(map(len, final_ids)) / len(final_ids),
+        "kinds_sft": kinds(sft_txt),
+        "kinds_final": kinds(final_txt),
+        "kl_final_to_sft": answer_kl(final_model, sft_model, tok, prompts, final_ids),
+        **reward_accuracy(out / "step2_reward", eval_pairs),
+    }
+    order = sorted(range(len(prompts)), key=lambda i: final_scores[i] - sft_scores[i], reverse=True)
+    picks = order[: max(1, cfg.n_samples - cfg.n_samples // 3)] + order[::-1][: cfg.n_samples // 3]
+    res["samples"] = [{"prompt": prompts[i], "expected": held[i]["answer"], "sft": sft_txt[i], "final": final_txt[i],
+                       "gold_sft": round(sft_scores[i], 3), "gold_final": round(final_scores[i], 3)}
+                      for i in dict.fromkeys(picks)]
+    return res
+
+
+def _final_actor_dir(out: Path) -> Path:
+    ppo = out / "step3_ppo"
+    return ppo / "actor" if (ppo / "actor" / "config.json").is_file() else ppo
+
+
+# ---------------------------------------------------------------------------------------------- output
+def format_table(summary: dict[str, Any]) -> str:
+    e = summary["eval"]
+    t = summary.get("wall_s", {})
+    rows = [
+        ("held-out prompts", f"{e['n_prompts']}", ""),
+        ("gold score (mean)", f"{e['gold_sft']:.3f}", f"{e['gold_final']:.3f}"),
+        ("exactly right and stops", f"{e['pass_sft']:.1%}", f"{e['pass_final']:.1%}"),
+        ("answer tokens (mean)", f"{e['answer_tokens_sft']:.1f}", f"{e['answer_tokens_final']:.1f}"),
+    ]
+    for k in ("clean", "ramble", "fake_turn", "never_stop", "wrong", "empty"):
+        rows.append((f"  {k}", f"{e['kinds_sft'][k]:.0%}", f"{e['kinds_final'][k]:.0%}"))
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{w}}  {'SFT actor':>10}  {'final actor':>11}"]
+    lines += [f"{a:<{w}}  {b:>10}  {c:>11}" for a, b, c in rows]
+    lines += ["",
+              f"gold win-rate of the final actor over the SFT actor: {e['win_rate_final_vs_sft']:.1%} (ties count half)",
+              f"reward model held-out accuracy: {e['rm_accuracy']:.1%} on {e['rm_pairs']} pairs",
+              f"KL(final || SFT), mean per answer token: {e['kl_final_to_sft']:.4f}",
+              "wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items() if v is not None), "",
+              "samples (prompt | expected | SFT | final):"]
+    for s in e["samples"]:
+        lines.append(f"  {s['prompt'].strip()!r} | {s['expected']!r}\n"
+                     f"      SFT   {s['gold_sft']:.2f} {s['sft']!r}\n      final {s['gold_final']:.2f} {s['final']!r}")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Assets -> steps 1, 2, 3 -> evaluation -> summary.json + table + report. Returns the summary."""
+    from chatrlhf.pipeline import run_train, write_run_report
+
+    out = Path(cfg.output_dir)
+    t0 = time.time()
+    print(f"[chatrlhf demo] building tiny models and the built-in task in {out / 'assets'}", flush=True)
+    assets = build_assets(out, cfg)
+    t_assets = time.time() - t0
+    pcfg = pipeline_config(out, assets, cfg)
+    pcfg.report = False  # written once below, after summary.json exists
+    train = run_train(pcfg)
+    print("[chatrlhf demo] evaluating the SFT and final actors on held-out prompts", flush=True)
+    t1 = time.time()
+    ev = evaluate(out, assets, cfg)
+    wall = {"assets": t_assets}
+    wall.update({k: v.get("wall_s") for k, v in train["steps"].items()})
+    wall["eval"] = time.time() - t1
+    summary = {"quick": cfg.quick, "family": cfg.family, "output_dir": str(out), "wall_s": wall,
+               "steps_total_s": sum(v for k, v in wall.items() if k in ("sft", "reward", "ppo") and v),
+               "steps": {k: {"status": v["status"], "metrics": v.get("metrics", {})} for k, v in train["steps"].items()},
+               "eval": ev}
+    atomic_write_json(out / "summary.json", summary)
+    print("\n" + format_table(summary) + "\n", flush=True)
+    report = write_run_report(out)
+    if report:
+        summary["report"] = report
+        print(f"[chatrlhf demo] report: {report}", flush=True)
+    print(f"[chatrlhf demo] summary: {out / 'summary.json'}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(DemoConfig, argv, prog="chatrlhf demo",
+                       description="Tiny models + the built-in task: SFT -> reward model -> PPO on CPU, then before/after.")
+    run_demo(cfg)
+    return 0

@@ -1,0 +1,530 @@
+"""DeepSpeedStrategy: the only place that calls DeepSpeed.
+
+Steps build models and optimizers, then hand them here: ``prepare`` returns a trained DeepSpeed engine,
+``prepare_eval`` a frozen one; ``backward``/``step`` drive it; ``save_hf``/``save_state``/``load_state`` write Hugging
+Face dirs and resumable state. Device, backend and dtype come from ``deepspeed.accelerator.get_accelerator()``; on
+CPU the backend is gloo (see docs/stack-notes: client torch optimizer, HfDeepSpeedConfig for ZeRO-3, barrier+_exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from chatrlhf.errors import UserError
+from chatrlhf.utils import atomic_dir, atomic_write_json, logger
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Parameters whose names contain one of these get no weight decay (biases and all LayerNorm/RMSNorm weights).
+NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_1.weight",
+            "ln_2.weight", "LayerNorm.weight")
+
+
+def accelerator():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> str:
+    """'auto' -> bf16 where the device does bf16 natively (GPU with bf16, CPU with AVX512-BF16/AMX), else fp32.
+    fp16 on CPU is refused: matmuls run ~1 GFLOP/s there and overflow handling buys nothing."""
+    acc = accelerator()
+    on_cpu = acc.device_name() == "cpu"
+    if dtype == "auto":
+        if on_cpu:
+            return "bf16" if cpu_supports_bf16() else "fp32"
+        return "bf16" if acc.is_bf16_supported() else "fp16"
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of auto, fp32, bf16, fp16; got {dtype!r}")
+    if dtype == "fp16" and on_cpu:
+        raise UserError("--dtype fp16 is not usable on CPU (fp16 matmuls are ~400x slower than bf16 here and "
+                        "need loss scaling); use --dtype bf16 or --dtype fp32")
+    return dtype
+
+
+@dataclass
+class StrategyConfig:
+    zero_stage: int = 0
+    offload: bool = False
+    dtype: str = "fp32"
+    gradient_clipping: float = 1.0
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    seed: int = 1234
+    offload_params: bool | None = None  # ZeRO-3 parameter offload; defaults to `offload`
+
+
+@dataclass
+class MemoryEstimate:
+    bytes_per_rank: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+    advice: str = ""
+
+
+def estimate_memory(n_params: int, zero_stage: int, dtype: str, world_size: int = 1, offload: bool = False,
+                    trainable_params: int | None = None, on_cpu: bool | None = None) -> MemoryEstimate:
+    """Bytes per rank for weights + gradients + Adam states (activations not included; callers add margin).
+
+    Mixed precision keeps an fp32 master copy + 2 fp32 moments (12 B/param) for trainable params; fp32 keeps
+    2 moments (8 B). ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also weights. Offload moves
+    optimizer states (and ZeRO-3 weights) to host memory, which on a CPU-only machine is the same memory.
+    """
+    trainable = n_params if trainable_params is None else trainable_params
+    w = 4 if dtype == "fp32" else 2
+    opt_b = 8 if dtype == "fp32" else 12
+    weights, grads, optim = n_params * w, trainable * w, trainable * opt_b
+    ws = max(1, world_size)
+    if zero_stage >= 1:
+        optim //= ws
+    if zero_stage >= 2:
+        grads //= ws
+    if zero_stage >= 3:
+        weights //= ws
+    if on_cpu is None:
+        on_cpu = accelerator().device_name() == "cpu"
+    dev = {"weights": weights, "gradients": grads, "optimizer": optim}
+    if offload and not on_cpu:
+        dev["optimizer"] = 0
+        if zero_stage >= 3:
+            dev["weights"] = 0
+    total = sum(dev.values())
+    tips = []
+    if zero_stage < 3 and ws > 1:
+        tips.append(f"--zero_stage {min(3, zero_stage + 1)} (shards more state across the {ws} ranks)")
+    if zero_stage < 3 and ws == 1:
+        tips.append("more ranks with --zero_stage 2 or 3 (each shards optimizer/gradient/weight state)")
+    if not offload and not on_cpu:
+        tips.append("--offload (optimizer state in host memory)")
+    if trainable == n_params:
+        tips.append("LoRA: --lora_dim 8 --only_optimize_lora (no gradients/optimizer state for the base weights)")
+    if dtype == "fp32":
+        tips.append("--dtype bf16 (half the weight memory)")
+    tips.append("a smaller model or --per_device_train_batch_size")
+    return MemoryEstimate(int(total), dev, "try " + "; ".join(tips))
+
+
+def available_memory_bytes() -> int:
+    acc = accelerator()
+    if acc.device_name() == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 1 << 62
+    return int(acc.total_memory())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+class DeepSpeedStrategy:
+    """Owns the DeepSpeed config and every call into DeepSpeed for one run.
+
+    One strategy can prepare several models with different ZeRO stages (PPO actor/critic) through the
+    ``zero_stage``/``offload`` overrides of ``prepare``/``prepare_eval``/``ds_config``.
+    """
+
+    def __init__(self, cfg: StrategyConfig | None = None, **kw: Any):
+        self.cfg = cfg or StrategyConfig(**kw)
+        self.cfg.dtype = resolve_dtype(self.cfg.dtype)
+        if self.cfg.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"--zero_stage must be 0, 1, 2 or 3; got {self.cfg.zero_stage}")
+        self._hf_ds = None
+
+    # ---- distributed -------------------------------------------------------------------------------------
+    def setup_distributed(self) -> None:
+        """Init torch.distributed once: without a launcher a 1-process group on a free local port; under
+        torchrun / the deepspeed launcher the env (RANK, WORLD_SIZE, MASTER_*) is used."""
+        import deepspeed
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+            acc = accelerator()
+            backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        if self.device.type != "cpu":
+            accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self._seed_all(self.cfg.seed)
+
+    def _seed_all(self, seed: int) -> None:
+        from chatrlhf.utils import set_seed
+
+        set_seed(seed)
+        accelerator().manual_seed_all(seed)
+
+    @property
+    def device(self) -> torch.device:
+        acc = accelerator()
+        if acc.device_name() == "cpu":
+            return torch.device("cpu")
+        return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+
+    @property
+    def world_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.dtype]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    def all_reduce_mean(self, tensor: torch.Tensor | float) -> torch.Tensor:
+        import torch.distributed as dist
+
+        t = torch.as_tensor(tensor, dtype=torch.float32, device=self.device).clone().detach()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= dist.get_world_size()
+        return t
+
+    def all_reduce_sum(self, tensor: torch.Tensor | float) -> torch.Tensor:
+        import torch.distributed as dist
+
+        t = torch.as_tensor(tensor, dtype=torch.float32, device=self.device).clone().detach()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Barrier so no rank leaves while others still save; in multi-process runs ``exit_code`` given ends the
+        process with os._exit (interpreter teardown of gloo groups sometimes aborts after a finished run)."""
+        import sys
+
+        self.barrier()
+        if exit_code is not None and self.world_size > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit_code)
+
+    # ---- DeepSpeed config --------------------------------------------------------------------------------
+    def ds_config(self, train: bool = True, zero_stage: int | None = None, offload: bool | None = None) -> dict:
+        c = self.cfg
+        stage = c.zero_stage if zero_stage is None else zero_stage
+        off = c.offload if offload is None else offload
+        off_params = (c.offload_params if c.offload_params is not None else off) and stage == 3
+        zero: dict[str, Any] = {"stage": stage}
+        if off and stage >= 1 and train:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type != "cpu"}
+        if off_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type != "cpu"}
+        if stage == 3:
+            zero.update(stage3_param_persistence_threshold=1e4, stage3_max_live_parameters=3e7,
+                        stage3_prefetch_bucket_size=3e7, stage3_gather_16bit_weights_on_model_save=True)
+        cfg: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": c.per_device_train_batch_size,
+            "train_batch_size": c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world_size,
+            "gradient_accumulation_steps": c.gradient_accumulation_steps,
+            "zero_optimization": zero,
+            "bf16": {"enabled": c.dtype == "bf16"},
+            "fp16": {"enabled": c.dtype == "fp16", "loss_scale_window": 100, "initial_scale_power": 16},
+            "steps_per_print": 10 ** 9,  # our loop logs; keep DeepSpeed quiet
+            "wall_clock_breakdown": False,
+            "zero_allow_untested_optimizer": True,  # the client torch AdamW (avoids 40 s op compiles)
+        }
+        if train:
+            cfg["gradient_clipping"] = c.gradient_clipping
+        else:
+            cfg.pop("fp16") if c.dtype != "fp16" else None
+        return cfg
+
+    @contextlib.contextmanager
+    def zero3_init_context(self, stage: int | None = None, train: bool = True) -> Iterator[None]:
+        """Models built inside are partitioned at construction when ZeRO-3 (never a full copy per rank).
+        transformers only sees ZeRO-3 while an HfDeepSpeedConfig object is alive, so it is kept for the block."""
+        stage = self.cfg.zero_stage if stage is None else stage
+        if stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config(train=train, zero_stage=3))
+        try:
+            yield
+        finally:
+            self._hf_ds = None
+
+    def is_zero3(self, engine_or_module: Any) -> bool:
+        return any(hasattr(p, "ds_id") for p in unwrap(engine_or_module).parameters())
+
+    @contextlib.contextmanager
+    def gathered_params(self, module: nn.Module, modifier_rank: int | None = None) -> Iterator[None]:
+        """Full parameters inside the block under ZeRO-3 (generation, merging, saving); a no-op otherwise.
+        Every rank must enter it. With ``modifier_rank`` that rank's in-place edits are kept."""
+        module = unwrap(module)
+        if not self.is_zero3(module):
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
+            yield
+
+    # ---- optimizer / engines -----------------------------------------------------------------------------
+    def create_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
+                         lora_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95)):
+        """torch AdamW (client optimizer) over trainable params in up to 3 groups: decayed, no-decay (bias and
+        norm weights), LoRA (own learning rate, no decay)."""
+        groups: dict[str, list] = {"decay": [], "no_decay": [], "lora": []}
+        for n, p in unwrap(model).named_parameters():
+            if not p.requires_grad:
+                continue
+            if "lora_" in n and lora_lr is not None:
+                groups["lora"].append(p)
+            elif any(k in n for k in NO_DECAY) or p.ndim < 2:
+                groups["no_decay"].append(p)
+            else:
+                groups["decay"].append(p)
+        pg = []
+        if groups["decay"]:
+            pg.append({"params": groups["decay"], "weight_decay": weight_decay, "lr": lr})
+        if groups["no_decay"]:
+            pg.append({"params": groups["no_decay"], "weight_decay": 0.0, "lr": lr})
+        if groups["lora"]:
+            pg.append({"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr})
+        if not pg:
+            raise UserError("no trainable parameters (check --only_optimize_lora / --lora_module_name)")
+        return torch.optim.AdamW(pg, lr=lr, betas=betas, foreach=False)
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                zero_stage: int | None = None, offload: bool | None = None):
+        """Wrap a model for training; ``scheduler`` is a scheduler object or a callable(optimizer)."""
+        import deepspeed
+
+        self._cast_extra_params(model)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=self.ds_config(train=True, zero_stage=zero_stage, offload=offload),
+            dist_init_required=False)
+        return engine
+
+    def prepare_eval(self, model: nn.Module, zero_stage: int | None = None, offload: bool | None = None):
+        """A frozen model for inference: a ZeRO-3 inference engine when stage 3 (weights stay partitioned), else
+        the plain module on the device in the training dtype."""
+        stage = self.cfg.zero_stage if zero_stage is None else zero_stage
+        model.requires_grad_(False)
+        model.eval()
+        if stage == 3:
+            import deepspeed
+
+            self._cast_extra_params(model)
+            engine, *_ = deepspeed.initialize(model=model, config=self.ds_config(train=False, zero_stage=3,
+                                                                                 offload=offload),
+                                              dist_init_required=False)
+            engine.eval()
+            return engine
+        return model.to(device=self.device, dtype=self.torch_dtype)
+
+    def _cast_extra_params(self, model: nn.Module) -> None:
+        # Heads created outside zero.Init (value heads) must share the training dtype (ZeRO-3 + bf16 asserts it).
+        if self.cfg.dtype == "fp32":
+            return
+        for p in model.parameters():
+            if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != self.torch_dtype:
+                p.data = p.data.to(self.torch_dtype)
+
+    def backward(self, loss: torch.Tensor, engine) -> None:
+        engine.backward(loss)
+
+    def step(self, engine) -> bool:
+        """Optimizer + scheduler step at the accumulation boundary; returns True when the weights changed."""
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        return bool(boundary)
+
+    def get_lr(self, engine) -> list[float]:
+        return [g["lr"] for g in engine.optimizer.param_groups]
+
+    # ---- saving ------------------------------------------------------------------------------------------
+    def full_state_dict(self, engine_or_module) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on CPU on rank 0 (None elsewhere): ZeRO-3 gathered one parameter at a time,
+        LoRA merged into the base weights (keys as the plain model names them). Every rank must call it."""
+        from chatrlhf.models.lora import has_lora, merged_state_dict
+
+        module = unwrap(engine_or_module)
+        if has_lora(module):
+            with self.gathered_params(module):
+                return merged_state_dict(module) if self.is_rank0 else None
+        if not self.is_zero3(module):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.is_rank0 else None
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        for n, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if self.is_rank0:
+                    out[n] = p.detach().cpu().clone()
+        if self.is_rank0:
+            for n, b in module.named_buffers():
+                if n in module.state_dict():
+                    out[n] = b.detach().cpu().clone()
+        return out if self.is_rank0 else None
+
+    def save_hf(self, engine_or_module, tokenizer, out_dir: str | os.PathLike, extra_config: dict | None = None,
+                save_lora_adapter: bool = False) -> Path:
+        """Rank 0 writes a Hugging Face dir (safetensors, config, tokenizer, generation_config,
+        chatrlhf_config.json) atomically. RewardModel bodies are written with their value head."""
+        from chatrlhf.models.lora import has_lora, save_lora_adapter as _save_adapter
+        from chatrlhf.models.reward_model import RewardModel
+
+        out = Path(out_dir)
+        module = unwrap(engine_or_module)
+        sd = self.full_state_dict(module)
+        adapter_sd = None
+        if save_lora_adapter and has_lora(module):
+            from peft import get_peft_model_state_dict
+
+            with self.gathered_params(module):
+                if self.is_rank0:
+                    adapter_sd = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+        if self.is_rank0:
+            with _publish_dir(out) as tmp:
+                if isinstance(module, RewardModel):
+                    module.save_pretrained(tmp, state_dict=sd)
+                else:
+                    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+                    base.save_pretrained(tmp, state_dict=sd)
+                    gen = getattr(base, "generation_config", None)
+                    if gen is not None and not (tmp / "generation_config.json").exists():
+                        gen.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                if adapter_sd is not None:
+                    _save_adapter(module, adapter_sd, tmp / "lora_adapter")
+                atomic_write_json(tmp / "chatrlhf_config.json", extra_config or {})
+        self.barrier()
+        return out
+
+    def save_state(self, engines: dict[str, Any], ckpt_root: str | os.PathLike, step: int,
+                   client_state: dict | None = None, keep_last: int = 2) -> Path:
+        """Resumable state under ckpt_root/step_N/: one DeepSpeed checkpoint per engine (model, optimizer,
+        scheduler) + trainer_state.json (written last: its presence marks a complete checkpoint) + per-rank RNG."""
+        root = Path(ckpt_root)
+        sdir = root / f"step_{step}"
+        if self.is_rank0 and sdir.exists():
+            shutil.rmtree(sdir)
+        self.barrier()
+        for name, eng in engines.items():
+            eng.save_checkpoint(str(sdir), tag=name, save_latest=False)
+        from chatrlhf.steps.common import rng_state
+
+        atomic_write_json(sdir / f"rng_rank{self.rank}.json", rng_state())
+        self.barrier()
+        if self.is_rank0:
+            atomic_write_json(sdir / "trainer_state.json", {"step": step, "engines": sorted(engines),
+                                                            "world_size": self.world_size,
+                                                            **(client_state or {})})
+            done = sorted(latest_checkpoints(root), key=lambda p: int(p.name.split("_")[1]))
+            for old in done[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return sdir
+
+    def load_state(self, engines: dict[str, Any], ckpt_dir: str | os.PathLike) -> dict:
+        """Restore engines (+ optimizer/scheduler) and this rank's RNG from a ``step_N`` dir; returns the
+        trainer state (step, epoch, batch position, ...)."""
+        sdir = Path(ckpt_dir)
+        state = json.loads((sdir / "trainer_state.json").read_text())
+        if state.get("world_size", self.world_size) != self.world_size and self.cfg.zero_stage >= 1:
+            raise UserError(f"{sdir}: saved with {state['world_size']} ranks, resuming with {self.world_size}; "
+                            "ZeRO partitioned state needs the same number of ranks (or --resume never)")
+        for name, eng in engines.items():
+            path, _ = eng.load_checkpoint(str(sdir), tag=name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+            if path is None:
+                raise UserError(f"{sdir}: no checkpoint for {name!r}")
+        from chatrlhf.steps.common import set_rng_state
+
+        rng = sdir / f"rng_rank{self.rank}.json"
+        if rng.exists():
+            set_rng_state(json.loads(rng.read_text()))
+        return state
+
+
+MODEL_FILE_PREFIXES = ("model", "config.json", "generation_config.json", "tokenizer", "special_tokens_map",
+                       "vocab", "merges", "chatrlhf_config.json", "added_tokens", "chat_template")
+
+
+@contextlib.contextmanager
+def _publish_dir(out: Path) -> Iterator[Path]:
+    """A fresh dir is written atomically (utils.atomic_dir). An existing dir (a step's output_dir that already holds
+    metrics.jsonl and checkpoints/) gets the model files staged then moved in one by one, stale shards removed."""
+    if not out.exists() or not any(out.iterdir()):
+        with atomic_dir(out) as tmp:
+            yield tmp
+        return
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        yield tmp
+        for old in out.iterdir():
+            if old.is_file() and old.name.startswith(MODEL_FILE_PREFIXES):
+                old.unlink()
+        for f in tmp.iterdir():
+            dest = out / f.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(f, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def latest_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (those with trainer_state.json) under root, any order."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [p for p in root.glob("step_*") if p.name.split("_")[1].isdigit() and (p / "trainer_state.json").exists()]
+
+
+def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    done = latest_checkpoints(root)
+    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None

@@ -1,0 +1,410 @@
+"""What every training step shares: the TrainConfig flags (named as DeepSpeed-Chat names them) and small loop helpers
+(strategy from flags, tokenizer/model set-up, dataloaders that can resume mid-epoch, schedulers, the throughput
+line, RNG state as JSON, resume discovery, done.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from chatrlhf.errors import ModelError, UserError
+from chatrlhf.utils import atomic_write_json, print_rank0
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def _h(text: str, default: Any = None, **kw: Any):
+    if "default_factory" in kw:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    model_name_or_path: str = _h("Local Hugging Face model dir (or hub name when online) to start from.", "")
+    output_dir: str = _h("Where the final checkpoint, metrics.jsonl, checkpoints/ and done.json go.", "output")
+    per_device_train_batch_size: int = _h("Micro-batch size per device (rank) for training.", 16)
+    per_device_eval_batch_size: int = _h("Batch size per device for evaluation.", 16)
+    learning_rate: float = _h("Initial learning rate (after warmup).", 1e-3)
+    weight_decay: float = _h("AdamW weight decay (never applied to biases and norm weights).", 0.0)
+    num_train_epochs: int = _h("Passes over the training data.", 1)
+    max_steps: int = _h("Stop after this many optimizer steps (-1: run num_train_epochs). Sets the schedule "
+                        "length when > 0.", -1)
+    gradient_accumulation_steps: int = _h("Micro-batches per optimizer step.", 1)
+    lr_scheduler_type: str = _h(f"Learning-rate schedule: {', '.join(SCHEDULERS)}.", "cosine")
+    num_warmup_steps: int = _h("Warmup steps of the schedule.", 0)
+    seed: int = _h("Random seed (model init, dropout, data order).", 1234)
+    gradient_checkpointing: bool = _h("Recompute activations in backward to save memory (~1/3 more compute).",
+                                      False)
+    dropout: Optional[float] = _h("Set every dropout probability of the model to this value.", None)
+    disable_dropout: bool = _h("Set every dropout probability to 0 (deterministic training).", False)
+    offload: bool = _h("ZeRO offload: optimizer states (and ZeRO-3 weights) in host memory.", False)
+    dtype: str = _h("Training dtype: auto, fp32, bf16, fp16. auto = bf16 where the device does bf16 natively "
+                    "(GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32 on CPU / fp16 on old GPUs. fp16 is "
+                    "refused on CPU.", "auto")
+    zero_stage: int = _h("DeepSpeed ZeRO stage 0-3 (3 partitions weights too).", 0)
+    lora_dim: int = _h("LoRA rank; 0 disables LoRA.", 0)
+    lora_module_name: str = _h("Comma-separated module names, suffixes or substrings to put LoRA on (e.g. "
+                               "q_proj,v_proj or decoder.layers.). auto = every Linear/Conv1D except lm_head.",
+                               "auto")
+    only_optimize_lora: bool = _h("Train only the LoRA weights (base weights frozen).", False)
+    lora_learning_rate: float = _h("Learning rate of the LoRA parameters.", 5e-4)
+    save_lora_adapter: bool = _h("Also write the LoRA adapter (peft layout) to OUTPUT/lora_adapter; the main "
+                                 "checkpoint always has LoRA merged.", False)
+    compute_fp32_loss: bool = _h("Compute the loss from fp32 logits (stabler under bf16/fp16).", False)
+    enable_tensorboard: bool = _h("Write TensorBoard scalars.", False)
+    tensorboard_path: str = _h("TensorBoard dir (default OUTPUT/tensorboard).", "")
+    print_loss: bool = _h("Print the loss of every step on rank 0.", False)
+    eval_interval: int = _h("Evaluate every N optimizer steps (0: only before training and after each epoch).", 0)
+    eval_iters: int = _h("Evaluation batches per evaluation (0: the whole eval split).", 0)
+    save_interval: int = _h("Write a checkpoint (HF model + resumable state) every N steps (0: only at the end).",
+                            0)
+    keep_last_checkpoints: int = _h("Resumable checkpoints kept under OUTPUT/checkpoints.", 2)
+    resume: str = _h("auto: continue from the latest checkpoint in OUTPUT/checkpoints if any; never; or a path "
+                     "to a checkpoints/step_N dir.", "auto")
+    add_eot_token: bool = _h("Add --eot_token as a special token, use it as end-of-text (resizes embeddings).",
+                             False)
+    eot_token: str = _h("The end-of-text token for --add_eot_token.", "<|endoftext|>")
+    local_rank: int = _h("Set by the deepspeed launcher; leave at -1.", -1)
+    log_interval: int = _h("Log train metrics and the throughput line every N steps.", 10)
+    gradient_clipping: float = _h("Clip the global gradient norm to this value.", 1.0)
+    skip_memory_check: bool = _h("Skip the out-of-memory preflight estimate.", False)
+
+    def validate_train(self) -> None:
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise UserError(f"--lr_scheduler_type must be one of {', '.join(SCHEDULERS)}; "
+                            f"got {self.lr_scheduler_type!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"--zero_stage must be 0..3, got {self.zero_stage}")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise UserError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+        if not self.model_name_or_path:
+            raise UserError("--model_name_or_path is required")
+
+
+# ---- strategy, tokenizer, model --------------------------------------------------------------------------------
+def build_strategy(cfg: TrainConfig):
+    from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig
+
+    if cfg.local_rank >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(cfg.local_rank))
+    s = DeepSpeedStrategy(StrategyConfig(
+        zero_stage=cfg.zero_stage, offload=cfg.offload, dtype=cfg.dtype, gradient_clipping=cfg.gradient_clipping,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, seed=cfg.seed))
+    s.setup_distributed()
+    return s
+
+
+def set_dropout(config, p: float) -> None:
+    """Every dropout-like probability a transformers config may carry."""
+    for k in ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attention_probs_dropout_prob",
+              "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
+              "classifier_dropout", "embed_dropout", "ffn_dropout"):
+        if hasattr(config, k) and isinstance(getattr(config, k), (int, float)) and not isinstance(getattr(config, k), bool):
+            setattr(config, k, p)
+
+
+def dropout_value(cfg: TrainConfig) -> float | None:
+    return 0.0 if cfg.disable_dropout else cfg.dropout
+
+
+def load_tokenizer_for(cfg: TrainConfig, padding_side: str = "right"):
+    from chatrlhf.models.loading import load_tokenizer
+
+    tok = load_tokenizer(cfg.model_name_or_path, padding_side=padding_side)
+    if cfg.add_eot_token:
+        tok.add_special_tokens({"additional_special_tokens": [cfg.eot_token]})
+        tok.eos_token = cfg.eot_token
+    return tok
+
+
+def check_model_dir(path: str) -> None:
+    p = Path(path)
+    if p.exists() and not (p / "config.json").is_file():
+        raise ModelError(f"{p}: not a model directory (no config.json); pass a Hugging Face model dir to "
+                         "--model_name_or_path")
+
+
+def count_params_from_config(path: str) -> int:
+    """Parameter count without materialising weights (meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in m.parameters())
+
+
+def memory_preflight(strategy, n_params: int, cfg: TrainConfig, what: str = "model",
+                     n_trainable: int | None = None, extra_frozen_params: int = 0) -> None:
+    """Refuse to start when weights+grads+optimizer state cannot fit, with advice (ZeRO stage, offload, LoRA)."""
+    from chatrlhf.engine import available_memory_bytes, estimate_memory
+
+    if cfg.skip_memory_check:
+        return
+    if n_trainable is None and cfg.lora_dim > 0 and cfg.only_optimize_lora:
+        n_trainable = max(1, n_params // 100)  # LoRA adapters are ~0.1-1% of the weights
+    est = estimate_memory(n_params, cfg.zero_stage, strategy.cfg.dtype, strategy.world_size, cfg.offload,
+                          trainable_params=n_trainable)
+    frozen = extra_frozen_params * (4 if strategy.cfg.dtype == "fp32" else 2)
+    need = int((est.bytes_per_rank + frozen) * 1.2)  # +20% for activations and buffers
+    have = available_memory_bytes()
+    if need > have:
+        raise UserError(f"out of memory ahead: the {what} ({n_params / 1e9:.2f} B params, {strategy.cfg.dtype}, "
+                        f"ZeRO-{cfg.zero_stage}, {strategy.world_size} rank(s)) needs about {need / 2**30:.1f} GiB "
+                        f"per rank but {have / 2**30:.1f} GiB is available; {est.advice}. "
+                        "(--skip_memory_check to try anyway)")
+
+
+def load_causal_lm_for(cfg: TrainConfig, strategy, tokenizer=None):
+    """The trainable causal LM: ZeRO-3-partitioned at load when stage 3, dropout flags, eot token, LoRA,
+    gradient checkpointing."""
+    from chatrlhf.models.loading import load_causal_lm
+
+    with strategy.zero3_init_context():
+        model = load_causal_lm(cfg.model_name_or_path, dtype=strategy.torch_dtype, dropout=dropout_value(cfg))
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = maybe_lora(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def maybe_lora(model, cfg: TrainConfig, skip: tuple[str, ...] = ("lm_head", "v_head")):
+    if cfg.lora_dim <= 0:
+        return model
+    from chatrlhf.models.lora import apply_lora, resolve_lora_targets
+
+    name = cfg.lora_module_name
+    if name == "auto":
+        import torch.nn as nn
+
+        name = ",".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                if n and isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in skip}
+                               | set(_conv1d_names(model, skip))))
+    resolve_lora_targets(model, name)  # raises the clear UserError before any training
+    return apply_lora(model, cfg.lora_dim, name, cfg.only_optimize_lora)
+
+
+def _conv1d_names(model, skip):
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return []
+    return [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, Conv1D)
+            and n.rsplit(".", 1)[-1] not in skip]
+
+
+def create_optimizer_and_scheduler(strategy, model, cfg: TrainConfig, total_steps: int,
+                                   learning_rate: float | None = None):
+    from transformers import get_scheduler
+
+    lr = cfg.learning_rate if learning_rate is None else learning_rate
+    opt = strategy.create_optimizer(model, lr, cfg.weight_decay,
+                                    lora_lr=cfg.lora_learning_rate if cfg.lora_dim > 0 else None)
+    sched = get_scheduler(cfg.lr_scheduler_type, optimizer=opt, num_warmup_steps=cfg.num_warmup_steps,
+                          num_training_steps=max(1, total_steps))
+    return opt, sched
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (seeded, set_epoch) that can start mid-epoch: ``set_start(k)`` skips this rank's first k
+    samples, so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=False)
+        self.start = 0
+
+    def set_start(self, n_samples: int) -> None:
+        self.start = n_samples
+
+    def __iter__(self):
+        idx = list(super().__iter__())
+        start, self.start = self.start, 0  # only the first epoch after resume is partial
+        return iter(idx[start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def make_dataloader(ds: Dataset, collate, batch_size: int, strategy, shuffle: bool, seed: int) -> DataLoader:
+    sampler = ResumableSampler(ds, strategy.world_size, strategy.rank, shuffle=shuffle, seed=seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0,
+                      drop_last=False)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def total_steps_for(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
+    total = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.num_train_epochs
+    return per_epoch, total
+
+
+def limited(loader, n: int) -> Iterator:
+    for i, b in enumerate(loader):
+        if n > 0 and i >= n:
+            return
+        yield b
+
+
+# ---- throughput ----------------------------------------------------------------------------------------------
+def model_dims(model) -> tuple[int, int, int, int]:
+    """(parameters, layers, hidden, vocab) for the FLOPs formula."""
+    from chatrlhf.engine import unwrap
+
+    m = unwrap(model)
+    cfg = getattr(m, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    g = lambda *ks: next((getattr(cfg, k) for k in ks if isinstance(getattr(cfg, k, None), int)), 0)  # noqa: E731
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
+    return n, g("num_hidden_layers", "n_layer", "num_layers"), g("hidden_size", "n_embd", "d_model"), \
+        g("vocab_size")
+
+
+def throughput_line(n_params: int, layers: int, hidden: int, vocab: int, latency: float, batch: int, seq: int,
+                    gradient_checkpointing: bool = False) -> tuple[str, dict]:
+    """DeepSpeed-Chat's step-1 line. F = 24 k B s l h^2 (1 + s/(6h) + V/(16 l h)), k = 3 (4 with gradient
+    checkpointing); B is this device's batch (the original divided by world size: not here)."""
+    k = 4 if gradient_checkpointing else 3
+    flops = 24 * k * batch * seq * layers * hidden ** 2 * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
+    tflops = flops / max(latency, 1e-9) / 1e12
+    sps = batch / max(latency, 1e-9)
+    line = (f"Model Parameters: {n_params / 1e9:.3f} B, Latency: {latency:.2f}s, TFLOPs: {tflops:.2f}, "
+            f"Samples/sec: {sps:.2f}, Time/seq {latency / max(batch, 1):.2f}s, Batch Size: {batch}, "
+            f"Sequence Length: {seq}")
+    return line, {"latency_s": latency, "tflops": tflops, "samples_per_s": sps,
+                  "time_per_seq_s": latency / max(batch, 1), "batch_size": batch, "seq_len": seq,
+                  "params_b": n_params / 1e9}
+
+
+# ---- RNG state / resume / done -------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Python, numpy, torch (and accelerator) RNG states as plain JSON (no pickles)."""
+    import numpy as np
+
+    py = random.getstate()
+    npst = np.random.get_state()
+    out = {"python": [py[0], list(py[1]), py[2]],
+           "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+           "torch": torch.get_rng_state().tolist()}
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        if acc.device_name() != "cpu":
+            out["accelerator"] = acc.get_rng_state().tolist()
+    except Exception:
+        pass
+    return out
+
+
+def set_rng_state(s: dict) -> None:
+    import numpy as np
+
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if "accelerator" in s:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_rng_state(torch.tensor(s["accelerator"], dtype=torch.uint8))
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    from chatrlhf.engine import find_latest_checkpoint
+
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return find_latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+    p = Path(cfg.resume)
+    if (p / "trainer_state.json").exists():
+        return p
+    latest = find_latest_checkpoint(p)
+    if latest is None:
+        raise UserError(f"--resume {p}: no complete checkpoint there (a step_N dir with trainer_state.json)")
+    return latest
+
+
+@dataclass
+class Progress:
+    """Where the loop is: optimizer steps done, epoch, micro-batches consumed in that epoch."""
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def as_dict(self) -> dict:
+        return {"global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+
+def restore_progress(state: dict) -> Progress:
+    return Progress(int(state["global_step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
+
+
+def write_done(output_dir: str | os.PathLike, step: str, metrics: dict) -> None:
+    from chatrlhf.utils import is_rank0
+
+    if is_rank0():
+        atomic_write_json(Path(output_dir) / "done.json",
+                          {"step": step, "metrics": metrics, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def finite(x: float) -> float:
+    return float(x) if math.isfinite(float(x)) else float("nan")
+
+
+def run_main(run_fn, cfg) -> int:
+    """Shared ``main`` tail: run, then a clean multi-process exit (barrier + os._exit, see stack notes)."""
+    run_fn(cfg)
+    from chatrlhf.utils import get_world_size
+
+    if get_world_size() > 1:
+        import torch.distributed as dist
+        import sys
+
+        if dist.is_initialized():
+            dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def log_line(msg: str) -> None:
+    print_rank0(msg)
+
+
+def save_json(path, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2))

@@ -1,0 +1,670 @@
+"""Step 3: RLHF with PPO (DeepSpeed-Chat's math by default), or critic-free GRPO / RLOO with ``--algo``.
+
+Models: actor (step-1 checkpoint, trained), reference (a frozen copy of it), critic (the step-2 reward model,
+trained; PPO only), reward model (step 2, frozen), optional EMA of the actor. The loop, top to bottom:
+
+    for each batch of prompts:
+        experience = generate -> drop answers with <= 1 real token -> reward score, log-probs, values
+        buffer it; when generation_batches are buffered:
+            rewards + GAE (PPO) or group baselines (GRPO/RLOO)
+            ppo_epochs passes over shuffled micro-batches: actor (+ critic) step, ptx step, EMA update
+            log, print answers, checkpoint every save_interval, stop on repeated guard skips / test_stop_step
+    save actor, critic, actor_ema (Hugging Face dirs), done.json
+
+Math lives in :mod:`chatrlhf.rlhf_math`, experience and micro-steps in :mod:`chatrlhf.steps.ppo_experience`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from chatrlhf import rlhf_math as rm
+from chatrlhf.data import DataConfig, PromptCollator, build_phase_datasets
+from chatrlhf.errors import UserError
+from chatrlhf.steps import common
+from chatrlhf.steps import ppo_experience as px
+from chatrlhf.steps.common import TrainConfig
+from chatrlhf.utils import logger, print_rank0
+
+ALGOS = ("ppo", "grpo", "rloo")
+
+
+def _h(text: str, default: Any = None):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class PPOConfig(TrainConfig, DataConfig):
+    # ---- models
+    actor_model_name_or_path: str = _h("Step-1 (SFT) checkpoint: the actor and its frozen reference copy.", "")
+    critic_model_name_or_path: str = _h("Step-2 reward-model checkpoint: the critic (trained, PPO only) and, unless "
+                                        "--reward_model_name_or_path is given, the frozen reward model.", "")
+    reward_model_name_or_path: str = _h("Frozen reward model (default: --critic_model_name_or_path).", "")
+    algo: str = _h("ppo (actor + critic, GAE), grpo (group-normalized scores, KL in the loss) or rloo "
+                   "(leave-one-out baseline, KL in the reward); grpo/rloo build no critic.", "ppo")
+    num_samples_per_prompt: int = _h("Answers sampled per prompt for grpo/rloo (group size, >= 2).", 4)
+    # ---- batch sizes and schedule
+    per_device_generation_batch_size: int = _h("Prompts per device per generation batch.", 16)
+    per_device_training_batch_size: int = _h("Experience rows per device per PPO micro-batch.", 16)
+    generation_batches: int = _h("Generation batches buffered before training on them.", 1)
+    ppo_epochs: int = _h("Passes over the buffered experience (the original notes > 1 diverged).", 1)
+    max_answer_seq_len: int = _h("Most new tokens generated per answer (answers stop at EOS before that).", 256)
+    actor_learning_rate: float = _h("Actor learning rate.", 9.65e-6)
+    critic_learning_rate: float = _h("Critic learning rate.", 5e-6)
+    actor_weight_decay: float = _h("Actor AdamW weight decay.", 0.0)
+    critic_weight_decay: float = _h("Critic AdamW weight decay.", 0.0)
+    # ---- DeepSpeed / memory
+    actor_zero_stage: int = _h("ZeRO stage of the actor (and of the reference and EMA when 3).", 0)
+    critic_zero_stage: int = _h("ZeRO stage of the critic (and of the reward model when 3).", 0)
+    offload_reference_model: bool = _h("ZeRO-3 parameter offload for the frozen reference model.", False)
+    offload_reward_model: bool = _h("ZeRO-3 parameter offload for the frozen reward model.", False)
+    actor_lora_dim: int = _h("LoRA rank of the actor (0: off).", 0)
+    actor_lora_module_name: str = _h("Actor LoRA modules (default: --lora_module_name).", "")
+    critic_lora_dim: int = _h("LoRA rank of the critic (0: off).", 0)
+    critic_lora_module_name: str = _h("Critic LoRA modules (default: --lora_module_name).", "")
+    actor_gradient_checkpointing: bool = _h("Gradient checkpointing for the actor.", False)
+    critic_gradient_checkpointing: bool = _h("Gradient checkpointing for the critic.", False)
+    actor_dropout: Optional[float] = _h("Dropout of the actor (and reference/EMA); unset keeps the model's.", None)
+    critic_dropout: Optional[float] = _h("Dropout of the critic (and reward model); unset keeps the model's.", None)
+    enable_hybrid_engine: bool = _h("Accepted for DeepSpeed-Chat compatibility; generation always uses the "
+                                    "module's KV-cache generate (works for every model family and device).", False)
+    # ---- PPO math (defaults are DeepSpeed-Chat's)
+    kl_ctl: float = _h("KL penalty coefficient (initial value when --adaptive_kl).", 0.1)
+    clip_reward_value: float = _h("Reward scores are clamped to [-v, v].", 5.0)
+    cliprange: float = _h("PPO ratio clip epsilon.", 0.2)
+    cliprange_value: float = _h("Value clip epsilon.", 0.2)
+    gamma: float = _h("Discount.", 1.0)
+    lam: float = _h("GAE lambda.", 0.95)
+    kl_estimator: str = _h("KL estimator in the reward: k1 (DeepSpeed-Chat), k2 or k3. GRPO's in-loss KL is k3.",
+                           "k1")
+    adaptive_kl: bool = _h("Adapt kl_ctl towards --kl_target (Ziegler et al.).", False)
+    kl_target: float = _h("Target KL (nats per answer) of the adaptive controller.", 6.0)
+    kl_horizon: int = _h("Horizon (samples) of the adaptive controller.", 10000)
+    whiten_advantages: bool = _h("Normalize advantages over each experience batch (PPO).", False)
+    reward_normalization: str = _h("none | normalize | scale: running mean/std of reward scores before clipping.",
+                                   "none")
+    entropy_coef: float = _h("Entropy bonus coefficient in the actor loss.", 0.0)
+    ema_beta: float = _h("EMA decay for --enable_ema.", 0.992)
+    # ---- generation
+    temperature: float = _h("Sampling temperature (0: greedy).", 1.0)
+    top_p: float = _h("Nucleus sampling threshold.", 1.0)
+    top_k: int = _h("Top-k sampling (0: off).", 0)
+    min_new_tokens: int = _h("Least new tokens per answer (0: EOS may end an answer at once).", 0)
+    # ---- ptx, EMA, misc (DeepSpeed-Chat's flags)
+    unsupervised_dataset_name: str = _h("ptx data: a local text file (one text per line), a json/jsonl file or "
+                                        "dataset dir with a 'text' column, or a hub name.", "")
+    unsupervised_dataset_config_name: str = _h("Config name of a hub ptx dataset.", "")
+    unsup_coef: float = _h("Weight of the ptx language-model loss.", 27.8)
+    enable_ema: bool = _h("Keep an EMA copy of the actor, saved to OUTPUT/actor_ema.", False)
+    align_overflow: bool = _h("fp16: when the actor or the critic overflows, skip both steps.", False)
+    print_answers: bool = _h("Print a prompt and its generated answer.", False)
+    print_answers_interval: int = _h("Print answers every N steps.", 1)
+    enable_test_mode: bool = _h("Stop after --test_stop_step steps (for tests and smoke runs).", False)
+    test_stop_step: int = _h("Steps to run in test mode.", 0)
+    # ---- guards
+    max_ratio: float = _h("Skip a micro-step whose largest ratio exceeds this (0: off).", 20.0)
+    max_kl: float = _h("Skip an experience batch whose mean KL to the reference (nats per answer) exceeds this "
+                       "(0: off).", 50.0)
+    max_consecutive_skips: int = _h("Stop (cleanly, with the reason) after this many consecutive skipped steps.", 10)
+
+    def validate(self) -> None:
+        DataConfig.validate(self)
+        if not self.actor_model_name_or_path and self.model_name_or_path:
+            self.actor_model_name_or_path = self.model_name_or_path
+        if not self.actor_model_name_or_path:
+            raise UserError("--actor_model_name_or_path is required (the step-1 checkpoint)")
+        if not self.critic_model_name_or_path and not self.reward_model_name_or_path:
+            raise UserError("--critic_model_name_or_path is required (the step-2 reward model)")
+        if self.algo not in ALGOS:
+            raise UserError(f"--algo must be one of {', '.join(ALGOS)}; got {self.algo!r}")
+        if self.algo != "ppo" and self.num_samples_per_prompt < 2:
+            raise UserError(f"--algo {self.algo} needs --num_samples_per_prompt >= 2")
+        for n in ("actor_zero_stage", "critic_zero_stage"):
+            if getattr(self, n) not in (0, 1, 2, 3):
+                raise UserError(f"--{n} must be 0..3, got {getattr(self, n)}")
+        for n in ("per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
+                  "ppo_epochs", "max_answer_seq_len", "print_answers_interval"):
+            if getattr(self, n) < 1:
+                raise UserError(f"--{n} must be >= 1, got {getattr(self, n)}")
+        if self.kl_estimator not in rm.KL_ESTIMATORS:
+            raise UserError(f"--kl_estimator must be one of {', '.join(rm.KL_ESTIMATORS)}")
+        if self.reward_normalization not in ("none", "normalize", "scale"):
+            raise UserError("--reward_normalization must be none, normalize or scale")
+        if self.min_new_tokens > self.max_answer_seq_len:
+            raise UserError("--min_new_tokens cannot exceed --max_answer_seq_len")
+
+    @property
+    def group_size(self) -> int:
+        return 1 if self.algo == "ppo" else self.num_samples_per_prompt
+
+
+# ------------------------------------------------------------------------------------------------ set-up helpers
+def _view(cfg: PPOConfig, who: str) -> TrainConfig:
+    """The TrainConfig fields the shared helpers read, for the actor or the critic."""
+    import dataclasses
+
+    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    d.update(model_name_or_path=getattr(cfg, f"{who}_model_name_or_path"), zero_stage=getattr(cfg, f"{who}_zero_stage"),
+             lora_dim=getattr(cfg, f"{who}_lora_dim"), learning_rate=getattr(cfg, f"{who}_learning_rate"),
+             weight_decay=getattr(cfg, f"{who}_weight_decay"), dropout=getattr(cfg, f"{who}_dropout"),
+             gradient_checkpointing=getattr(cfg, f"{who}_gradient_checkpointing"),
+             lora_module_name=getattr(cfg, f"{who}_lora_module_name") or cfg.lora_module_name,
+             per_device_train_batch_size=cfg.per_device_training_batch_size)
+    return TrainConfig(**d)
+
+
+def build_strategy(cfg: PPOConfig):
+    from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig
+    import os
+
+    if cfg.local_rank >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(cfg.local_rank))
+    s = DeepSpeedStrategy(StrategyConfig(
+        zero_stage=cfg.actor_zero_stage, offload=cfg.offload, dtype=cfg.dtype, gradient_clipping=cfg.gradient_clipping,
+        per_device_train_batch_size=cfg.per_device_training_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, seed=cfg.seed))
+    s.setup_distributed()
+    return s
+
+
+def load_actor_like(cfg: PPOConfig, strategy, tokenizer, zero_stage: int, train: bool, lora: bool):
+    """Actor, reference or EMA: the step-1 model, partitioned at load under ZeRO-3."""
+    from chatrlhf.models.loading import load_causal_lm
+
+    view = _view(cfg, "actor")
+    with strategy.zero3_init_context(stage=zero_stage, train=train):
+        model = load_causal_lm(cfg.actor_model_name_or_path, dtype=strategy.torch_dtype, dropout=cfg.actor_dropout,
+                               tokenizer=tokenizer)
+    if lora:
+        model = common.maybe_lora(model, view)
+    if train and cfg.actor_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_reward_like(cfg: PPOConfig, strategy, path: str, zero_stage: int, train: bool):
+    from chatrlhf.models.reward_model import load_reward_model
+
+    with strategy.zero3_init_context(stage=zero_stage, train=train):
+        model = load_reward_model(path, dtype=strategy.torch_dtype, dropout=cfg.critic_dropout)
+    if train:
+        model = common.maybe_lora(model, _view(cfg, "critic"))
+        if cfg.critic_gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def rounds_per_epoch(n_prompt_batches: int, cfg: PPOConfig) -> int:
+    return max(1, n_prompt_batches // cfg.generation_batches)
+
+
+def micro_batches_per_round(cfg: PPOConfig) -> int:
+    rows = cfg.per_device_generation_batch_size * cfg.group_size
+    return cfg.generation_batches * math.ceil(rows / cfg.per_device_training_batch_size)
+
+
+# ------------------------------------------------------------------------------------------------ ptx data
+def load_unsupervised_texts(name: str, config_name: str = "") -> list[str]:
+    p = Path(name)
+    if p.is_file() and p.suffix in (".txt", ""):
+        return [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.is_file() and p.suffix in (".json", ".jsonl"):
+        if p.suffix == ".jsonl":
+            rows = [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        else:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        return [r["text"] if isinstance(r, dict) else str(r) for r in rows]
+    import datasets
+
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+    else:
+        ds = datasets.load_dataset(name, config_name or None)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[list(ds)[0]]
+    if "text" not in ds.column_names:
+        raise UserError(f"--unsupervised_dataset_name {name}: no 'text' column (columns: {ds.column_names})")
+    return [t for t in ds["text"] if t and t.strip()]
+
+
+def unsupervised_blocks(texts: list[str], tokenizer, block_size: int) -> list[torch.Tensor]:
+    """DeepSpeed-Chat's group_texts: concatenate all texts (EOS between them) and cut blocks of block_size."""
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])
+    n = len(ids) // block_size
+    if n == 0:
+        raise UserError(f"ptx data has {len(ids)} tokens, fewer than one block of {block_size}")
+    return [torch.tensor(ids[i * block_size:(i + 1) * block_size]) for i in range(n)]
+
+
+def _collate_blocks(items):
+    x = torch.stack(items)
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+# ------------------------------------------------------------------------------------------------ state
+def _named_params_rank0(module, strategy) -> dict[str, torch.Tensor] | None:
+    """Raw (un-merged) parameters on rank 0, gathered one at a time under ZeRO-3."""
+    import deepspeed
+
+    out = {}
+    for n, p in px.unwrap(module).named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            if strategy.is_rank0:
+                out[n] = p.detach().cpu().clone().contiguous()
+    return out if strategy.is_rank0 else None
+
+
+def _load_named_params(module, strategy, path: Path) -> None:
+    import deepspeed
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path)) if strategy.is_rank0 else {}
+    for n, p in px.unwrap(module).named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+            if strategy.is_rank0 or not hasattr(p, "ds_id"):
+                if not strategy.is_rank0:
+                    continue
+                p.data.copy_(sd[n].to(p.dtype))
+    if strategy.world_size > 1 and not strategy.is_zero3(module):
+        import torch.distributed as dist
+
+        for p in px.unwrap(module).parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def _all_reduce_max(strategy, x: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+# ------------------------------------------------------------------------------------------------ the step
+def run_ppo(cfg: PPOConfig) -> dict:
+    cfg.validate()
+    out_dir = Path(cfg.output_dir)
+    strategy = build_strategy(cfg)
+    device = strategy.device
+    rank0 = strategy.is_rank0
+    ppo = cfg.algo == "ppo"
+
+    # ---- tokenizers: actor and reward model must agree before anything trains
+    from chatrlhf.models.loading import check_tokenizers_compatible, load_tokenizer
+
+    reward_path = cfg.reward_model_name_or_path or cfg.critic_model_name_or_path
+    tokenizer = load_tokenizer(cfg.actor_model_name_or_path, padding_side="left")
+    check_tokenizers_compatible(tokenizer, load_tokenizer(reward_path), ("actor", "reward model"))
+    if ppo and cfg.critic_model_name_or_path and cfg.critic_model_name_or_path != reward_path:
+        check_tokenizers_compatible(tokenizer, load_tokenizer(cfg.critic_model_name_or_path), ("actor", "critic"))
+
+    # ---- data
+    train_ds, _ = build_phase_datasets(3, cfg, tokenizer)
+    if len(train_ds) == 0:
+        raise UserError("no step-3 prompts (check --data_path / --data_split / --max_prompt_seq_len)")
+    prompt_loader = common.make_dataloader(train_ds, PromptCollator(tokenizer.pad_token_id),
+                                           cfg.per_device_generation_batch_size, strategy, shuffle=True, seed=cfg.seed)
+    per_epoch = rounds_per_epoch(len(prompt_loader), cfg)
+    total_rounds = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.num_train_epochs
+    if cfg.enable_test_mode and cfg.test_stop_step > 0:
+        total_rounds = min(total_rounds, cfg.test_stop_step)
+    opt_steps = max(1, total_rounds * cfg.ppo_epochs * micro_batches_per_round(cfg) // cfg.gradient_accumulation_steps)
+
+    # ---- models
+    actor_z3, critic_z3 = cfg.actor_zero_stage == 3, cfg.critic_zero_stage == 3
+    actor = load_actor_like(cfg, strategy, tokenizer, cfg.actor_zero_stage, train=True, lora=cfg.actor_lora_dim > 0)
+    a_opt, a_sched = common.create_optimizer_and_scheduler(strategy, actor, _view(cfg, "actor"), opt_steps)
+    actor = strategy.prepare(actor, a_opt, a_sched, zero_stage=cfg.actor_zero_stage)
+    ref = load_actor_like(cfg, strategy, tokenizer, 3 if actor_z3 else 0, train=False, lora=False)
+    ref = strategy.prepare_eval(ref, zero_stage=3 if actor_z3 else 0, offload=cfg.offload_reference_model)
+    ema = None
+    if cfg.enable_ema:
+        ema = load_actor_like(cfg, strategy, tokenizer, 3 if actor_z3 else 0, train=False, lora=cfg.actor_lora_dim > 0)
+        ema = strategy.prepare_eval(ema, zero_stage=3 if actor_z3 else 0)
+        px.ema_update(actor, ema, strategy, beta=0.0)  # start from the actor's exact weights (LoRA init included)
+    critic = None
+    if ppo:
+        critic = load_reward_like(cfg, strategy, cfg.critic_model_name_or_path, cfg.critic_zero_stage, train=True)
+        c_opt, c_sched = common.create_optimizer_and_scheduler(strategy, critic, _view(cfg, "critic"), opt_steps)
+        critic = strategy.prepare(critic, c_opt, c_sched, zero_stage=cfg.critic_zero_stage)
+    reward_model = load_reward_like(cfg, strategy, reward_path, 3 if critic_z3 else 0, train=False)
+    reward_model = strategy.prepare_eval(reward_model, zero_stage=3 if critic_z3 else 0,
+                                         offload=cfg.offload_reward_model)
+    if cfg.enable_hybrid_engine:
+        print_rank0("note: --enable_hybrid_engine is accepted but generation uses the module's KV-cache generate")
+
+    # ---- ptx data
+    unsup_iter = None
+    if cfg.unsupervised_dataset_name:
+        blocks = unsupervised_blocks(load_unsupervised_texts(cfg.unsupervised_dataset_name,
+                                                             cfg.unsupervised_dataset_config_name),
+                                     tokenizer, cfg.max_prompt_seq_len + cfg.max_answer_seq_len)
+        unsup_loader = common.make_dataloader(blocks, _collate_blocks, cfg.per_device_training_batch_size, strategy,
+                                              shuffle=True, seed=cfg.seed + 1)
+
+        def _cycle():
+            ep = 0
+            while True:
+                unsup_loader.sampler.set_epoch(ep)
+                yield from unsup_loader
+                ep += 1
+
+        unsup_iter = _cycle()
+
+    # ---- math objects
+    kl_ctl = (rm.AdaptiveKLController(cfg.kl_ctl, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else rm.FixedKLController(cfg.kl_ctl))
+    reward_stats = rm.RunningMoments()
+    policy_loss = rm.PolicyLoss(cfg.cliprange, cfg.entropy_coef)
+    value_loss = rm.ValueLoss(cfg.cliprange_value)
+    gen_params = px.GenerationParams(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_new_tokens,
+                                     do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0,
+                                     top_p=cfg.top_p, top_k=cfg.top_k, num_return_sequences=cfg.group_size)
+
+    def reward_fn(score: torch.Tensor) -> torch.Tensor:
+        if cfg.reward_normalization == "none":
+            return score
+        reward_stats.update(score)
+        return reward_stats.normalize(score) if cfg.reward_normalization == "normalize" else reward_stats.scale(score)
+
+    # ---- resume
+    state = {"round": 0, "epoch": 0, "batch_in_epoch": 0, "ema_reward": None, "consecutive_skips": 0}
+    ckpt_root = out_dir / "checkpoints"
+    resume_dir = common.resolve_resume(cfg)
+    engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
+    if resume_dir is not None:
+        saved = strategy.load_state(engines, resume_dir)
+        state.update({k: saved[k] for k in state if k in saved})
+        kl_ctl.load_state_dict(saved["kl_ctl"])
+        reward_stats.load_state_dict(saved["reward_stats"])
+        if ema is not None and (resume_dir / "actor_ema.safetensors").exists():
+            _load_named_params(ema, strategy, resume_dir / "actor_ema.safetensors")
+        print_rank0(f"resumed from {resume_dir} at step {state['round']} (epoch {state['epoch']}, "
+                    f"prompt batch {state['batch_in_epoch']})")
+
+    from chatrlhf.metrics import MetricsWriter
+
+    tb_dir = (cfg.tensorboard_path or str(out_dir / "tensorboard")) if cfg.enable_tensorboard else None
+    writer = MetricsWriter(out_dir, tb_dir)
+    a_dims, c_dims = px.model_dims(actor), (px.model_dims(critic) if critic is not None else None)
+    r_dims = px.model_dims(reward_model)
+    bar = common.progress_bar(total_rounds, state["round"], f"step3 {cfg.algo}", rank0)
+    print_rank0(f"***** step 3 ({cfg.algo}): {len(train_ds)} prompts, {per_epoch} steps/epoch, {total_rounds} steps, "
+                f"{strategy.world_size} rank(s), dtype {strategy.cfg.dtype}, actor ZeRO-{cfg.actor_zero_stage}, "
+                f"critic ZeRO-{cfg.critic_zero_stage} *****")
+
+    last: dict[str, Any] = {}
+    stop_reason = ""
+    buffer: list[px.Experience] = []
+    round_t0 = time.time()
+    timing = {"generation_s": 0.0, "inference_s": 0.0, "training_s": 0.0, "gen_tokens": 0, "rows": 0}
+    generated = []  # (prompt text, answer text) of the round, for --print_answers
+
+    while state["round"] < total_rounds and not stop_reason:
+        epoch = state["epoch"]
+        prompt_loader.sampler.set_epoch(epoch)
+        prompt_loader.sampler.set_start(state["batch_in_epoch"] * cfg.per_device_generation_batch_size)
+        for batch in prompt_loader:
+            state["batch_in_epoch"] += 1
+            batch = common.to_device(batch, device)
+            exp, t = px.make_experience(actor, ref, critic, reward_model, strategy, tokenizer,
+                                        batch["prompt_input_ids"], batch["prompt_attention_mask"], gen_params,
+                                        cfg.group_size)
+            timing["generation_s"] += t["generation_s"]
+            timing["inference_s"] += t["inference_s"]
+            timing["gen_tokens"] += t["generated_tokens"]
+            timing["rows"] += t["generated_rows"]
+            if t["dropped"]:
+                logger.info("dropped %d of %d answers with <= 1 real token", t["dropped"], t["generated_rows"])
+            n_valid = strategy.all_reduce_sum(0 if exp.info["placeholder"] else len(exp)).item()
+            if n_valid == 0:
+                print_rank0(f"step {state['round'] + 1}: every answer of this generation batch had <= 1 real "
+                            "token; batch skipped")
+                continue
+            if rank0 and cfg.print_answers and (state["round"] + 1) % cfg.print_answers_interval == 0:
+                p = exp.prompt_len
+                generated.append((tokenizer.decode(exp.seq[0, :p], skip_special_tokens=True),
+                                  tokenizer.decode(exp.seq[0, p:][exp.attention_mask[0, p:].bool()],
+                                                   skip_special_tokens=True)))
+            buffer.append(exp)
+            if len(buffer) < cfg.generation_batches:
+                continue
+
+            # ---- rewards and advantages
+            stats = _experience_stats(buffer, strategy)
+            if cfg.max_kl and stats["kl"] > cfg.max_kl:
+                reason = f"KL to reference {stats['kl']:.3g} > --max_kl {cfg.max_kl:g}"
+                buffer.clear()
+                stop_reason = _skip(state, cfg, reason)
+                state["round"] += 1
+                bar.update(1)
+                if stop_reason or state["round"] >= total_rounds:
+                    break
+                continue
+            for e in buffer:
+                if ppo:
+                    px.finalize_ppo(e, kl_ctl.value, cfg.clip_reward_value, cfg.gamma, cfg.lam, cfg.kl_estimator,
+                                    reward_fn if cfg.reward_normalization != "none" else None,
+                                    cfg.whiten_advantages)
+                else:
+                    px.finalize_group(e, cfg.algo, cfg.group_size, kl_ctl.value, cfg.clip_reward_value,
+                                      cfg.kl_estimator, reward_fn if cfg.reward_normalization != "none" else None)
+
+            # ---- ppo_epochs passes over shuffled micro-batches
+            t_train = time.time()
+            micro = _micro_batches(buffer, cfg, state["round"])
+            results, unsup_losses = [], []
+            actor.train()
+            if critic is not None:
+                critic.train()
+            for ep in range(cfg.ppo_epochs):
+                g = torch.Generator().manual_seed(cfg.seed * 1000 + state["round"] * 10 + ep)
+                for i in torch.randperm(len(micro), generator=g).tolist():
+                    r = px.train_micro_batch(micro[i], actor, critic, strategy, policy_loss, value_loss, cfg.algo,
+                                             kl_coef_in_loss=kl_ctl.value if cfg.algo == "grpo" else 0.0,
+                                             max_ratio=cfg.max_ratio)
+                    if r.skipped:
+                        print_rank0(f"step {state['round'] + 1}: micro-step skipped ({r.skipped})")
+                    elif unsup_iter is not None:
+                        ub = common.to_device(next(unsup_iter), device)
+                        unsup_losses.append(px.train_unsupervised(ub, actor, strategy, cfg.unsup_coef))
+                    if ema is not None and not r.skipped:
+                        px.ema_update(actor, ema, strategy, cfg.ema_beta)
+                    results.append(r)
+            _align_overflow_note(cfg)
+            timing["training_s"] += time.time() - t_train
+            buffer.clear()
+            kl_ctl.update(stats["kl"], stats["n"])
+            state["round"] += 1
+            bar.update(1)
+
+            # ---- metrics
+            done = [r for r in results if not r.skipped]
+            if not done:
+                stop_reason = _skip(state, cfg, results[0].skipped if results else "no micro-batches")
+            else:
+                state["consecutive_skips"] = 0
+            agg = _aggregate(done, strategy)
+            state["ema_reward"] = (stats["reward_mean"] if state["ema_reward"] is None
+                                   else 0.9 * state["ema_reward"] + 0.1 * stats["reward_mean"])
+            last = {**stats, **agg, "ema_reward": state["ema_reward"], "kl_coef": kl_ctl.value,
+                    "skipped": len(results) - len(done),
+                    "actor_lr": strategy.get_lr(actor)[0],
+                    **({"unsup_loss": sum(unsup_losses) / len(unsup_losses)} if unsup_losses else {})}
+            last.pop("n", None)
+            writer.log("train", state["round"], **last)
+            tput = _throughput(timing, time.time() - round_t0, cfg, strategy, a_dims, c_dims, r_dims, stats)
+            writer.log("throughput", state["round"], **tput)
+            if rank0 and (state["round"] % max(1, cfg.log_interval) == 0 or state["round"] == 1
+                          or state["round"] == total_rounds):
+                print_rank0(f"step {state['round']}/{total_rounds} | reward {last['reward_mean']:.4f} "
+                            f"(ema {last['ema_reward']:.4f}) | kl {last['kl']:.4f} | actor_loss "
+                            f"{last.get('actor_loss', float('nan')):.4f} | critic_loss "
+                            f"{last.get('critic_loss', float('nan')):.4f} | clipfrac {last.get('clipfrac', 0):.3f} | "
+                            f"ratio_max {last.get('ratio_max', 0):.3f} | len {last['response_length']:.1f}")
+                print_rank0(tput.pop("_lines"))
+            else:
+                tput.pop("_lines", None)
+            for q, a in generated:
+                print_rank0(f"--- prompt: {q!r}\n--- answer: {a!r}")
+            generated.clear()
+            timing = {k: 0 for k in timing}
+            round_t0 = time.time()
+
+            # ---- checkpoint / stop
+            if cfg.save_interval > 0 and state["round"] % cfg.save_interval == 0 and state["round"] < total_rounds:
+                _save_state(strategy, engines, ema, ckpt_root, state, kl_ctl, reward_stats, cfg)
+            if state["round"] >= total_rounds or stop_reason:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            continue
+        if state["round"] >= total_rounds or stop_reason:
+            break
+    bar.close()
+    if stop_reason:
+        print_rank0(f"step 3 stopped: {stop_reason}")
+
+    # ---- final checkpoints
+    extra = {"step": "ppo", "algo": cfg.algo, **{k: v for k, v in vars(cfg).items() if not k.startswith("_")}}
+    strategy.save_hf(actor, tokenizer, out_dir / "actor", extra_config=extra)
+    if critic is not None:
+        strategy.save_hf(critic, tokenizer, out_dir / "critic", extra_config=extra)
+    if ema is not None:
+        strategy.save_hf(ema, tokenizer, out_dir / "actor_ema", extra_config=extra)
+    summary = {k: v for k, v in last.items() if isinstance(v, (int, float))}
+    summary.update(steps=state["round"], stopped_reason=stop_reason or None)
+    writer.close()
+    strategy.barrier()
+    common.write_done(out_dir, "ppo", summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ loop helpers
+def _skip(state: dict, cfg: PPOConfig, reason: str) -> str:
+    state["consecutive_skips"] += 1
+    print_rank0(f"step {state['round'] + 1}: skipped ({reason}); {state['consecutive_skips']} in a row")
+    if state["consecutive_skips"] >= cfg.max_consecutive_skips:
+        return f"{state['consecutive_skips']} consecutive skipped steps, last: {reason}"
+    return ""
+
+
+def _micro_batches(buffer: list[px.Experience], cfg: PPOConfig, round_idx: int) -> list[px.Experience]:
+    """Each experience batch split into ceil(nominal rows / training batch) micro-batches. The count depends only
+    on the config, so every rank runs the same number of steps; rows are shuffled (and repeated when answers
+    were dropped). GRPO/RLOO rows carry their own advantages, so groups may be split."""
+    out = []
+    nominal = cfg.per_device_generation_batch_size * cfg.group_size
+    n_micro = math.ceil(nominal / cfg.per_device_training_batch_size)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + round_idx)
+    for e in buffer:
+        idx = torch.randperm(len(e), generator=g)
+        if len(idx) < n_micro:
+            idx = idx.repeat(math.ceil(n_micro / len(idx)))[:n_micro]
+        for chunk in torch.tensor_split(idx, n_micro):
+            out.append(e.select(chunk.to(e.seq.device)))
+    return out
+
+
+def _experience_stats(buffer: list[px.Experience], strategy) -> dict:
+    """Reward/KL/length over every rank's real rows (placeholders excluded)."""
+    rows = [e for e in buffer if not e.info.get("placeholder")]
+    s = torch.zeros(6)
+    for e in rows:
+        mask = e.action_mask[:, e.start:]
+        kl = ((e.logprobs - e.ref_logprobs)[:, e.start:] * mask).sum(1)
+        s += torch.stack([torch.tensor(float(len(e))), e.reward_score.sum().cpu(), (e.reward_score ** 2).sum().cpu(),
+                          kl.sum().cpu(), e.info["response_length"].sum().cpu(), torch.tensor(0.0)]).float()
+    s = strategy.all_reduce_sum(s).cpu()
+    n = max(float(s[0]), 1.0)
+    mean = float(s[1]) / n
+    var = max(float(s[2]) / n - mean**2, 0.0) * (n / max(n - 1, 1))
+    return {"n": int(s[0]), "reward_mean": mean, "reward_std": math.sqrt(var), "kl": float(s[3]) / n,
+            "response_length": float(s[4]) / n}
+
+
+def _aggregate(results: list[px.MicroStepResult], strategy) -> dict:
+    if not results:
+        return {}
+    keys = ["actor_loss", "critic_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "value_error"]
+    t = torch.tensor([[getattr(r, k) for k in keys] for r in results]).mean(0)
+    t = strategy.all_reduce_mean(t).cpu()
+    out = {k: float(v) for k, v in zip(keys, t)}
+    out["ratio_max"] = _all_reduce_max(strategy, max(r.ratio_max for r in results))
+    return out
+
+
+def _throughput(timing: dict, e2e: float, cfg: PPOConfig, strategy, a_dims, c_dims, r_dims, stats: dict) -> dict:
+    """Honest per-rank figures: end-to-end = generation + every forward pass for experience (actor, reference,
+    critic, reward) + training (+ ptx), all on this rank; samples/s counts every rank's rows (n_rows global)."""
+    la, ha, va, pa = a_dims
+    rows = max(1, timing["rows"])
+    prompt_len = cfg.max_prompt_seq_len
+    seq = prompt_len + max(1, int(round(stats["response_length"])))
+    k_a = 4 if cfg.actor_gradient_checkpointing else 3
+    gen_flops = px.flops_per_pass(la, ha, va, rows, seq, 1)
+    infer_flops = 2 * px.flops_per_pass(la, ha, va, rows, seq, 1) + px.flops_per_pass(r_dims[0], r_dims[1], r_dims[2], rows, seq, 1)
+    train_flops = cfg.ppo_epochs * px.flops_per_pass(la, ha, va, rows, seq, k_a)
+    if c_dims is not None:
+        k_c = 4 if cfg.critic_gradient_checkpointing else 3
+        infer_flops += px.flops_per_pass(c_dims[0], c_dims[1], c_dims[2], rows, seq, 1)
+        train_flops += cfg.ppo_epochs * px.flops_per_pass(c_dims[0], c_dims[1], c_dims[2], rows, seq, k_c)
+    gen_s, tr_s = max(timing["generation_s"], 1e-9), max(timing["training_s"], 1e-9)
+    e2e = max(e2e, 1e-9)
+    gen_tokens = max(1, timing["gen_tokens"])
+    bytes_per = 4 if strategy.cfg.dtype == "fp32" else 2
+    # every decode step reads all actor weights once
+    bw = pa * bytes_per * gen_tokens / gen_s / 1e9
+    global_rows = stats["n"]
+    out = {"e2e_latency_s": e2e, "e2e_tflops": (gen_flops + infer_flops + train_flops) / e2e / 1e12,
+           "samples_per_s": global_rows / e2e, "generation_latency_s": gen_s,
+           "generation_per_token_latency_s": gen_s / gen_tokens, "generation_tflops": gen_flops / gen_s / 1e12,
+           "generation_bw_gbs": bw, "inference_latency_s": timing["inference_s"], "training_latency_s": tr_s,
+           "training_tflops": train_flops / tr_s / 1e12, "actor_params_b": pa / 1e9}
+    out["_lines"] = (
+        f"End-to-End => Latency: {e2e:.2f}s, TFLOPs: {out['e2e_tflops']:.4f}, Samples/sec: {out['samples_per_s']:.2f}, "
+        f"Time/seq {e2e / max(global_rows, 1):.3f}s, Batch Size: {global_rows}, Total Seq. Length: {seq}\n"
+        f"Generation => Latency: {gen_s:.2f}s, Per-token Latency {gen_s / gen_tokens * 1000:.2f} ms, TFLOPs: "
+        f"{out['generation_tflops']:.4f}, BW: {bw:.2f} GB/sec, Answer Seq. Length: {gen_tokens}\n"
+        f"Training   => Latency: {tr_s:.2f}s, TFLOPs: {out['training_tflops']:.4f} "
+        f"(experience forward passes: {timing['inference_s']:.2f}s; figures are this rank's)")
+    return out
+
+
+def _align_overflow_note(cfg: PPOConfig) -> None:
+    # fp16 only (refused on CPU): DeepSpeed's fp16 optimizers skip overflowing steps themselves; with bf16/fp32
+    # the non-finite-loss guard skips actor and critic together, which is what --align_overflow asks for.
+    return None
+
+
+def _save_state(strategy, engines, ema, ckpt_root: Path, state: dict, kl_ctl, reward_stats, cfg: PPOConfig) -> None:
+    client = {**state, "kl_ctl": kl_ctl.state_dict(), "reward_stats": reward_stats.state_dict()}
+    sdir = strategy.save_state(engines, ckpt_root, state["round"], client_state=client,
+                               keep_last=cfg.keep_last_checkpoints)
+    if ema is not None:
+        sd = _named_params_rank0(ema, strategy)
+        if strategy.is_rank0:
+            from safetensors.torch import save_file
+
+            save_file(sd, str(sdir / "actor_ema.safetensors"))
+        strategy.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from chatrlhf.config import parse_config
+
+    cfg = parse_config(PPOConfig, argv, prog="chatrlhf ppo",
+                       description="Step 3: RLHF with PPO (or --algo grpo|rloo) on a step-1 actor and a step-2 "
+                                   "reward model.")
+    return common.run_main(run_ppo, cfg)

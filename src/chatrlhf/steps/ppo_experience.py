@@ -1,0 +1,351 @@
+"""PPO/GRPO/RLOO experience: generation, scoring, log-probs and values, and the per-micro-batch train steps.
+
+Kept apart from ``steps/ppo.py`` (config, model set-up, loop, checkpoints) so that the loop reads top to bottom.
+All math comes from :mod:`chatrlhf.rlhf_math`.
+
+Sequence layout (DeepSpeed-Chat's): ``seq = [left-padded prompt (P) | answer, right-padded]``;
+``attention_mask`` is 1 on real prompt tokens and on answer tokens up to and including the first EOS;
+``action_mask = attention_mask[:, 1:]``; per-token tensors are shifted (length L-1) and the answer starts at
+``start = P - 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+
+from chatrlhf import rlhf_math as rm
+from chatrlhf.utils import logger
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+# ---------------------------------------------------------------------------------------------- experience
+@dataclass
+class Experience:
+    """One batch of rollouts. Tensors [B, L] / [B, L-1]; ``advantages``/``returns`` are [B, L-1-start] for PPO and
+    ``advantages`` is [B] (per sequence) for GRPO/RLOO."""
+
+    seq: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    reward_score: torch.Tensor
+    prompt_len: int
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def start(self) -> int:
+        return self.prompt_len - 1
+
+    def __len__(self) -> int:
+        return self.seq.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Experience":
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
+        return Experience(**kw)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens (what ``generate`` uses for left-padded prompts)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+_ACCEPTS_POS: dict[type, bool] = {}
+
+
+def lm_forward(model, seq: torch.Tensor, attention_mask: torch.Tensor):
+    """Causal-LM forward with mask-derived position ids when the model takes them; returns logits [B, L, V]."""
+    m = unwrap(model)
+    cls = type(m)
+    if cls not in _ACCEPTS_POS:
+        try:
+            _ACCEPTS_POS[cls] = "position_ids" in inspect.signature(m.forward).parameters
+        except (TypeError, ValueError):
+            _ACCEPTS_POS[cls] = False
+    kw = {"position_ids": position_ids_from_mask(attention_mask)} if _ACCEPTS_POS[cls] else {}
+    return model(input_ids=seq, attention_mask=attention_mask, use_cache=False, **kw).logits
+
+
+def answer_attention_mask(seq: torch.Tensor, prompt_mask: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """1 on real prompt tokens, and on answer tokens up to and including the first EOS; 0 after it.
+
+    Unlike ``seq != pad`` this keeps the EOS when pad == eos, so the answer's stop token is trained too."""
+    p = prompt_mask.shape[1]
+    ans = seq[:, p:]
+    eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                          device=seq.device)
+    is_eos = torch.isin(ans, eos).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0  # strictly after the first EOS
+    return torch.cat([prompt_mask.long(), (~after_eos).long()], dim=1)
+
+
+@contextlib.contextmanager
+def generation_context(model, strategy):
+    """Full weights for generation: ZeRO-3 params gathered on every rank (so ranks never wait on each other
+    inside ``generate``), LoRA merged into the base weights and restored exactly afterwards."""
+    from chatrlhf.models.lora import has_lora, merged_lora
+
+    module = unwrap(model)
+    was_training = module.training
+    module.eval()
+    with strategy.gathered_params(module):
+        with (merged_lora(module) if has_lora(module) else contextlib.nullcontext()):
+            yield module
+    if was_training:
+        module.train()
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_return_sequences: int = 1
+
+
+@torch.no_grad()
+def generate_answers(actor, strategy, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV-cache sampling (never forced to full length): returns (seq [B*n, P+A], attention_mask) with the answer
+    right-padded by ``pad_token_id`` and the mask from :func:`answer_attention_mask`."""
+    kw = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+              do_sample=params.do_sample, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+              eos_token_id=tokenizer.eos_token_id, num_return_sequences=params.num_return_sequences)
+    if params.do_sample:
+        kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    with generation_context(actor, strategy) as module:
+        seq = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kw)
+    if params.num_return_sequences > 1:
+        prompt_mask = prompt_mask.repeat_interleave(params.num_return_sequences, dim=0)
+    mask = answer_attention_mask(seq, prompt_mask, tokenizer.eos_token_id)
+    seq = torch.where(mask.bool() | (torch.arange(seq.shape[1], device=seq.device) < prompt_mask.shape[1]),
+                      seq, torch.full_like(seq, tokenizer.pad_token_id))
+    return seq, mask
+
+
+def drop_short_answers(seq: torch.Tensor, mask: torch.Tensor, prompt_len: int, min_tokens: int = 2,
+                       group_size: int = 1) -> torch.Tensor:
+    """Indices of rows to keep: answers with at most one real token are dropped (DeepSpeed-Chat). With
+    ``group_size`` > 1 (GRPO/RLOO) a whole group is dropped when any of its samples is (baselines need k)."""
+    n_real = mask[:, prompt_len:].sum(1)
+    keep = n_real >= min_tokens
+    if group_size > 1:
+        keep = keep.view(-1, group_size).all(1, keepdim=True).expand(-1, group_size).reshape(-1)
+    return keep.nonzero().flatten()
+
+
+@torch.no_grad()
+def reward_scores(reward_model, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reward model's value-head output at the last real token of prompt + answer, [B] (fp32)."""
+    values = reward_model(seq, attention_mask=mask)
+    ends = (torch.arange(seq.shape[1], device=seq.device) * mask).argmax(1)
+    return values.float().gather(1, ends.unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, prompt_ids: torch.Tensor,
+                    prompt_mask: torch.Tensor, params: GenerationParams, group_size: int = 1) -> tuple[Experience, dict]:
+    """Generate, drop too-short answers, score with the reward model, and collect actor/reference log-probs and
+    critic values. Returns (experience, timings); see the placeholder note below."""
+    t0 = time.time()
+    seq, mask = generate_answers(actor, strategy, tokenizer, prompt_ids, prompt_mask, params)
+    gen_time = time.time() - t0
+    prompt_len = prompt_ids.shape[1]
+    keep = drop_short_answers(seq, mask, prompt_len, group_size=group_size)
+    n_gen, n_drop = seq.shape[0], seq.shape[0] - keep.numel()
+    gen_tokens = seq.shape[1] - prompt_len
+    timings = {"generation_s": gen_time, "generated_tokens": gen_tokens, "generated_rows": n_gen, "dropped": n_drop}
+    # Every rank must take part in the forward passes below (ZeRO-3 gathers weights collectively), even with
+    # nothing left to score: a rank whose whole batch was dropped keeps its first group as a placeholder with an
+    # all-zero action mask (no loss, no gradient; flagged in info["placeholder"]).
+    empty = keep.numel() == 0
+    if empty:
+        keep = torch.arange(group_size, device=seq.device)
+    timings["empty"] = empty
+    seq, mask = seq[keep], mask[keep]
+    t1 = time.time()
+    was = [unwrap(m).training for m in (actor, critic) if m is not None]
+    unwrap(actor).eval()
+    if critic is not None:
+        unwrap(critic).eval()
+    logits = lm_forward(actor, seq, mask)
+    logprobs = rm.gather_log_probs(logits[:, :-1], seq[:, 1:])
+    del logits
+    ref_logprobs = rm.gather_log_probs(lm_forward(ref, seq, mask)[:, :-1], seq[:, 1:])
+    score = reward_scores(reward_model, seq, mask)
+    values = critic(seq, attention_mask=mask)[:, :-1].float() if critic is not None else None
+    for m, w in zip([m for m in (actor, critic) if m is not None], was):
+        unwrap(m).train(w)
+    timings["inference_s"] = time.time() - t1
+    action_mask = mask[:, 1:].float()
+    if empty:
+        action_mask = torch.zeros_like(action_mask)
+    exp = Experience(seq=seq, attention_mask=mask, action_mask=action_mask, logprobs=logprobs,
+                     ref_logprobs=ref_logprobs, reward_score=score, prompt_len=prompt_len, values=values)
+    exp.info["response_length"] = mask[:, prompt_len:].sum(1).float()
+    exp.info["placeholder"] = empty
+    return exp, timings
+
+
+def finalize_ppo(exp: Experience, kl_ctl: float, clip_reward_value: float, gamma: float, lam: float,
+                 kl_estimator: str = "k1", reward_fn=None, whiten_advantages: bool = False) -> Experience:
+    """Per-token rewards (KL penalty + clipped score at the end) and GAE advantages/returns, in place."""
+    score = exp.reward_score if reward_fn is None else reward_fn(exp.reward_score)
+    exp.rewards = rm.compute_rewards(exp.logprobs, exp.ref_logprobs, score, exp.action_mask, kl_ctl,
+                                     clip_reward_value, exp.start, kl_estimator)
+    adv, ret = rm.gae(exp.values, exp.rewards, exp.action_mask, exp.start, gamma, lam)
+    if whiten_advantages:
+        adv = rm.whiten(adv, exp.action_mask[:, exp.start:])
+    exp.advantages, exp.returns = adv, ret
+    return exp
+
+
+def finalize_group(exp: Experience, algo: str, group_size: int, kl_ctl: float, clip_reward_value: float,
+                   kl_estimator: str = "k1", reward_fn=None) -> Experience:
+    """Critic-free advantages [B]: GRPO normalizes the clipped scores by the group's mean/std (KL goes into the
+    loss); RLOO uses score - kl_ctl * sum KL minus the leave-one-out mean of the group."""
+    score = exp.reward_score if reward_fn is None else reward_fn(exp.reward_score)
+    score = torch.clamp(score.float(), -clip_reward_value, clip_reward_value)
+    mask = exp.action_mask[:, exp.start:]
+    if algo == "rloo":
+        kl = rm.kl_estimate(exp.logprobs[:, exp.start:], exp.ref_logprobs[:, exp.start:], kl_estimator)
+        score = score - kl_ctl * (kl * mask).sum(1)
+    exp.rewards = score
+    exp.advantages = rm.group_advantages(score, group_size, algo)
+    return exp
+
+
+# ---------------------------------------------------------------------------------------------- train steps
+@dataclass
+class MicroStepResult:
+    actor_loss: float
+    critic_loss: float
+    clipfrac: float
+    vf_clipfrac: float
+    approx_kl: float
+    ratio_max: float
+    entropy: float
+    value_error: float
+    skipped: str = ""
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def train_micro_batch(exp: Experience, actor, critic, strategy, policy_loss: rm.PolicyLoss,
+                      value_loss: rm.ValueLoss | None, algo: str = "ppo", kl_coef_in_loss: float = 0.0,
+                      kl_estimator_in_loss: str = "k3", max_ratio: float = 0.0) -> MicroStepResult:
+    """One actor (and critic) update on a micro-batch of experience. The guard (non-finite loss, ratio above
+    ``max_ratio``) is decided jointly over all ranks, which then all skip backward and step together."""
+    start = exp.start
+    mask = exp.action_mask[:, start:]
+    logits = lm_forward(actor, exp.seq, exp.attention_mask)[:, :-1]
+    logprobs = rm.gather_log_probs(logits, exp.seq[:, 1:])[:, start:]
+    with torch.no_grad() if policy_loss.entropy_coef == 0 else contextlib.nullcontext():
+        entropy = rm.entropy_from_logits(logits[:, start:])
+    del logits
+    if algo == "ppo":
+        out = policy_loss(logprobs, exp.logprobs[:, start:], exp.advantages, mask, entropy)
+    else:
+        out = rm.sequence_policy_loss(logprobs, exp.logprobs[:, start:], exp.advantages, mask,
+                                      policy_loss.clip_eps, exp.ref_logprobs[:, start:], kl_coef_in_loss,
+                                      kl_estimator_in_loss, entropy, policy_loss.entropy_coef)
+    v_loss = torch.zeros((), device=logprobs.device)
+    vf_clip = torch.zeros(())
+    value_error = torch.zeros(())
+    if critic is not None:
+        values = critic(exp.seq, attention_mask=exp.attention_mask)[:, :-1][:, start:]
+        v_loss, vf_clip = value_loss(values, exp.values[:, start:], exp.returns, mask)
+        value_error = rm.masked_mean((values.detach().float() - exp.returns) ** 2, mask)
+    reason = ""
+    if not (_finite(out.loss) and _finite(v_loss)):
+        reason = "non-finite loss"
+    elif max_ratio and float(out.ratio_max) > max_ratio:
+        reason = f"ratio max {float(out.ratio_max):.3g} > {max_ratio:g}"
+    bad = strategy.all_reduce_sum(1.0 if reason else 0.0).item()
+    if bad > 0:
+        reason = reason or "another rank's guard"
+    else:
+        strategy.backward(out.loss, actor)
+        strategy.step(actor)
+        if critic is not None:
+            strategy.backward(v_loss, critic)
+            strategy.step(critic)
+    return MicroStepResult(float(out.loss), float(v_loss), float(out.clipfrac), float(vf_clip), float(out.approx_kl),
+                           float(out.ratio_max), float(out.entropy) if out.entropy is not None else 0.0,
+                           float(value_error), reason)
+
+
+def train_unsupervised(batch: dict, actor, strategy, unsup_coef: float) -> float:
+    """ptx: a separate actor step on the language-model loss times ``unsup_coef``."""
+    out = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                use_cache=False)
+    loss = out.loss
+    if not _finite(loss) or strategy.all_reduce_sum(0.0 if _finite(loss) else 1.0).item() > 0:
+        return float("nan")
+    strategy.backward(loss * unsup_coef, actor)
+    strategy.step(actor)
+    return float(loss)
+
+
+@torch.no_grad()
+def ema_update(actor, ema, strategy, beta: float = 0.992) -> None:
+    """ema = beta * ema + (1 - beta) * actor, parameter by parameter; under ZeRO-3 each pair is gathered and the
+    result written back (modifier_rank=0: DeepSpeed-Chat's version lost the update under ZeRO-3)."""
+    a_params = list(unwrap(actor).parameters())
+    e_params = list(unwrap(ema).parameters())
+    if len(a_params) != len(e_params):
+        raise RuntimeError(f"EMA model has {len(e_params)} parameters, actor {len(a_params)}")
+    z3 = strategy.is_zero3(actor) or strategy.is_zero3(ema)
+    if not z3:
+        for p, e in zip(a_params, e_params):
+            rm.ema_update_(e.data, p.data, beta)
+        return
+    import deepspeed
+
+    for p, e in zip(a_params, e_params):
+        fetch = [q for q in (p, e) if hasattr(q, "ds_id")]
+        with deepspeed.zero.GatheredParameters(fetch, modifier_rank=0):
+            if strategy.is_rank0:
+                rm.ema_update_(e.data, p.data, beta)
+
+
+def flops_per_pass(n_layers: int, hidden: int, vocab: int, batch: int, seq_len: int, k: int = 1) -> float:
+    """DeepSpeed-Chat's F(k, B, s) = 24 k B s l h^2 (1 + s/(6h) + V/(16 l h)); k=1 forward, 3 train, 4 with
+    gradient checkpointing."""
+    return 24.0 * k * batch * seq_len * n_layers * hidden**2 * (1.0 + seq_len / (6.0 * hidden)
+                                                                 + vocab / (16.0 * n_layers * hidden))
+
+
+def model_dims(model) -> tuple[int, int, int, int]:
+    """(layers, hidden, vocab, n_params) of a model (ZeRO-3 aware parameter count)."""
+    m = unwrap(model)
+    cfg = m.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    layers = next((getattr(cfg, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(cfg, k)), 1)
+    hidden = next((getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(cfg, k)), 1)
+    vocab = getattr(cfg, "vocab_size", 1)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
+    return int(layers), int(hidden), int(vocab), int(n_params)

@@ -1,0 +1,175 @@
+"""Step 1: supervised fine-tuning of the actor on prompt + chosen answer (loss on answer tokens only by default).
+
+Reads top to bottom: config -> set-up (strategy, tokenizer, checks, data, model, optimizer, engine, resume) ->
+eval before training -> loop (loss, step, throughput line, eval/save intervals) -> final eval, checkpoint, done.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chatrlhf.config import parse_config
+from chatrlhf.data import DataConfig, SFTCollator, build_phase_datasets
+from chatrlhf.metrics import MetricsWriter
+from chatrlhf.steps import common as C
+from chatrlhf.steps.common import TrainConfig
+
+STEP = "sft"
+
+
+@dataclass
+class SFTConfig(DataConfig, TrainConfig):
+    def validate(self) -> None:
+        DataConfig.validate(self)
+        self.validate_train()
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = False, reduction: str = "mean"):
+    """Next-token cross entropy over labelled positions (labels == -100 are prompt/padding)."""
+    logits = logits[:, :-1]
+    labels = labels[:, 1:]
+    if fp32:
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(engine, loader, strategy, cfg: SFTConfig) -> dict:
+    """Token-weighted eval loss over all ranks and its perplexity."""
+    engine.eval()
+    total, count = 0.0, 0
+    for batch in C.limited(loader, cfg.eval_iters):
+        batch = C.to_device(batch, strategy.device)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        total += float(lm_loss(logits, batch["labels"], fp32=True, reduction="sum"))
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    engine.train()
+    total = float(strategy.all_reduce_sum(total))
+    count = float(strategy.all_reduce_sum(count))
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    from chatrlhf.models.loading import check_seq_len
+
+    # ---- set-up: every check that can fail runs before the model is built ----------------------------------
+    C.check_model_dir(cfg.model_name_or_path)
+    strategy = C.build_strategy(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = C.load_tokenizer_for(cfg)
+    from transformers import AutoConfig
+
+    check_seq_len(AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=True), cfg.max_seq_len)
+    C.memory_preflight(strategy, C.count_params_from_config(cfg.model_name_or_path), cfg, what="actor")
+
+    train_ds, eval_ds = build_phase_datasets(1, cfg, tokenizer)
+    collate = SFTCollator(tokenizer.pad_token_id)
+    train_dl = C.make_dataloader(train_ds, collate, cfg.per_device_train_batch_size, strategy, True, cfg.seed)
+    eval_dl = C.make_dataloader(eval_ds, collate, cfg.per_device_eval_batch_size, strategy, False, cfg.seed)
+    per_epoch, total_steps = C.total_steps_for(cfg, len(train_dl))
+
+    model = C.load_causal_lm_for(cfg, strategy, tokenizer)
+    optimizer, scheduler = C.create_optimizer_and_scheduler(strategy, model, cfg, total_steps)
+    engine = strategy.prepare(model, optimizer, scheduler)
+    n_params, layers, hidden, vocab = C.model_dims(engine)
+
+    prog = C.Progress()
+    ckpt = C.resolve_resume(cfg)
+    if ckpt is not None:
+        prog = C.restore_progress(strategy.load_state({"model": engine}, ckpt))
+        C.log_line(f"[sft] resumed from {ckpt} at step {prog.global_step} (epoch {prog.epoch}, "
+                   f"batch {prog.batch_in_epoch})")
+
+    writer = MetricsWriter(out, (cfg.tensorboard_path or out / "tensorboard") if cfg.enable_tensorboard else None)
+    run_config = {"step": STEP, **dataclasses.asdict(cfg)}
+
+    def save_checkpoint() -> None:
+        sdir = strategy.save_state({"model": engine}, out / "checkpoints", prog.global_step, prog.as_dict(),
+                                   keep_last=cfg.keep_last_checkpoints)
+        strategy.save_hf(engine, tokenizer, sdir / "hf_model", run_config)
+
+    # ---- eval before training ----------------------------------------------------------------------------
+    first_eval = evaluate(engine, eval_dl, strategy, cfg)
+    writer.log("eval", prog.global_step, **first_eval)
+    C.log_line(f"[sft] step {prog.global_step} eval_loss {first_eval['eval_loss']:.4f} "
+               f"perplexity {first_eval['perplexity']:.2f}")
+    last_eval, last_loss = first_eval, float("nan")
+
+    # ---- training loop -----------------------------------------------------------------------------------
+    bar = C.progress_bar(total_steps, prog.global_step, "sft", strategy.is_rank0)
+    engine.train()
+    acc_loss, acc_n, step_t0, step_seq, step_samples = 0.0, 0, time.time(), 0, 0
+    while prog.global_step < total_steps:
+        train_dl.sampler.set_epoch(prog.epoch)
+        train_dl.sampler.set_start(prog.batch_in_epoch * cfg.per_device_train_batch_size)
+        for batch in train_dl:
+            batch = C.to_device(batch, strategy.device)
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).logits
+            loss = lm_loss(logits, batch["labels"], fp32=cfg.compute_fp32_loss)
+            strategy.backward(loss, engine)
+            stepped = strategy.step(engine)
+            prog.batch_in_epoch += 1
+            acc_loss, acc_n = acc_loss + float(loss), acc_n + 1
+            step_seq, step_samples = max(step_seq, batch["input_ids"].shape[1]), step_samples + len(batch["input_ids"])
+            if not stepped:
+                continue
+            prog.global_step += 1
+            latency = time.time() - step_t0
+            last_loss = float(strategy.all_reduce_mean(acc_loss / acc_n))
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            if cfg.print_loss:
+                C.log_line(f"[sft] epoch {prog.epoch} step {prog.global_step} loss {last_loss:.4f}")
+            writer.log("train", prog.global_step, loss=last_loss, lr=strategy.get_lr(engine)[0], epoch=prog.epoch)
+            if cfg.log_interval > 0 and (prog.global_step % cfg.log_interval == 0 or prog.global_step == 1):
+                line, tp = C.throughput_line(n_params, layers, hidden, vocab, latency, step_samples, step_seq,
+                                             cfg.gradient_checkpointing)
+                C.log_line(line)
+                writer.log("throughput", prog.global_step, **tp)
+            if cfg.eval_interval > 0 and prog.global_step % cfg.eval_interval == 0:
+                last_eval = evaluate(engine, eval_dl, strategy, cfg)
+                writer.log("eval", prog.global_step, **last_eval)
+            if cfg.save_interval > 0 and prog.global_step % cfg.save_interval == 0:
+                save_checkpoint()
+            acc_loss, acc_n, step_t0, step_seq, step_samples = 0.0, 0, time.time(), 0, 0
+            if prog.global_step >= total_steps:
+                break
+        else:  # the epoch ran out
+            prog.epoch, prog.batch_in_epoch = prog.epoch + 1, 0
+            last_eval = evaluate(engine, eval_dl, strategy, cfg)
+            writer.log("eval", prog.global_step, **last_eval)
+            C.log_line(f"[sft] epoch {prog.epoch} done: eval_loss {last_eval['eval_loss']:.4f} "
+                       f"perplexity {last_eval['perplexity']:.2f}")
+            continue
+        break
+    bar.close()
+
+    # ---- final eval, checkpoint, done --------------------------------------------------------------------
+    final = evaluate(engine, eval_dl, strategy, cfg)
+    writer.log("eval", prog.global_step, **final)
+    C.log_line(f"[sft] final step {prog.global_step} eval_loss {final['eval_loss']:.4f} "
+               f"perplexity {final['perplexity']:.2f}")
+    strategy.save_hf(engine, tokenizer, out, run_config, save_lora_adapter=cfg.save_lora_adapter)
+    summary = {"global_step": prog.global_step, "train_loss": last_loss,
+               "eval_loss_start": first_eval["eval_loss"], "eval_loss": final["eval_loss"],
+               "perplexity": final["perplexity"]}
+    writer.close()
+    C.write_done(out, STEP, summary)
+    strategy.finish()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(SFTConfig, argv, prog="chatrlhf sft", description=__doc__)
+    return C.run_main(run_sft, cfg)
