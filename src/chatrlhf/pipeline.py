@@ -100,11 +100,12 @@ class TrainPipelineConfig:
     master_port: int = field(default=29500, metadata={"help": "multi_node: rendezvous port on node 0."})
     seed: int = field(default=1234, metadata={"help": "Random seed passed to every step."})
     sft: dict = field(default_factory=dict, metadata={
-        "help": "(YAML section) step-1 options merged over the pipeline-derived ones, e.g. sft: {learning_rate: 1e-4}."})
+        "help": "Step-1 options merged over the pipeline-derived ones: a YAML section `sft: {learning_rate: 1e-4}` "
+                "in --config, or --sft '{learning_rate: 1e-4}'."})
     reward: dict = field(default_factory=dict, metadata={
-        "help": "(YAML section) step-2 options merged over the pipeline-derived ones."})
+        "help": "Step-2 options (YAML section `reward:` or --reward '{...}')."})
     ppo: dict = field(default_factory=dict, metadata={
-        "help": "(YAML section) step-3 options merged over the pipeline-derived ones."})
+        "help": "Step-3 options (YAML section `ppo:` or --ppo '{...}')."})
     dry_run: bool = field(default=False, metadata={
         "help": "Resolve and write the configs, print each step's command line, run nothing."})
     preflight_only: bool = field(default=False, metadata={
@@ -430,8 +431,7 @@ def run_train(cfg: TrainPipelineConfig) -> dict:
                                   "metrics": _read_json(sdir / "done.json").get("metrics", {}),
                                   "wall_s": timings.get(spec.name, {}).get("wall_s")}
             continue
-        if not cfg.dry_run:
-            atomic_write_text(step_config, step_text)
+        atomic_write_text(step_config, step_text)  # also on --dry_run, so the printed command runs as shown
         cmd = launch_command(cfg, spec, step_config)
         if cfg.dry_run:
             print(f"[chatrlhf train] step {spec.number} ({spec.name}): {shlex.join(cmd)}", flush=True)
@@ -489,9 +489,37 @@ def write_run_report(out: Path) -> Optional[str]:
     return str(path) if path else str(out / "report.md")
 
 
+def _pop_section_flags(argv: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """Take ``--sft '{learning_rate: 1e-4}'`` (YAML/JSON mappings) off the command line; they are merged over the
+    config file's sections after parsing, so the command line wins as for every other flag."""
+    rest, sections, i = [], {}, 0
+    while i < len(argv):
+        a = argv[i]
+        name, _, inline = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        if name in ("sft", "reward", "ppo"):
+            text = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if inline else 2
+            import yaml
+
+            try:
+                value = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--{name}: not a YAML/JSON mapping: {e}") from None
+            if not isinstance(value, dict):
+                raise ConfigError(f"--{name} takes a mapping such as '{{learning_rate: 1e-4}}', got {text!r}")
+            sections[name] = value
+            continue
+        rest.append(a)
+        i += 1
+    return rest, sections
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, cli_sections = _pop_section_flags(list(sys.argv[1:] if argv is None else argv))
     cfg = parse_config(TrainPipelineConfig, argv, prog="chatrlhf train",
                        description="Run steps 1 -> 2 -> 3 (SFT, reward model, PPO) in one command.")
+    for name, values in cli_sections.items():
+        getattr(cfg, name).update(values)
     summary = run_train(cfg)
     if summary.get("steps"):
         done = ", ".join(f"{k}: {v['status']}" for k, v in summary["steps"].items())

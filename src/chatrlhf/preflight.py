@@ -135,19 +135,29 @@ def check_tokenizers(actor_tok, reward_tok, actor_path: str, reward_path: str, p
 
 
 # ------------------------------------------------------------------------------------------------ data
-def check_data(entries: list[str], tokenizer, problems: list[str]) -> dict[str, int]:
-    """Open every data_path entry and map (and tokenize) its first rows; -> {entry: number of train rows}."""
+def check_data(entries: list[str], tokenizer, skip_bad_rows: bool, problems: list[str]) -> dict[str, int]:
+    """Open every data_path entry and map (and tokenize) its first rows through the data layer's adapter, as the
+    steps will; -> {entry: number of train rows}. Bad rows are problems unless --skip_bad_rows."""
+    from chatrlhf.data.adapters import FieldError
     from chatrlhf.data.sources import open_source
+    from chatrlhf.errors import DataError
 
     out: dict[str, int] = {}
     for entry in entries:
         try:
             src = open_source(entry)
             train, _ = src.pick_splits()
-            for raw in train.sample(DATA_ROWS_CHECKED):
-                row = src.adapter.map(raw)
+            for i in range(min(DATA_ROWS_CHECKED, len(train))):
+                try:
+                    row = src.adapter.map(train.rows[i])
+                except FieldError as e:
+                    if skip_bad_rows:
+                        continue
+                    file, rowno = train.origin(i)
+                    raise DataError(f"{e.message} (dataset {src.adapter.name}; --skip_bad_rows skips such rows)",
+                                    file=file, row=rowno, field=e.field or None) from None
                 if tokenizer is not None:
-                    tokenizer(row.prompt + (row.chosen or ""))["input_ids"]
+                    tokenizer(row.prompt + (row.chosen or ""))
             out[entry] = len(train)
         except Exception as e:
             problems.append(f"data {entry}: {_one_line(e)}")
@@ -399,7 +409,8 @@ def run_preflight(pipeline_cfg, step_cfgs: dict[str, Any], world_size: int = 1, 
             for e in cfg.get(key) or []:
                 if e not in entries:
                     entries.append(e)
-    data_rows = check_data(entries, actor_tok, problems)
+    skip_bad = any(cfg.get("skip_bad_rows") for cfg in cfgs.values())
+    data_rows = check_data(entries, actor_tok, skip_bad, problems)
 
     check_writable(Path(pipeline_cfg.output_dir), problems)
 

@@ -314,6 +314,25 @@ def _pair_rows(rng: random.Random, items: list[tuple[str, dict]], n: int, noise:
     return rows
 
 
+def _unseen_rows(rng: random.Random, items: list[tuple[str, dict]], n: int, noise: float, seen: list[dict]) -> list[dict]:
+    """n rows none of which repeats a (prompt, chosen, rejected) triple of ``seen`` (so eval is truly held out)."""
+    seen_keys = {(r["prompt"], r["chosen"], r["rejected"]) for r in seen}
+    out: list[dict] = []
+    for _ in range(20):
+        fresh = [r for r in _pair_rows(rng, items, 2 * n, noise) if (r["prompt"], r["chosen"], r["rejected"]) not in seen_keys]
+        for r in fresh:  # keep the noise fraction: take noisy and clean rows in proportion
+            seen_keys.add((r["prompt"], r["chosen"], r["rejected"]))
+        out += fresh
+        n_noisy = round(noise * n)
+        noisy = [r for r in out if r["chosen_kind"] != "clean"][:n_noisy]
+        clean = [r for r in out if r["chosen_kind"] == "clean"][: n - n_noisy]
+        if len(noisy) == n_noisy and len(clean) == n - n_noisy:
+            rows = noisy + clean
+            rng.shuffle(rows)
+            return rows
+    raise UserError(f"cannot make {n} eval rows unseen in training; lower n_eval or raise n_heldout")
+
+
 def _kwise_row(rng: random.Random, tname: str, args: dict, k: int) -> dict:
     question = _question(rng, tname, args)
     pool: dict[float, tuple[str, str]] = {}
@@ -379,13 +398,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def write_task_dataset(out_dir: str | Path, seed: int = 1234, n_sft: int = 2000, n_pairs: int = 3000,
                        n_eval: int = 300, n_heldout: int = 40, k: int = 4, noise: float = 0.35,
-                       n_kwise: int | None = None, n_corpus: int = 4000) -> dict[str, Path]:
+                       n_kwise: int | None = None, n_corpus: int = 4000, disjoint_eval: bool = True) -> dict[str, Path]:
     """Write the built-in task's files under ``out_dir``; returns their paths by name.
 
     - ``data/train.json`` (n_pairs rows), ``data/eval.json`` (n_eval rows): JSON lists of {prompt, chosen,
       rejected, chosen_gold, rejected_gold, chosen_kind, rejected_kind} - a local/jsonfile dataset whose root is
       ``out_dir`` (use ``--data_path out_dir`` with ``--data_split``). round(noise * n) chosen answers are flawed;
-      rejected is always strictly worse by gold score. Eval prompts come from items disjoint from training.
+      rejected is always worse by at least PAIR_MARGIN gold score (or is the empty answer). No eval row repeats a training row; with
+      ``disjoint_eval`` eval questions also come from task items never used in training (a harder test).
     - ``sft/data/train.json`` (n_sft rows) and ``sft/data/eval.json``: the same layout and noise, extra SFT data
       for ``--sft_only_data_path out_dir/sft``.
     - ``kwise.jsonl``: {prompt, answers [best..worst], gold [strictly decreasing], kinds}.
@@ -398,10 +418,12 @@ def write_task_dataset(out_dir: str | Path, seed: int = 1234, n_sft: int = 2000,
         raise UserError(f"k must be at least 2, got {k}")
     out = Path(out_dir)
     train_items, eval_items, held_items = _split_items(random.Random(f"{seed}-split"), n_heldout, eval_frac=0.1)
+    if not disjoint_eval:  # eval rows come from the training items (as a random split would), never as seen rows
+        train_items = eval_items = train_items + eval_items
     train = _pair_rows(random.Random(f"{seed}-train"), train_items, n_pairs, noise)
-    evl = _pair_rows(random.Random(f"{seed}-eval"), eval_items, n_eval, noise)
     sft = _pair_rows(random.Random(f"{seed}-sft"), train_items, n_sft, noise)
-    sft_eval = _pair_rows(random.Random(f"{seed}-sft-eval"), eval_items, max(1, n_eval // 2), noise)
+    evl = _unseen_rows(random.Random(f"{seed}-eval"), eval_items, n_eval, noise, seen=train + sft)
+    sft_eval = _unseen_rows(random.Random(f"{seed}-sft-eval"), eval_items, max(1, n_eval // 2), noise, seen=train + sft)
     krng = random.Random(f"{seed}-kwise")
     kwise = [_kwise_row(krng, *krng.choice(train_items), k) for _ in range(n_kwise if n_kwise is not None else n_pairs // 2)]
     hrng = random.Random(f"{seed}-heldout")
@@ -424,7 +446,7 @@ def write_task_dataset(out_dir: str | Path, seed: int = 1234, n_sft: int = 2000,
     paths["corpus"].write_text("\n".join(c.replace("\n", " ") for c in corpus) + "\n", encoding="utf-8")
     noisy = sum(r["chosen_kind"] != "clean" for r in train)
     _write_json(paths["meta"], {
-        "task": "chatrlhf built-in", "seed": seed, "noise": noise, "k": k,
+        "task": "chatrlhf built-in", "seed": seed, "noise": noise, "k": k, "disjoint_eval": disjoint_eval,
         "counts": {"train": len(train), "eval": len(evl), "sft_train": len(sft), "sft_eval": len(sft_eval),
                    "kwise": len(kwise), "heldout": len(heldout), "corpus": len(corpus)},
         "items": {"train": len(train_items), "eval": len(eval_items), "heldout": len(held_items)},

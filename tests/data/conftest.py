@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-from data_helpers import FIXTURES
 
 _WORDS = ("Human Assistant what is the a of to and you how why name color fruit apple paris answer best worst "
           "question hello hi bye say add rank good bad okay great sky blue cat water rice").split()
@@ -44,8 +40,3 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def bos_tokenizer():
     return _train(bos=True)
-
-
-@pytest.fixture
-def fixtures() -> Path:
-    return FIXTURES

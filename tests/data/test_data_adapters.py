@@ -171,3 +171,11 @@ def test_json_file_with_json_lines_and_plain_list(tmp_path):
     a = open_source(str(lines)).mapped(seed=3)
     b = open_source(str(listed)).mapped(seed=3)
     assert a[0] == b[0] and a[1] == b[1] and len(a[0]) + len(a[1]) == 3
+
+
+def test_column_wise_nested_lists_from_datasets_features():
+    # A datasets Sequence({...}) feature yields {"text": [...], ...} instead of a list of dicts.
+    raw = {"query": "q?", "positive_passages": {"docid": ["d1"], "text": ["yes"], "title": ["t"]},
+           "negative_passages": {"docid": [], "text": [], "title": []}}
+    row = ADAPTERS["Cohere/miracl-ja-queries-22-12"].map(raw)
+    assert row == Row(" Human: q? Assistant:", " yes", None)

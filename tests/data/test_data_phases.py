@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
 import torch
 
 from chatrlhf.data import (DataConfig, PairCollator, PromptCollator, SFTCollator, build_phase_datasets,
                            plan_phase_rows)
-from chatrlhf.errors import DataError
 
-from data_helpers import FIXTURES, pair_rows, write_jsonl
+from data_helpers import FIXTURES, pair_rows
 
 
 def local_dir(root, train, evl):
@@ -100,8 +98,9 @@ def test_phase1_train_on_prompt_and_bos(tmp_path, bos_tokenizer):
     ids, labels = off[0]["input_ids"].tolist(), off[0]["labels"].tolist()
     assert ids[0] == bos_tokenizer.bos_token_id and labels[0] == -100  # the OPT-style BOS is part of the prompt
     n_masked = labels.count(-100)
-    assert bos_tokenizer.decode(ids[n_masked:]) == " good answer 0<|endoftext|>" or "good answer" in \
-        bos_tokenizer.decode(ids[n_masked:])
+    row = plan_phase_rows(1, cfg_for(tmp_path, [path], data_split="1,0,0")).train[0]
+    assert bos_tokenizer.decode(ids[n_masked:]) == row.chosen + "<|endoftext|>"
+    assert bos_tokenizer.decode(ids[1:n_masked]) == row.prompt
     assert ids[-1] == bos_tokenizer.eos_token_id and labels[-1] == bos_tokenizer.eos_token_id
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from chatrlhf.errors import DataError, UserError
 from chatrlhf.task import (
+    PAIR_MARGIN,
     classify_answer,
     expected_answer,
     format_prompt,
@@ -110,6 +111,8 @@ def test_dataset_files_and_formats(task_data_dir):
         assert r["chosen_gold"] == pytest.approx(gold_score(r["prompt"], r["chosen"]), abs=1e-6)
         assert r["rejected_gold"] == pytest.approx(gold_score(r["prompt"], r["rejected"]), abs=1e-6)
         assert r["chosen_gold"] > r["rejected_gold"]
+        # a clear gap, except a poor (wrong) chosen answer, which is paired with the empty answer
+        assert r["chosen_gold"] >= r["rejected_gold"] + PAIR_MARGIN or r["rejected"] == ""
     for r in kwise:
         scores = [gold_score(r["prompt"], a) for a in r["answers"]]
         assert len(scores) == 4 and all(a > b for a, b in zip(scores, scores[1:])), scores
@@ -161,3 +164,13 @@ def test_bad_arguments(tmp_path):
         write_task_dataset(tmp_path, noise=1.5)
     with pytest.raises(UserError, match="n_heldout"):
         write_task_dataset(tmp_path, n_heldout=500)
+
+
+def test_in_distribution_eval_never_repeats_a_training_row(tmp_path):
+    p = write_task_dataset(tmp_path, n_sft=40, n_pairs=120, n_eval=60, n_heldout=8, n_corpus=20, disjoint_eval=False)
+    train = json.loads(p["train"].read_text()) + json.loads(p["sft_train"].read_text())
+    evl = json.loads(p["eval"].read_text())
+    assert len(evl) == 60 and sum(r["chosen_kind"] != "clean" for r in evl) == round(0.35 * 60)
+    seen = {(r["prompt"], r["chosen"], r["rejected"]) for r in train}
+    assert not seen & {(r["prompt"], r["chosen"], r["rejected"]) for r in evl}
+    assert {parse_question(r["prompt"])[0] for r in evl} == {t for t, _ in map(parse_question, (r["prompt"] for r in train))}

@@ -72,12 +72,21 @@ def get_field(raw: Mapping[str, Any], path: str) -> Any:
                 raise FieldError(path, "is missing")
             cur = cur[key]
         else:
+            cur = as_records(cur)
             if not isinstance(cur, (list, tuple)):
                 raise FieldError(path, f"expected a list, got {type(cur).__name__}")
             if int(idx) >= len(cur):
                 raise FieldError(path, f"has no element {idx} (list has {len(cur)})")
             cur = cur[int(idx)]
     return cur
+
+
+def as_records(value: Any) -> Any:
+    """datasets' Sequence-of-struct features arrive column-wise ({"text": [...], "docid": [...]}): make that a list
+    of dicts; anything else is returned unchanged."""
+    if isinstance(value, Mapping) and value and all(isinstance(v, list) for v in value.values()):
+        return [dict(zip(value, vals)) for vals in zip(*value.values())]
+    return value
 
 
 def get_text(raw: Mapping[str, Any], path: str) -> str:
@@ -183,7 +192,8 @@ class PairsAdapter(Adapter):
         if list_key is not None:
             items = raw[list_key]
             if not isinstance(items, (list, tuple)):
-                raise FieldError(list_key, f"must be a list of answers ranked best to worst, got {type(items).__name__}")
+                raise FieldError(list_key, "must be a list of answers ranked best to worst, "
+                                           f"got {type(items).__name__}")
             if len(items) < 2:
                 raise FieldError(list_key, f"a k-wise ranking needs at least 2 answers, got {len(items)}")
             answers = tuple(self._answer(raw, f"{list_key}[{i}]") for i in range(len(items)))
@@ -260,7 +270,8 @@ class SHP(Adapter):
 
 
 class Sharegpt(Adapter):
-    name, hub_id, eval_split = "pvduy/sharegpt_alpaca_oa_vicuna_format", "pvduy/sharegpt_alpaca_oa_vicuna_format", "test"
+    name = hub_id = "pvduy/sharegpt_alpaca_oa_vicuna_format"
+    eval_split = "test"
     columns = ("prompt", "label")
     sft_only = True
     note = "USER:/ASSISTANT: turns renamed Human:/Assistant:; SFT only"
@@ -292,7 +303,7 @@ class Miracl(Adapter):
     def map(self, raw):
         prompt = format_prompt(get_text(raw, "query"))
         chosen = " " + get_text(raw, "positive_passages[0].text")
-        negatives = raw.get("negative_passages")
+        negatives = as_records(raw.get("negative_passages"))
         if negatives is not None and not isinstance(negatives, (list, tuple)):
             raise FieldError("negative_passages", f"must be a list, got {type(negatives).__name__}")
         rejected = " " + get_text(raw, "negative_passages[0].text") if negatives else None

@@ -98,24 +98,25 @@ def _clip(text: str | None, width: int = 240) -> str:
 
 
 def _print_summary(cfg: DataConfig, tokenizer_dir: str | None, n_examples: int) -> None:
+    memo: dict = {}  # each source is read once for all three phases
     for entry in cfg.data_path:
         src = open_source(entry)
+        memo[entry] = src.mapped(cfg.seed, cfg.skip_bad_rows)
         sizes = ", ".join(f"{name}={len(s)}" for name, s in src.splits.items())
         print(f"{entry}: adapter {src.adapter.name} ({sizes})")
     enc = Encoder(_load_tokenizer(tokenizer_dir)) if tokenizer_dir else None
     print(f"\nper phase (data_split {cfg.data_split}, seed {cfg.seed}):")
-    phase1 = None
     for phase in (1, 2, 3):
-        rows = plan_phase_rows(phase, cfg)
-        phase1 = phase1 or rows
+        rows = plan_phase_rows(phase, cfg, memo)
         line = f"  phase {phase}: train {len(rows.train)} rows, eval {len(rows.eval)} rows"
         extra = {k: v for k, v in rows.stats.items() if v}
         print(line + (f"  {extra}" if extra else ""))
         if enc is not None:
             for split, split_rows in (("train", rows.train), ("eval", rows.eval)):
                 print("    " + _token_stats(phase, split, split_rows, cfg, enc))
-    print("\nexamples (phase 1 train):")
-    for row in phase1.train[:n_examples]:
+    examples = [r for train, evl, _ in memo.values() for r in train + evl if r is not None][:n_examples]
+    print(f"\nexamples ({len(examples)} mapped rows):")
+    for row in examples:
         print(f"- prompt:   {_clip(row.prompt)}\n  chosen:   {_clip(row.chosen)}\n  rejected: {_clip(row.rejected)}")
         if enc is not None:
             cols, _ = tokenize_phase(1, [row], cfg, enc)

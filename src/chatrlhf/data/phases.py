@@ -105,23 +105,31 @@ class PhaseRows:
     stats: Counter = field(default_factory=Counter)
 
 
-def plan_phase_rows(phase: int, cfg: DataConfig) -> PhaseRows:
-    """The mapped rows of one phase, before tokenization."""
+def plan_phase_rows(phase: int, cfg: DataConfig, memo: dict | None = None) -> PhaseRows:
+    """The mapped rows of one phase, before tokenization. ``memo`` (a dict) lets several calls read each source
+    once."""
     _check_phase(phase)
     weights = parse_data_split(cfg.data_split)
+    memo = {} if memo is None else memo
+
+    def mapped(entry: str):
+        if entry not in memo:
+            memo[entry] = open_source(entry).mapped(cfg.seed, cfg.skip_bad_rows)
+        return memo[entry]
+
     stats: Counter = Counter()
     train: list[Row] = []
     evl: list[Row] = []
     n_sources = 0
     for entry in cfg.data_path:
-        tr, ev, skipped = open_source(entry).mapped(cfg.seed, cfg.skip_bad_rows)
+        tr, ev, skipped = mapped(entry)
         stats["skipped_bad_rows"] += skipped
         train += _share(tr, weights, phase, cfg.seed, "train")
         evl += _share(ev, weights, phase, cfg.seed, "eval")
         n_sources += 1
     if phase == 1:
         for entry in cfg.sft_only_data_path:
-            tr, ev, skipped = open_source(entry).mapped(cfg.seed, cfg.skip_bad_rows)
+            tr, ev, skipped = mapped(entry)
             stats["skipped_bad_rows"] += skipped
             train += [r for r in tr if r is not None]
             evl += [r for r in ev if r is not None]
@@ -344,7 +352,8 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     else:
         body = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     probe = tokenizer(" Human: Héllo 你好 (1) Assistant: ok")["input_ids"]
-    return {"class": type(tokenizer).__name__, "hash": hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
+    digest = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
+    return {"class": type(tokenizer).__name__, "hash": digest,
             "eos": [tokenizer.eos_token, tokenizer.eos_token_id], "pad": [tokenizer.pad_token, tokenizer.pad_token_id],
             "bos": [tokenizer.bos_token, tokenizer.bos_token_id], "probe": list(probe)}
 

@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -101,7 +101,8 @@ class Source:
         train = self.splits.get(self.adapter.train_split)
         if train is None:
             if len(self.splits) != 1:
-                raise DataError(f"no {self.adapter.train_split!r} split; found {sorted(self.splits)}", file=self.location)
+                raise DataError(f"no {self.adapter.train_split!r} split; found {sorted(self.splits)}",
+                                file=self.location)
             train = next(iter(self.splits.values()))
         if self.adapter.eval_split is None:
             return train, None
@@ -115,24 +116,21 @@ class Source:
         """Map every row: (train rows, eval rows, number skipped). Skipped rows stay as None so that later seeded
         splits do not shift when rows are skipped."""
         train, evl = self.pick_splits()
+        # Map in file order, so the first bad row reported is the first one in the file.
+        train_rows = [self._map_one(train, i, skip_bad_rows) for i in range(len(train))]
         if evl is None:
             t_idx, e_idx = train_eval_indices(len(train), seed)
-            parts = [(train, t_idx, "train"), (train, e_idx, "eval")]
+            tr = [_with_split(train_rows[i], "train") for i in t_idx]
+            ev = [_with_split(train_rows[i], "eval") for i in e_idx]
         else:
-            parts = [(train, range(len(train)), "train"), (evl, range(len(evl)), "eval")]
-        out, skipped = [], 0
-        for split, indices, name in parts:
-            rows = []
-            for i in indices:
-                row = self._map_one(split, int(i), name, skip_bad_rows)
-                skipped += row is None
-                rows.append(row)
-            out.append(rows)
+            tr = [_with_split(r, "train") for r in train_rows]
+            ev = [_with_split(self._map_one(evl, i, skip_bad_rows), "eval") for i in range(len(evl))]
+        skipped = sum(r is None for r in tr + ev)
         if skipped:
             logger.warning("%s: skipped %d bad row(s) (--skip_bad_rows)", self.location, skipped)
-        return out[0], out[1], skipped
+        return tr, ev, skipped
 
-    def _map_one(self, split: RawSplit, i: int, name: str, skip: bool) -> Row | None:
+    def _map_one(self, split: RawSplit, i: int, skip: bool) -> Row | None:
         file, rowno = split.origin(i)
         try:
             raw = split.rows[i]
@@ -145,7 +143,11 @@ class Source:
                 logger.debug("skipping: %s", err)
                 return None
             raise err from None
-        return Row(row.prompt, row.chosen, row.rejected, name, row.answers, (file, rowno))
+        return Row(row.prompt, row.chosen, row.rejected, row.split, row.answers, (file, rowno))
+
+
+def _with_split(row: Row | None, split: str) -> Row | None:
+    return None if row is None else replace(row, split=split)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +171,8 @@ def parse_entry(entry: str) -> tuple[Adapter | None, Path | None]:
         return ADAPTERS[name], p
     if entry in ADAPTERS:
         if entry == "local/jsonfile":
-            raise DataError("local/jsonfile needs a directory: local/jsonfile=DIR (with DIR/data/train.json, eval.json)")
+            raise DataError("local/jsonfile needs a directory: local/jsonfile=DIR "
+                            "(holding DIR/data/train.json and DIR/data/eval.json)")
         return ADAPTERS[entry], None
     if _looks_like_path(entry):
         raise DataError("no such file or directory", file=entry)
@@ -178,7 +181,7 @@ def parse_entry(entry: str) -> tuple[Adapter | None, Path | None]:
 
 
 def _looks_like_path(entry: str) -> bool:
-    return entry.startswith(("/", "./", "../", "~")) or entry.lower().endswith(DATA_EXTS) or os.sep + os.sep in entry
+    return entry.startswith(("/", "./", "../", "~")) or entry.lower().endswith(DATA_EXTS)
 
 
 def open_source(entry: str, name: str | None = None) -> Source:
@@ -293,7 +296,8 @@ def _read_file(path: Path) -> RawSplit:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # anything else is a broken file; "Extra data" means JSON lines
-                raise DataError(f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})", file=str(path)) from None
+                raise DataError(f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                                file=str(path)) from None
         else:
             if not isinstance(data, list):
                 raise DataError(f"expected a JSON list of objects (or JSON lines), got a JSON {type(data).__name__}",
@@ -360,6 +364,9 @@ def _find_bad_text(value: Any, where: str) -> str | None:
     if isinstance(value, str):
         return where or "?" if _SURROGATE.search(value) else None
     if isinstance(value, dict):
+        for k in value:
+            if _SURROGATE.search(str(k)):
+                return f"{where}.{k}" if where else str(k)
         items = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
     elif isinstance(value, list):
         items = ((f"{where}[{i}]", v) for i, v in enumerate(value))

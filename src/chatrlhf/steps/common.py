@@ -402,9 +402,86 @@ def run_main(run_fn, cfg) -> int:
 
 
 def log_line(msg: str) -> None:
-    print_rank0(msg)
+    """Rank-0 line that does not tear the progress bar."""
+    from chatrlhf.utils import is_rank0
+
+    if is_rank0():
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg)
 
 
 def save_json(path, obj) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2))
+
+
+# ---- the shared optimizer-step loop ---------------------------------------------------------------------------
+def train_loop(name: str, cfg: TrainConfig, strategy, engine, train_dl, total_steps: int, prog: Progress,
+               writer, compute_loss, evaluate, save_checkpoint, dims: tuple[int, int, int, int]) -> dict:
+    """Micro-batches -> optimizer steps until ``total_steps``: ``compute_loss(batch) -> (loss, {scalars})``;
+    logs train metrics (all-ranks mean) every step, the throughput line every ``log_interval`` steps, evaluates
+    every ``eval_interval`` steps and after each epoch (``evaluate() -> dict``, logged as "eval"), saves every
+    ``save_interval`` steps. Data position lives in ``prog`` so a resumed run replays nothing and skips nothing.
+    Returns the last step's train scalars."""
+    bar = progress_bar(total_steps, prog.global_step, name, strategy.is_rank0)
+    engine.train()
+    acc: dict[str, float] = {}
+    acc_n, t0, seq, samples = 0, time.time(), 0, 0
+    last: dict[str, float] = {}
+
+    def run_eval(tag: str) -> None:
+        res = evaluate()
+        writer.log("eval", prog.global_step, **res)
+        log_line(f"[{name}] {tag} step {prog.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+
+    while prog.global_step < total_steps:
+        train_dl.sampler.set_epoch(prog.epoch)
+        train_dl.sampler.set_start(prog.batch_in_epoch * cfg.per_device_train_batch_size)
+        for batch in train_dl:
+            batch = to_device(batch, strategy.device)
+            loss, scalars = compute_loss(batch)
+            strategy.backward(loss, engine)
+            stepped = strategy.step(engine)
+            prog.batch_in_epoch += 1
+            for k, v in {"loss": loss.detach().item(), **scalars}.items():
+                acc[k] = acc.get(k, 0.0) + float(v)
+            acc_n += 1
+            seq, samples = max(seq, batch["input_ids"].shape[1]), samples + len(batch["input_ids"])
+            if not stepped:
+                continue
+            prog.global_step += 1
+            latency = time.time() - t0
+            keys = sorted(acc)
+            means = strategy.all_reduce_mean(torch.tensor([acc[k] / acc_n for k in keys])).tolist()
+            last = dict(zip(keys, means))
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if cfg.print_loss:
+                log_line(f"[{name}] epoch {prog.epoch} step {prog.global_step} loss {last['loss']:.4f}")
+            writer.log("train", prog.global_step, **last, lr=strategy.get_lr(engine)[0], epoch=prog.epoch)
+            if cfg.log_interval > 0 and (prog.global_step % cfg.log_interval == 0 or prog.global_step == 1):
+                line, tp = throughput_line(*dims, latency, samples, seq, cfg.gradient_checkpointing)
+                log_line(line)
+                writer.log("throughput", prog.global_step, **tp)
+            if cfg.eval_interval > 0 and prog.global_step % cfg.eval_interval == 0:
+                run_eval("eval")
+            if cfg.save_interval > 0 and prog.global_step % cfg.save_interval == 0:
+                save_checkpoint()
+            acc, acc_n, t0, seq, samples = {}, 0, time.time(), 0, 0
+            if prog.global_step >= total_steps:
+                break
+        else:  # the epoch ran out
+            prog.epoch, prog.batch_in_epoch = prog.epoch + 1, 0
+            if prog.global_step < total_steps:
+                run_eval(f"epoch {prog.epoch} done:")
+            continue
+        break
+    bar.close()
+    return last
+
+
+def unwrap_model(engine):
+    from chatrlhf.engine import unwrap
+
+    return unwrap(engine)

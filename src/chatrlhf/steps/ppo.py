@@ -407,7 +407,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     stop_reason = ""
     buffer: list[px.Experience] = []
     round_t0 = time.time()
-    timing = {"generation_s": 0.0, "inference_s": 0.0, "training_s": 0.0, "gen_tokens": 0, "rows": 0}
+    timing = {"generation_s": 0.0, "inference_s": 0.0, "training_s": 0.0, "gen_tokens": 0, "rows": 0, "seq_tokens": 0}
     generated = []  # (prompt text, answer text) of the round, for --print_answers
 
     while state["round"] < total_rounds and not stop_reason:
@@ -424,6 +424,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
             timing["inference_s"] += t["inference_s"]
             timing["gen_tokens"] += t["generated_tokens"]
             timing["rows"] += t["generated_rows"]
+            timing["seq_tokens"] += t["seq_len"] * t["generated_rows"]
             if t["dropped"]:
                 logger.info("dropped %d of %d answers with <= 1 real token", t["dropped"], t["generated_rows"])
             n_valid = strategy.all_reduce_sum(0 if exp.info["placeholder"] else len(exp)).item()
@@ -610,8 +611,7 @@ def _throughput(timing: dict, e2e: float, cfg: PPOConfig, strategy, a_dims, c_di
     critic, reward) + training (+ ptx), all on this rank; samples/s counts every rank's rows (n_rows global)."""
     la, ha, va, pa = a_dims
     rows = max(1, timing["rows"])
-    prompt_len = cfg.max_prompt_seq_len
-    seq = prompt_len + max(1, int(round(stats["response_length"])))
+    seq = max(1, int(timing["seq_tokens"] / rows))  # mean prompt + answer length actually processed
     k_a = 4 if cfg.actor_gradient_checkpointing else 3
     gen_flops = px.flops_per_pass(la, ha, va, rows, seq, 1)
     infer_flops = 2 * px.flops_per_pass(la, ha, va, rows, seq, 1) + px.flops_per_pass(r_dims[0], r_dims[1], r_dims[2], rows, seq, 1)

@@ -175,7 +175,7 @@ def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, promp
     keep = drop_short_answers(seq, mask, prompt_len, group_size=group_size)
     n_gen, n_drop = seq.shape[0], seq.shape[0] - keep.numel()
     gen_tokens = seq.shape[1] - prompt_len
-    timings = {"generation_s": gen_time, "generated_tokens": gen_tokens, "generated_rows": n_gen, "dropped": n_drop}
+    timings = {"generation_s": gen_time, "generated_tokens": gen_tokens, "seq_len": seq.shape[1], "generated_rows": n_gen, "dropped": n_drop}
     # Every rank must take part in the forward passes below (ZeRO-3 gathers weights collectively), even with
     # nothing left to score: a rank whose whole batch was dropped keeps its first group as a placeholder with an
     # all-zero action mask (no loss, no gradient; flagged in info["placeholder"]).
@@ -293,7 +293,7 @@ def train_micro_batch(exp: Experience, actor, critic, strategy, policy_loss: rm.
         if critic is not None:
             strategy.backward(v_loss, critic)
             strategy.step(critic)
-    return MicroStepResult(float(out.loss), float(v_loss), float(out.clipfrac), float(vf_clip), float(out.approx_kl),
+    return MicroStepResult(float(out.loss.detach()), float(v_loss.detach()), float(out.clipfrac), float(vf_clip), float(out.approx_kl),
                            float(out.ratio_max), float(out.entropy) if out.entropy is not None else 0.0,
                            float(value_error), reason)
 

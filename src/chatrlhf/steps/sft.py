@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +80,6 @@ def run_sft(cfg: SFTConfig) -> dict:
     model = C.load_causal_lm_for(cfg, strategy, tokenizer)
     optimizer, scheduler = C.create_optimizer_and_scheduler(strategy, model, cfg, total_steps)
     engine = strategy.prepare(model, optimizer, scheduler)
-    n_params, layers, hidden, vocab = C.model_dims(engine)
 
     prog = C.Progress()
     ckpt = C.resolve_resume(cfg)
@@ -98,62 +96,19 @@ def run_sft(cfg: SFTConfig) -> dict:
                                    keep_last=cfg.keep_last_checkpoints)
         strategy.save_hf(engine, tokenizer, sdir / "hf_model", run_config)
 
-    # ---- eval before training ----------------------------------------------------------------------------
+    # ---- eval before training, then the loop --------------------------------------------------------------
     first_eval = evaluate(engine, eval_dl, strategy, cfg)
     writer.log("eval", prog.global_step, **first_eval)
     C.log_line(f"[sft] step {prog.global_step} eval_loss {first_eval['eval_loss']:.4f} "
                f"perplexity {first_eval['perplexity']:.2f}")
-    last_eval, last_loss = first_eval, float("nan")
 
-    # ---- training loop -----------------------------------------------------------------------------------
-    bar = C.progress_bar(total_steps, prog.global_step, "sft", strategy.is_rank0)
-    engine.train()
-    acc_loss, acc_n, step_t0, step_seq, step_samples = 0.0, 0, time.time(), 0, 0
-    while prog.global_step < total_steps:
-        train_dl.sampler.set_epoch(prog.epoch)
-        train_dl.sampler.set_start(prog.batch_in_epoch * cfg.per_device_train_batch_size)
-        for batch in train_dl:
-            batch = C.to_device(batch, strategy.device)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            use_cache=False).logits
-            loss = lm_loss(logits, batch["labels"], fp32=cfg.compute_fp32_loss)
-            strategy.backward(loss, engine)
-            stepped = strategy.step(engine)
-            prog.batch_in_epoch += 1
-            acc_loss, acc_n = acc_loss + float(loss), acc_n + 1
-            step_seq, step_samples = max(step_seq, batch["input_ids"].shape[1]), step_samples + len(batch["input_ids"])
-            if not stepped:
-                continue
-            prog.global_step += 1
-            latency = time.time() - step_t0
-            last_loss = float(strategy.all_reduce_mean(acc_loss / acc_n))
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            if cfg.print_loss:
-                C.log_line(f"[sft] epoch {prog.epoch} step {prog.global_step} loss {last_loss:.4f}")
-            writer.log("train", prog.global_step, loss=last_loss, lr=strategy.get_lr(engine)[0], epoch=prog.epoch)
-            if cfg.log_interval > 0 and (prog.global_step % cfg.log_interval == 0 or prog.global_step == 1):
-                line, tp = C.throughput_line(n_params, layers, hidden, vocab, latency, step_samples, step_seq,
-                                             cfg.gradient_checkpointing)
-                C.log_line(line)
-                writer.log("throughput", prog.global_step, **tp)
-            if cfg.eval_interval > 0 and prog.global_step % cfg.eval_interval == 0:
-                last_eval = evaluate(engine, eval_dl, strategy, cfg)
-                writer.log("eval", prog.global_step, **last_eval)
-            if cfg.save_interval > 0 and prog.global_step % cfg.save_interval == 0:
-                save_checkpoint()
-            acc_loss, acc_n, step_t0, step_seq, step_samples = 0.0, 0, time.time(), 0, 0
-            if prog.global_step >= total_steps:
-                break
-        else:  # the epoch ran out
-            prog.epoch, prog.batch_in_epoch = prog.epoch + 1, 0
-            last_eval = evaluate(engine, eval_dl, strategy, cfg)
-            writer.log("eval", prog.global_step, **last_eval)
-            C.log_line(f"[sft] epoch {prog.epoch} done: eval_loss {last_eval['eval_loss']:.4f} "
-                       f"perplexity {last_eval['perplexity']:.2f}")
-            continue
-        break
-    bar.close()
+    def compute_loss(batch):
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return lm_loss(logits, batch["labels"], fp32=cfg.compute_fp32_loss), {}
+
+    last = C.train_loop(STEP, cfg, strategy, engine, train_dl, total_steps, prog, writer, compute_loss,
+                        lambda: evaluate(engine, eval_dl, strategy, cfg), save_checkpoint, C.model_dims(engine))
+    last_loss = last.get("loss", float("nan"))
 
     # ---- final eval, checkpoint, done --------------------------------------------------------------------
     final = evaluate(engine, eval_dl, strategy, cfg)

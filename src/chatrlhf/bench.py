@@ -1,0 +1,923 @@
+"""``chatrlhf bench``: throughput of SFT, reward model, PPO/GRPO and decoding against this machine's own limits
+and against TRL on the same model, batch and lengths.
+
+What one run measures (see bench/README.md):
+
+- the machine: matmul FLOP/s in fp32 and bf16 (large square matmuls, all cores) and memory read bandwidth;
+- ours, through the product's real code paths (``run_sft``/``run_reward``/``run_ppo`` with DeepSpeedStrategy,
+  ``ppo_experience.generate_answers`` for decoding), each in its own process: SFT and RM tokens/s and achieved
+  FLOP/s as a fraction of the measured matmul peak; PPO and GRPO samples/s end to end with the generation /
+  experience-forward / training / other split; decode tokens/s against the weight-bandwidth bound;
+- TRL (``trl`` as installed in ``.venv-trl``: SFT, Reward, GRPO; ``trl==1.12.0`` in ``.venv-trl112``: PPO),
+  as subprocesses of ``chatrlhf/bench_trl.py`` with those venvs' pythons; the venvs are created on first use;
+- at two sizes: ``tiny`` (hidden 64, 2 layers) and ``mid`` (hidden 512, 8 layers, vocab 8192), llama family,
+  built locally by :func:`chatrlhf.models.tiny.build_tiny_model`.
+
+Settings: batch 8, prompt 32 tokens, response exactly 32 tokens (min_new_tokens = max_new_tokens), dtype auto
+(bf16 where the device does bf16 natively, else fp32: the same rule as the product's ``--dtype auto``).
+Writes ``OUT/results.md`` and ``OUT/results.json``; models, runs and profiles go under ``OUT/out/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatrlhf.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+TRL_SCRIPT = Path(__file__).resolve().with_name("bench_trl.py")
+
+# name -> build_tiny_model kwargs (llama: RoPE + SwiGLU + RMSNorm, distinct pad token, tied embeddings)
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden=64, layers=2, heads=4, vocab=512),
+    "mid": dict(hidden=512, layers=8, heads=8, vocab=8192),
+}
+
+# Targets (PASS/FAIL column). Applied to the sizes named; other sizes are reported without a verdict.
+TARGETS = {
+    "ppo_floor_ratio_max": 1.4,  # mid PPO step time / FLOP-bound floor
+    "ppo_vs_trl_min": 6.0,  # tiny PPO samples/s vs TRL 1.12 PPO
+    "train_mfu_min": 0.70,  # mid SFT / RM achieved FLOP/s / measured matmul peak
+    "decode_bw_min": 0.70,  # mid decode tokens/s / weight-bandwidth bound
+}
+
+
+def _h(text: str, default: Any = None):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class BenchConfig:
+    sizes: str = _h("Comma-separated model sizes to run: tiny, mid.", "tiny,mid")
+    skip_trl: bool = _h("Do not run (or create venvs for) the TRL side.", False)
+    quick: bool = _h("Fewer timed steps and shorter machine-limit probes (smoke runs; noisy figures).", False)
+    out: str = _h("Directory for results.md and results.json; work files go to OUT/out/.", "bench")
+    tasks: str = _h("Comma-separated tasks: limits, sft, reward, ppo, grpo, decode.",
+                    "limits,sft,reward,ppo,grpo,decode")
+    batch: int = _h("Samples per step (SFT sequences, RM pairs, PPO/GRPO rows).", 8)
+    prompt_len: int = _h("Prompt tokens (BOS included).", 32)
+    response_len: int = _h("Response tokens (exactly: min_new_tokens = max_new_tokens; SFT/RM answers incl. EOS).",
+                           32)
+    group_size: int = _h("GRPO samples per prompt (batch / group_size prompts per step).", 4)
+    warmup: int = _h("Untimed steps before the timed ones (0: 1 quick, 2 otherwise).", 0)
+    steps: int = _h("Timed steps per measurement (0: 2 quick, 5 otherwise; PPO/GRPO 2 / 3).", 0)
+    dtype: str = _h("auto (bf16 where native, else fp32), fp32 or bf16.", "auto")
+    threads: int = _h("torch threads (0: all cores).", 0)
+    profile: bool = _h("torch.profiler over our timed steps; top ops to OUT/out/profile_<size>_<task>.txt.", False)
+    timeout: int = _h("Seconds allowed for each measured process.", 900)
+    trl_venv: str = _h("Venv with the latest trl (SFT, Reward, GRPO); created on first use.", ".venv-trl")
+    trl_version: str = _h("trl version for --trl_venv (empty: latest).", "1.16.0")
+    trl_ppo_venv: str = _h("Venv with trl 1.12.0 (the last release with PPOTrainer); created on first use.",
+                           ".venv-trl112")
+    trl_ppo_version: str = _h("trl version for --trl_ppo_venv.", "1.12.0")
+    work_dir: str = _h("Work directory (models, runs, logs); default OUT/out.", "")
+
+    def validate(self) -> None:
+        for s in self.size_list:
+            if s not in SIZES:
+                raise UserError(f"--sizes: unknown size {s!r}; choose from {', '.join(SIZES)}")
+        known = {"limits", "sft", "reward", "ppo", "grpo", "decode"}
+        bad = set(self.task_list) - known
+        if bad:
+            raise UserError(f"--tasks: unknown {', '.join(sorted(bad))}; choose from {', '.join(sorted(known))}")
+        if self.batch % self.group_size:
+            raise UserError(f"--batch ({self.batch}) must be a multiple of --group_size ({self.group_size})")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise UserError("--dtype must be auto, fp32 or bf16")
+        if self.prompt_len < 2 or self.response_len < 2:
+            raise UserError("--prompt_len and --response_len must be >= 2")
+
+    @property
+    def size_list(self) -> list[str]:
+        return [s.strip() for s in self.sizes.split(",") if s.strip()]
+
+    @property
+    def task_list(self) -> list[str]:
+        return [s.strip() for s in self.tasks.split(",") if s.strip()]
+
+    @property
+    def n_warmup(self) -> int:
+        return self.warmup or (1 if self.quick else 2)
+
+    def n_steps(self, rl: bool = False) -> int:
+        if self.steps:
+            return self.steps
+        return 2 if self.quick else (3 if rl else 5)
+
+    @property
+    def wdir(self) -> Path:
+        return Path(self.work_dir or Path(self.out) / "out")
+
+
+# ================================================================================================ machine limits
+def _accel():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def _sync(acc) -> None:
+    if acc.device_name() != "cpu":
+        acc.synchronize()
+
+
+def set_threads(n: int) -> int:
+    import torch
+
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                fl = line.split(":", 1)[1].split()
+                return sorted(f for f in fl if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma"))
+    except OSError:
+        pass
+    return []
+
+
+def _best_rate(fn, work: float, min_time: float, trials: int, acc) -> float:
+    """work / seconds of the fastest of ``trials`` timed batches (each >= min_time): the achievable peak."""
+    fn()
+    _sync(acc)
+    t0 = time.perf_counter()
+    fn()
+    _sync(acc)
+    one = max(time.perf_counter() - t0, 1e-6)
+    reps = max(1, int(min_time / one))
+    best = 0.0
+    for _ in range(trials):
+        _sync(acc)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(acc)
+        best = max(best, work * reps / (time.perf_counter() - t0))
+    return best
+
+
+def measure_limits(quick: bool = False) -> dict:
+    """Matmul FLOP/s (fp32, bf16) on large square matrices and memory read bandwidth (sum over a large tensor)."""
+    import torch
+
+    acc = _accel()
+    dev = torch.device(acc.device_name())
+    on_cpu = dev.type == "cpu"
+    n = 2048 if on_cpu else 8192
+    min_t, trials = (0.3, 2) if quick else (1.0, 3)
+    out: dict[str, Any] = {"device": dev.type, "matmul_n": n}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=dev, dtype=dt)
+        b = torch.randn(n, n, device=dev, dtype=dt)
+        c = torch.empty(n, n, device=dev, dtype=dt)
+        out[f"matmul_{name}_flops"] = _best_rate(lambda: torch.matmul(a, b, out=c), 2.0 * n**3, min_t, trials, acc)
+        del a, b, c
+    nbytes = (256 << 20) if on_cpu else (2 << 30)
+    x = torch.ones(nbytes // 4, device=dev, dtype=torch.float32)
+    out["read_bw_bytes_per_s"] = _best_rate(lambda: x.sum(), float(nbytes), min_t, trials, acc)
+    out["read_bw_tensor_bytes"] = nbytes
+    del x
+    return out
+
+
+# ================================================================================================ FLOP counting
+def model_shape(model_dir: str | Path) -> dict:
+    """Matmul parameter counts and dims of a model dir, built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    lm_head = m.get_output_embeddings()
+    head = lm_head.weight.numel() if lm_head is not None else 0
+    linear = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    total = sum(p.numel() for p in m.parameters())
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"params": total, "matmul_params_lm": linear, "matmul_params_body": linear - head,
+            "lm_head_params": head, "layers": tc.num_hidden_layers, "hidden": tc.hidden_size,
+            "vocab": tc.vocab_size, "heads": tc.num_attention_heads}
+
+
+def fwd_flops(shape: dict, batch: int, seq: int, head: str = "lm") -> float:
+    """Forward FLOPs of ``batch`` sequences of ``seq`` tokens: 2 x matmul params per token (lm head for "lm", a
+    1-wide value head for "value") + attention scores and weighted sum (4 s^2 h per layer per sequence, as
+    DeepSpeed-Chat's F counts it)."""
+    mm = shape["matmul_params_lm"] if head == "lm" else shape["matmul_params_body"] + shape["hidden"]
+    return 2.0 * mm * batch * seq + 4.0 * batch * seq * seq * shape["hidden"] * shape["layers"]
+
+
+def generation_flops(shape: dict, batch: int, prompt: int, response: int) -> float:
+    """Prefill of the prompt + (response - 1) KV-cached decode steps: 2 x params per token plus attention over
+    the cached positions."""
+    h, l, mm = shape["hidden"], shape["layers"], shape["matmul_params_lm"]
+    f = fwd_flops(shape, batch, prompt)
+    for t in range(1, response):
+        f += 2.0 * mm * batch + 4.0 * batch * (prompt + t) * h * l
+    return f
+
+
+def ds_chat_flops(shape: dict, batch: int, seq: int, k: int) -> float:
+    """DeepSpeed-Chat's F(k, B, s) = 24 k B s l h^2 (1 + s/(6h) + V/(16 l h)) (assumes a 4h MLP, untied)."""
+    l, h, v = shape["layers"], shape["hidden"], shape["vocab"]
+    return 24.0 * k * batch * seq * l * h * h * (1 + seq / (6 * h) + v / (16 * l * h))
+
+
+def decode_bytes_per_step(shape: dict, batch: int, ctx: float, dtype_bytes: int) -> float:
+    """Bytes one decode step must read: every matmul weight (lm head included) + the KV cache of the batch."""
+    kv = 2.0 * shape["layers"] * batch * ctx * shape["hidden"] * dtype_bytes
+    return shape["matmul_params_lm"] * dtype_bytes + kv
+
+
+# ================================================================================================ models and data
+def _single_token_words(tok) -> list[str]:
+    bad = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if i is not None}
+    words = []
+    for i in range(len(tok)):
+        if i in bad:
+            continue
+        w = tok.decode([i])
+        if len(w) > 1 and w[0] == " " and w[1:].isalpha() and tok(w, add_special_tokens=False)["input_ids"] == [i]:
+            words.append(w)
+    return words
+
+
+def write_bench_dataset(model_dir: Path, out_dir: Path, cfg: BenchConfig, n_rows: int) -> Path:
+    """A local/jsonfile dataset whose prompts encode to exactly prompt_len tokens (BOS included) and whose answers
+    to response_len - 1 tokens (+ the EOS the data layer appends): no padding anywhere, so both sides do the same
+    work. Words are single tokens that the byte-level pre-tokenizer splits on spaces, so k words = k tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    words = _single_token_words(tok)
+    if len(words) < 8:
+        raise RuntimeError(f"{model_dir}: tokenizer has too few single-token words to build exact-length prompts")
+    n_bos = len(tok("a")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"])
+    rng = random.Random(0)
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(words) for _ in range(n))
+
+    def row() -> dict:
+        p = text(cfg.prompt_len - n_bos)
+        c, r = text(cfg.response_len - 1), text(cfg.response_len - 1)
+        return {"prompt": p, "chosen": c, "rejected": r if r != c else r + words[0]}
+
+    rows = [row() for _ in range(n_rows)]
+    for r in rows[:4]:  # the exact-length property the timings rely on
+        assert len(tok(r["prompt"])["input_ids"]) == cfg.prompt_len, r
+        assert len(tok(r["prompt"] + r["chosen"])["input_ids"]) == cfg.prompt_len + cfg.response_len - 1
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    (out_dir / "data" / "train.json").write_text(json.dumps(rows))
+    (out_dir / "data" / "eval.json").write_text(json.dumps([row() for _ in range(cfg.batch)]))
+    return out_dir
+
+
+def build_size(size: str, cfg: BenchConfig) -> dict:
+    """Model dir + dataset for one size (reused when the same spec was built before)."""
+    from chatrlhf.models.tiny import build_tiny_model
+
+    spec = SIZES[size]
+    mdir = cfg.wdir / "models" / size
+    meta = mdir / "tiny_model.json"
+    ok = meta.exists() and all(json.loads(meta.read_text()).get(k) == v for k, v in spec.items())
+    if not ok:
+        build_tiny_model("llama", mdir, max_positions=max(512, 2 * (cfg.prompt_len + cfg.response_len)),
+                         seed=0, **spec)
+    n_rows = 3 * cfg.batch * (cfg.n_warmup + max(cfg.n_steps(), cfg.n_steps(True)) + 4)
+    ddir = write_bench_dataset(mdir, cfg.wdir / "data" / f"{size}_{cfg.prompt_len}_{cfg.response_len}", cfg, n_rows)
+    return {"model_dir": str(mdir), "data_dir": str(ddir), "shape": model_shape(mdir)}
+
+
+# ================================================================================================ our side (worker)
+def _common_step_kwargs(job: dict) -> dict:
+    return dict(output_dir=job["run_dir"], data_path=[f"local/jsonfile={job['data_dir']}"], data_split="1,1,1",
+                data_output_path=str(Path(job["run_dir"]) / "data_cache"), dtype=job["dtype"], seed=1234,
+                log_interval=1, resume="never", lr_scheduler_type="constant", eval_iters=1,
+                per_device_eval_batch_size=job["batch"], skip_memory_check=True)
+
+
+def _timed_run(job: dict, fn, cfg_obj) -> dict:
+    """Run a step's ``run_*`` with a clock on every "train" record it logs (= one optimizer step / PPO round) and
+    a copy of its "throughput" records; optionally profile the steps after warmup."""
+    import torch
+
+    from chatrlhf import metrics as M
+
+    marks: list[float] = []
+    tput: list[dict] = []
+    prof = {"p": None}
+    warm = job["warmup"]
+    orig = M.MetricsWriter.log
+
+    def log(self, kind, step, **scalars):
+        if kind == "train":
+            marks.append(time.perf_counter())
+            if job.get("profile") and len(marks) == warm + 1 and prof["p"] is None:
+                prof["p"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+                prof["p"].__enter__()
+        if kind == "throughput":
+            tput.append({k: v for k, v in scalars.items() if isinstance(v, (int, float))})
+        return orig(self, kind, step, **scalars)
+
+    M.MetricsWriter.log = log
+    t0 = time.perf_counter()
+    try:
+        summary = fn(cfg_obj)
+    finally:
+        M.MetricsWriter.log = orig
+        if prof["p"] is not None:
+            prof["p"].__exit__(None, None, None)
+    wall = time.perf_counter() - t0
+    intervals = [b - a for a, b in zip(marks, marks[1:])]
+    res = {"step_times": intervals[warm:], "warmup_times": intervals[:warm], "throughput": tput[1 + warm:],
+           "wall_s": wall, "threads_after": torch.get_num_threads(),
+           "summary": {k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))}}
+    if prof["p"] is not None:
+        res["profile"] = _profile_table(prof["p"], job)
+    return res
+
+
+def _profile_table(p, job: dict) -> str:
+    path = Path(job["run_dir"]).parent / f"profile_{job['size']}_{job['task']}.txt"
+    ka = p.key_averages()
+    table = ka.table(sort_by="self_cpu_time_total", row_limit=30)
+    shapes = p.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25)
+    path.write_text(table + "\n\nby input shape:\n" + shapes)
+    return str(path)
+
+
+def worker_sft(job: dict) -> dict:
+    from chatrlhf.steps.sft import SFTConfig, run_sft
+
+    n = job["warmup"] + job["steps"] + 1
+    cfg = SFTConfig(model_name_or_path=job["model_dir"], per_device_train_batch_size=job["batch"], max_steps=n,
+                    learning_rate=1e-5, max_seq_len=job["prompt_len"] + job["response_len"],
+                    **_common_step_kwargs(job))
+    return _timed_run(job, run_sft, cfg)
+
+
+def worker_reward(job: dict) -> dict:
+    from chatrlhf.steps import reward as R
+
+    cls = getattr(R, "RewardConfig")
+    n = job["warmup"] + job["steps"] + 1
+    cfg = cls(model_name_or_path=job["model_dir"], per_device_train_batch_size=job["batch"], max_steps=n,
+              learning_rate=1e-5, max_seq_len=job["prompt_len"] + job["response_len"], **_common_step_kwargs(job))
+    return _timed_run(job, R.run_reward, cfg)
+
+
+def worker_rl(job: dict) -> dict:
+    from chatrlhf.steps.ppo import PPOConfig, run_ppo
+
+    algo = job["task"]
+    n = job["warmup"] + job["steps"] + 1
+    g = job["group_size"] if algo != "ppo" else 1
+    kw = _common_step_kwargs(job)
+    cfg = PPOConfig(actor_model_name_or_path=job["model_dir"], critic_model_name_or_path=job["model_dir"],
+                    algo=algo, num_samples_per_prompt=max(g, 2), per_device_generation_batch_size=job["batch"] // g,
+                    per_device_training_batch_size=job["batch"], max_prompt_seq_len=job["prompt_len"],
+                    max_answer_seq_len=job["response_len"], min_new_tokens=job["response_len"], max_steps=n,
+                    max_ratio=0.0, max_kl=0.0, **kw)
+    cfg.validate()
+    return _timed_run(job, run_ppo, cfg)
+
+
+def worker_decode(job: dict) -> dict:
+    """Decode speed through the product's generation path (px.generate_answers on a strategy-prepared model):
+    decode time = t(prompt + R new tokens) - t(prompt + 1 new token), best of the repeats."""
+    import torch
+
+    from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig
+    from chatrlhf.models.loading import load_causal_lm, load_tokenizer
+    from chatrlhf.steps import ppo_experience as px
+
+    strategy = DeepSpeedStrategy(StrategyConfig(dtype=job["dtype"], per_device_train_batch_size=job["batch"]))
+    strategy.setup_distributed()
+    tok = load_tokenizer(job["model_dir"], padding_side="left")
+    model = load_causal_lm(job["model_dir"], dtype=strategy.torch_dtype)
+    model = strategy.prepare_eval(model)
+    rows = json.loads((Path(job["data_dir"]) / "data" / "train.json").read_text())[:job["batch"]]
+    enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"].to(strategy.device), enc["attention_mask"].to(strategy.device)
+    acc = _accel()
+
+    def gen(n_new: int) -> float:
+        p = px.GenerationParams(max_new_tokens=n_new, min_new_tokens=n_new)
+        _sync(acc)
+        t0 = time.perf_counter()
+        seq, _ = px.generate_answers(model, strategy, tok, ids, mask, p)
+        _sync(acc)
+        assert seq.shape[1] == ids.shape[1] + n_new, (seq.shape, ids.shape, n_new)
+        return time.perf_counter() - t0
+
+    R = job["response_len"]
+    for _ in range(job["warmup"]):
+        gen(R)
+    reps = job["steps"]
+    full = [gen(R) for _ in range(reps)]
+    pre = [gen(1) for _ in range(reps)]
+    res = {"full_s": full, "prefill_s": pre, "threads_after": torch.get_num_threads()}
+    if job.get("profile"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as p:
+            gen(R)
+        res["profile"] = _profile_table(p, job)
+    return res
+
+
+WORKERS = {"sft": worker_sft, "reward": worker_reward, "ppo": worker_rl, "grpo": worker_rl, "decode": worker_decode}
+
+
+def worker_main(arg: str) -> int:
+    job = json.loads(arg)
+    from chatrlhf.utils import setup_env
+
+    setup_env()
+    set_threads(job["threads"])
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    res: dict[str, Any] = {"task": job["task"], "ok": False}
+    try:
+        res.update(WORKERS[job["task"]](job))
+        res["ok"] = True
+    except ModuleNotFoundError as e:
+        res["error"] = f"not available yet: {e}"
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        res["error"] = f"{type(e).__name__}: {e}"[:500]
+    print("BENCH_JSON " + json.dumps(res, default=str), flush=True)
+    return 0 if res["ok"] else 1
+
+
+# ================================================================================================ subprocesses
+def _run_json(cmd: list[str], log: Path, timeout: int, env: dict | None = None) -> dict:
+    """Run a measurement process; its last ``BENCH_JSON`` line is the result; all output goes to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        with open(log, "w") as fh:
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, timeout=timeout, env=env)
+        out = p.stdout
+    except subprocess.TimeoutExpired as e:
+        return {"ok": False, "error": f"timed out after {timeout}s (log: {log})", "wall_s": time.perf_counter() - t0,
+                "partial": (e.stdout or b"")[-2000:].decode() if isinstance(e.stdout, bytes) else ""}
+    with open(log, "a") as fh:
+        fh.write("\n--- stdout ---\n" + out)
+    for line in reversed(out.splitlines()):
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])
+    return {"ok": False, "error": f"exit {p.returncode}, no result (log: {log})"}
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_DISABLED="true",
+               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_ours(task: str, size: str, built: dict, cfg: BenchConfig, dtype: str, threads: int) -> dict:
+    rl = task in ("ppo", "grpo")
+    run_dir = cfg.wdir / "runs" / f"{size}_{task}"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+    job = {"task": task, "size": size, "model_dir": built["model_dir"], "data_dir": built["data_dir"],
+           "run_dir": str(run_dir), "batch": cfg.batch, "prompt_len": cfg.prompt_len,
+           "response_len": cfg.response_len, "group_size": cfg.group_size, "warmup": cfg.n_warmup,
+           "steps": cfg.n_steps(rl), "dtype": dtype, "threads": threads, "profile": cfg.profile}
+    cmd = [sys.executable, "-c", "import sys; from chatrlhf.bench import worker_main; sys.exit(worker_main(sys.argv[1]))",
+           json.dumps(job)]
+    return _run_json(cmd, cfg.wdir / "logs" / f"ours_{size}_{task}.log", cfg.timeout, _env(threads))
+
+
+def ensure_trl_venv(path: Path, version: str) -> Path:
+    """Create ``path`` with trl==version (torch pinned by constraints.txt, transformers/tokenizers/datasets/
+    accelerate at the main venv's versions so both sides run the same model code). Returns its python."""
+    py = path / "bin" / "python"
+    want = version or ""
+    if py.exists():
+        r = subprocess.run([str(py), "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
+        if r.returncode == 0 and (not want or r.stdout.strip() == want):
+            return py
+    import importlib.metadata as md
+
+    print(f"bench: creating {path} with trl{'==' + want if want else ''} (once; about a minute)...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    pins = []
+    for pkg in ("torch", "transformers", "tokenizers", "datasets", "accelerate"):
+        try:
+            v = md.version(pkg)
+            pins.append(f"{pkg}=={v}" if pkg != "torch" else f"torch=={v.split('+')[0]}")
+        except md.PackageNotFoundError:
+            pins.append(pkg)
+    cons = REPO / "constraints.txt"
+    cmd = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if cons.exists():
+        cmd += ["-c", str(cons)]
+    cmd += pins + [f"trl=={want}" if want else "trl"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"pip install into {path} failed:\n{r.stderr[-3000:]}")
+    return py
+
+
+def run_trl(task: str, size: str, built: dict, cfg: BenchConfig, dtype: str, threads: int) -> dict:
+    rl = task in ("ppo", "grpo")
+    venv, version = ((cfg.trl_ppo_venv, cfg.trl_ppo_version) if task == "ppo" else (cfg.trl_venv, cfg.trl_version))
+    vpath = Path(venv) if Path(venv).is_absolute() else REPO / venv
+    try:
+        py = ensure_trl_venv(vpath, version)
+    except Exception as e:
+        return {"ok": False, "error": f"venv: {e}"[:800]}
+    job = {"task": task, "model_dir": built["model_dir"], "rm_dir": built["model_dir"], "batch": cfg.batch,
+           "prompt_len": cfg.prompt_len, "response_len": cfg.response_len, "group_size": cfg.group_size,
+           "warmup": cfg.n_warmup, "steps": cfg.n_steps(rl), "dtype": dtype, "threads": threads, "beta": 0.1}
+    env = _env(threads)
+    env.pop("PYTHONPATH", None)  # the TRL side never imports chatrlhf
+    res = _run_json([str(py), str(TRL_SCRIPT), json.dumps(job)], cfg.wdir / "logs" / f"trl_{size}_{task}.log",
+                    cfg.timeout, env)
+    if res.get("ok"):
+        times = res.pop("step_times")
+        res["warmup_times"], res["step_times"] = times[:cfg.n_warmup], times[cfg.n_warmup:]
+    return res
+
+
+# ================================================================================================ analysis
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _split(tput: list[dict]) -> dict | None:
+    """Median generation / experience-forward / training / other seconds from our PPO throughput records."""
+    if not tput:
+        return None
+    keys = {"generation_s": "generation_latency_s", "experience_fwd_s": "inference_latency_s",
+            "training_s": "training_latency_s", "e2e_s": "e2e_latency_s"}
+    out = {}
+    for k, src in keys.items():
+        vals = [t[src] for t in tput if src in t]
+        out[k] = statistics.median(vals) if vals else None
+    if all(out.get(k) is not None for k in keys):
+        out["other_s"] = max(0.0, out["e2e_s"] - out["generation_s"] - out["experience_fwd_s"] - out["training_s"])
+    return out
+
+
+def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, dtype: str) -> dict:
+    """Per-size table rows: figures, ratios and verdicts."""
+    shape = built["shape"]
+    B, P, R = cfg.batch, cfg.prompt_len, cfg.response_len
+    S = P + R
+    peak = limits.get(f"matmul_{dtype}_flops") if limits else None
+    bw = limits.get("read_bw_bytes_per_s") if limits else None
+    dbytes = 4 if dtype == "fp32" else 2
+    rows: dict[str, dict] = {}
+
+    def verdict(ok: bool | None, applies: bool) -> str:
+        if not applies:
+            return "-"
+        return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+    # ---- SFT / RM
+    for task, seqs, head in (("sft", B, "lm"), ("reward", 2 * B, "value")):
+        ours, trl = res.get(("ours", task)), res.get(("trl", task))
+        if ours is None and trl is None:
+            continue
+        flops = 3.0 * fwd_flops(shape, seqs, S, head)
+        r: dict[str, Any] = {"flops_per_step": flops, "tokens_per_step": seqs * S}
+        for side, x in (("ours", ours), ("trl", trl)):
+            if x and x.get("ok") and x.get("step_times"):
+                t = _median(x["step_times"])
+                r[side] = {"step_s": t, "tokens_per_s": seqs * S / t, "flops_per_s": flops / t,
+                           "mfu": (flops / t / peak) if peak else None, "steps": len(x["step_times"])}
+            elif x:
+                r[side] = {"error": x.get("error", "no steps")}
+        o, t_ = r.get("ours", {}), r.get("trl", {})
+        r["ours_vs_trl"] = (o["tokens_per_s"] / t_["tokens_per_s"]) if "tokens_per_s" in o and "tokens_per_s" in t_ else None
+        applies = size == "mid"
+        r["target"] = f"MFU >= {TARGETS['train_mfu_min']:.0%}" if applies else ""
+        r["verdict"] = verdict(None if o.get("mfu") is None else o["mfu"] >= TARGETS["train_mfu_min"], applies)
+        rows[task] = r
+
+    # ---- PPO / GRPO
+    for task in ("ppo", "grpo"):
+        ours, trl = res.get(("ours", task)), res.get(("trl", task))
+        if ours is None and trl is None:
+            continue
+        gen = generation_flops(shape, B, P, R)
+        n_fwd_lm, n_fwd_v = (2, 2) if task == "ppo" else (2, 1)  # experience: actor+ref (+critic) + reward
+        exp = n_fwd_lm * fwd_flops(shape, B, S, "lm") + n_fwd_v * fwd_flops(shape, B, S, "value")
+        train = 3.0 * fwd_flops(shape, B, S, "lm") + (3.0 * fwd_flops(shape, B, S, "value") if task == "ppo" else 0)
+        total = gen + exp + train
+        floor = total / peak if peak else None
+        r = {"flops_per_step": total, "flops_split": {"generation": gen, "experience": exp, "training": train},
+             "floor_s": floor, "samples_per_step": B}
+        for side, x in (("ours", ours), ("trl", trl)):
+            if x and x.get("ok") and x.get("step_times"):
+                t = _median(x["step_times"])
+                d = {"step_s": t, "samples_per_s": B / t, "floor_ratio": (t / floor) if floor else None,
+                     "steps": len(x["step_times"])}
+                if side == "ours":
+                    d["split"] = _split(x.get("throughput", []))
+                if x.get("response_lengths"):
+                    d["response_lengths"] = sorted(set(x["response_lengths"]))
+                r[side] = d
+            elif x:
+                r[side] = {"error": x.get("error", "no steps")}
+        o, t_ = r.get("ours", {}), r.get("trl", {})
+        r["ours_vs_trl"] = (o["samples_per_s"] / t_["samples_per_s"]) if "samples_per_s" in o and "samples_per_s" in t_ else None
+        checks = []
+        if task == "ppo" and size == "mid":
+            checks.append((f"step <= {TARGETS['ppo_floor_ratio_max']}x floor",
+                           None if o.get("floor_ratio") is None else o["floor_ratio"] <= TARGETS["ppo_floor_ratio_max"]))
+        if task == "ppo" and size == "tiny":
+            checks.append((f">= {TARGETS['ppo_vs_trl_min']:.0f}x TRL PPO",
+                           None if r["ours_vs_trl"] is None else r["ours_vs_trl"] >= TARGETS["ppo_vs_trl_min"]))
+        r["target"] = "; ".join(c[0] for c in checks)
+        r["verdict"] = "; ".join(verdict(c[1], True) for c in checks) if checks else "-"
+        rows[task] = r
+
+    # ---- decode
+    d = res.get(("ours", "decode"))
+    if d is not None:
+        r = {}
+        if d.get("ok"):
+            full, pre = min(d["full_s"]), min(d["prefill_s"])
+            dec_s = max(full - pre, 1e-9)
+            toks = B * (R - 1)
+            ctx = P + R / 2.0
+            bound_step = decode_bytes_per_step(shape, B, ctx, dbytes) / bw if bw else None
+            bound_tps = B / bound_step if bound_step else None
+            r = {"decode_tokens_per_s": toks / dec_s, "decode_step_ms": dec_s / (R - 1) * 1e3,
+                 "prefill_s": pre, "generate_s": full,
+                 "bytes_per_step": decode_bytes_per_step(shape, B, ctx, dbytes),
+                 "bound_tokens_per_s": bound_tps, "bound_step_ms": bound_step * 1e3 if bound_step else None,
+                 "bw_fraction": (toks / dec_s / bound_tps) if bound_tps else None,
+                 "flops_per_s": (generation_flops(shape, B, P, R) - fwd_flops(shape, B, P)) / dec_s}
+        else:
+            r = {"error": d.get("error")}
+        applies = size == "mid"
+        r["target"] = f">= {TARGETS['decode_bw_min']:.0%} of bandwidth bound" if applies else ""
+        r["verdict"] = verdict(None if r.get("bw_fraction") is None else r["bw_fraction"] >= TARGETS["decode_bw_min"],
+                               applies)
+        rows["decode"] = r
+    return rows
+
+
+# ================================================================================================ report
+def _f(x: Any, fmt: str = "{:.3g}") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, str):
+        return x
+    return fmt.format(x)
+
+
+def _pct(x: Any) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def render_md(report: dict) -> str:
+    m, lim = report["machine"], report.get("limits") or {}
+    lines = ["# chatrlhf bench results", "",
+             f"Generated {report['date']} by `chatrlhf bench {' '.join(report['argv'])}`"
+             f"{' (QUICK: few steps, noisy)' if report['config']['quick'] else ''}.", "",
+             "## Machine", "",
+             f"- {m['device']}: {m['cpu']} — {m['cores']} cores, torch threads {m['threads']}; flags: "
+             f"{', '.join(m['cpu_flags']) or '—'}; memory {m.get('mem_gib', '—')} GiB; load at start {m.get('loadavg')}",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
+             f"- dtype used: **{report['dtype']}** (auto: bf16 only where the device does it natively)",
+             ""]
+    if lim:
+        lines += ["| limit | measured |", "|---|---|",
+                  f"| matmul fp32 ({lim['matmul_n']}³) | {lim['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s |",
+                  f"| matmul bf16 ({lim['matmul_n']}³) | {lim['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s |",
+                  f"| memory read (sum over {lim['read_bw_tensor_bytes'] >> 20} MiB) | "
+                  f"{lim['read_bw_bytes_per_s'] / 1e9:.1f} GB/s |", ""]
+    c = report["config"]
+    lines += [f"Settings: batch {c['batch']}, prompt {c['prompt_len']}, response exactly {c['response_len']} tokens; "
+              f"GRPO group {c['group_size']}; warmup {report['warmup']} + median of timed steps "
+              f"({report['steps']} train / {report['rl_steps']} RL). Ours = the product's `run_sft`/`run_reward`/"
+              "`run_ppo` (DeepSpeedStrategy, ZeRO-0) in a fresh process; step time = interval between consecutive "
+              "logged steps (data, forward, backward, optimizer, logging). TRL = `bench_trl.py` in the TRL venvs; step "
+              "time = interval between `on_step_end` callbacks.", ""]
+    for size, sres in report["sizes"].items():
+        sh = sres.get("shape", {})
+        lines += [f"## {size}: llama hidden {sh.get('hidden')}, {sh.get('layers')} layers, vocab {sh.get('vocab')}, "
+                  f"{sh.get('params', 0) / 1e6:.2f} M params ({sh.get('matmul_params_lm', 0) / 1e6:.2f} M in matmuls)", ""]
+        rows = sres.get("rows", {})
+        if "error" in sres:
+            lines += [f"error: {sres['error']}", ""]
+        train = [(k, rows[k]) for k in ("sft", "reward") if k in rows]
+        if train:
+            lines += ["| step | ours tokens/s | ours GFLOP/s | ours MFU | TRL tokens/s | TRL MFU | ours/TRL | target | verdict |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for k, r in train:
+                o, t = r.get("ours", {}), r.get("trl", {})
+                lines.append(
+                    f"| {k.upper() if k == 'sft' else 'RM'} | {_f(o.get('tokens_per_s'), '{:.0f}') if 'error' not in o else 'error'} | "
+                    f"{_f(o.get('flops_per_s') and o['flops_per_s'] / 1e9, '{:.1f}')} | {_pct(o.get('mfu'))} | "
+                    f"{_f(t.get('tokens_per_s'), '{:.0f}') if 'error' not in t else 'error'} | {_pct(t.get('mfu'))} | "
+                    f"{_f(r.get('ours_vs_trl'), '{:.2f}x')} | {r.get('target') or '—'} | {r['verdict']} |")
+            lines.append("")
+        rl = [(k, rows[k]) for k in ("ppo", "grpo") if k in rows]
+        if rl:
+            lines += ["| step | ours samples/s | ours step s | gen / exp-fwd / train / other s | floor s | step/floor | "
+                      "TRL samples/s | TRL step/floor | ours/TRL | target | verdict |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for k, r in rl:
+                o, t = r.get("ours", {}), r.get("trl", {})
+                sp = o.get("split") or {}
+                split = " / ".join(_f(sp.get(x), "{:.2f}") for x in ("generation_s", "experience_fwd_s", "training_s",
+                                                                       "other_s")) if sp else "—"
+                trl_name = "PPO (trl 1.12)" if k == "ppo" else "GRPO"
+                lines.append(
+                    f"| {k.upper()} | {_f(o.get('samples_per_s'), '{:.2f}') if 'error' not in o else 'error'} | "
+                    f"{_f(o.get('step_s'), '{:.2f}')} | {split} | {_f(r.get('floor_s'), '{:.3f}')} | "
+                    f"{_f(o.get('floor_ratio'), '{:.1f}x')} | {_f(t.get('samples_per_s'), '{:.2f}') if 'error' not in t else 'error'} "
+                    f"({trl_name}) | {_f(t.get('floor_ratio'), '{:.1f}x')} | {_f(r.get('ours_vs_trl'), '{:.2f}x')} | "
+                    f"{r.get('target') or '—'} | {r['verdict']} |")
+            lines.append("")
+        if "decode" in rows:
+            r = rows["decode"]
+            lines += ["| decode | tokens/s | ms/step | bound tokens/s (bytes/step ÷ BW) | fraction of bound | target | verdict |",
+                      "|---|---|---|---|---|---|---|",
+                      f"| ours (generate_answers) | {_f(r.get('decode_tokens_per_s'), '{:.0f}')} | "
+                      f"{_f(r.get('decode_step_ms'), '{:.2f}')} | {_f(r.get('bound_tokens_per_s'), '{:.0f}')} "
+                      f"({_f(r.get('bytes_per_step') and r['bytes_per_step'] / 1e6, '{:.1f}')} MB) | "
+                      f"{_pct(r.get('bw_fraction'))} | {r.get('target') or '—'} | {r['verdict']} |", ""]
+        errs = [(side, task, x.get("error")) for (side, task), x in sres.get("raw", {}).items()
+                if isinstance(x, dict) and x.get("error")] if isinstance(sres.get("raw"), dict) else []
+        for side, task, e in errs:
+            lines.append(f"- {side} {task}: {e}")
+        if errs:
+            lines.append("")
+    lines += ["## How the figures are computed", "",
+              "- FLOPs per forward of B sequences of s tokens = 2 × (matmul parameters, lm head included) × B × s + "
+              "4 × B × s² × h × layers (attention), the same terms as DeepSpeed-Chat's "
+              "F = 24 k B s l h² (1 + s/(6h) + V/(16 l h)) but with the model's real layer shapes (llama: SwiGLU, tied "
+              "embeddings). Training = 3 × forward. MFU = achieved FLOP/s ÷ measured matmul peak of the dtype used.",
+              "- PPO floor = (generation: prefill + 31 KV-cached decode steps at 2 × params per token + attention; "
+              "experience forwards: actor, reference, critic, reward; training: 3 × forward of actor and critic) ÷ "
+              "measured matmul peak. GRPO: no critic.",
+              "- Decode: time(generate 32 tokens) − time(generate 1 token), best of repeats; bound = batch × bandwidth ÷ "
+              "(matmul weight bytes + KV-cache bytes per step).",
+              "- Targets: mid PPO ≤ 1.4× floor; tiny PPO ≥ 6× TRL PPO; mid SFT/RM MFU ≥ 70%; mid decode ≥ 70% of bound.",
+              ""]
+    return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "deepspeed", "chatrlhf"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _machine(threads: int) -> dict:
+    import torch
+
+    acc = _accel()
+    dev = acc.device_name()
+    m = {"device": dev, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "cpu_flags": cpu_flags(),
+         "platform": platform.platform()}
+    try:
+        m["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                m["mem_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    if dev != "cpu" and torch.cuda.is_available():
+        m["gpu"] = torch.cuda.get_device_name(0)
+        m["device"] = f"{dev} ({m['gpu']})"
+    return m
+
+
+def resolve_bench_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    from chatrlhf.engine.strategy import resolve_dtype
+
+    d = resolve_dtype("auto")
+    return "bf16" if d == "bf16" else "fp32"  # fp16 never: the bench compares bf16/fp32 peaks
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from chatrlhf.config import parse_config
+
+    cfg = parse_config(BenchConfig, argv, prog="chatrlhf bench", description=__doc__.split("\n\n")[0])
+    cfg.validate()
+    threads = set_threads(cfg.threads)
+    out = Path(cfg.out)
+    cfg.wdir.mkdir(parents=True, exist_ok=True)
+    dtype = resolve_bench_dtype(cfg.dtype)
+    tasks = cfg.task_list
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": argv,
+                              "config": dataclasses.asdict(cfg), "dtype": dtype, "warmup": cfg.n_warmup,
+                              "steps": cfg.n_steps(), "rl_steps": cfg.n_steps(True), "machine": _machine(threads),
+                              "versions": _versions(), "targets": TARGETS, "sizes": {}}
+    if "limits" in tasks:
+        print("bench: measuring matmul peak and memory bandwidth...", flush=True)
+        report["limits"] = measure_limits(cfg.quick)
+        lim = report["limits"]
+        print(f"bench: fp32 {lim['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s, bf16 {lim['matmul_bf16_flops'] / 1e9:.1f} "
+              f"GFLOP/s, read {lim['read_bw_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    trl_versions: dict[str, str] = {}
+    for size in cfg.size_list:
+        print(f"bench: [{size}] building model and data...", flush=True)
+        try:
+            built = build_size(size, cfg)
+        except Exception as e:
+            report["sizes"][size] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        res: dict[tuple[str, str], dict] = {}
+        for task in ("sft", "reward", "ppo", "grpo", "decode"):
+            if task not in tasks:
+                continue
+            print(f"bench: [{size}] {task}: ours...", flush=True)
+            res[("ours", task)] = run_ours(task, size, built, cfg, dtype, threads)
+            _say(size, task, "ours", res[("ours", task)])
+            if not cfg.skip_trl and task != "decode":
+                print(f"bench: [{size}] {task}: TRL...", flush=True)
+                res[("trl", task)] = run_trl(task, size, built, cfg, dtype, threads)
+                _say(size, task, "trl", res[("trl", task)])
+                v = res[("trl", task)].get("versions", {}).get("trl")
+                if v:
+                    trl_versions[f"trl ({task})"] = v
+        rows = analyse(size, built, res, report.get("limits") or {}, cfg, dtype)
+        report["sizes"][size] = {"shape": built["shape"], "model_dir": built["model_dir"], "rows": rows,
+                                 "raw": {f"{k[0]}_{k[1]}": v for k, v in res.items()}}
+        _write(out, report, trl_versions)  # after each size: partial results survive an interrupted run
+    _write(out, report, trl_versions)
+    print(f"bench: wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)
+    return 0
+
+
+def _say(size: str, task: str, side: str, r: dict) -> None:
+    if r.get("ok"):
+        st = r.get("step_times") or []
+        msg = f"median step {statistics.median(st):.3f}s over {len(st)}" if st else "ok"
+    else:
+        msg = f"FAILED: {r.get('error')}"
+    print(f"bench: [{size}] {task} {side}: {msg}", flush=True)
+
+
+def _write(out: Path, report: dict, trl_versions: dict) -> None:
+    from chatrlhf.utils import atomic_write_json, atomic_write_text
+
+    report["versions"].update(trl_versions)
+    md_report = dict(report)
+    # raw per-size results keyed "side_task" for the errors list
+    md_sizes = {}
+    for size, s in report["sizes"].items():
+        s2 = dict(s)
+        if isinstance(s.get("raw"), dict):
+            s2["raw"] = {tuple(k.split("_", 1)): v for k, v in s["raw"].items()}
+        md_sizes[size] = s2
+    md_report["sizes"] = md_sizes
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.md", render_md(md_report))
+    atomic_write_json(out / "results.json", report)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Step 2 alternative: direct preference optimization of the policy against a frozen reference copy.
+
+logits = beta((pi_c - ref_c) - (pi_r - ref_r)), loss = -(1-eps) logsigmoid(logits) - eps logsigmoid(-logits).
+Sequence log-probs sum over each answer's tokens from the first position where chosen and rejected differ: tokens
+they share (the prompt, a common answer prefix) have equal log-probs in both and cancel in the logits anyway.
+Logged: loss, chosen/rejected rewards (beta * (pi - ref)), their margin and accuracy (chosen reward > rejected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from chatrlhf.config import parse_config
+from chatrlhf.data import DataConfig, PairCollator, build_phase_datasets
+from chatrlhf.errors import UserError
+from chatrlhf.losses import DPOLoss, sequence_logprobs
+from chatrlhf.metrics import MetricsWriter
+from chatrlhf.steps import common as C
+from chatrlhf.steps.common import TrainConfig
+
+STEP = "dpo"
+
+
+@dataclass
+class DPOConfig(DataConfig, TrainConfig):
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate (after warmup)."})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature: strength of the pull away from the "
+                                                       "reference model."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "Conservative DPO: assumed probability that a preference label is flipped (0 <= eps < 0.5)."})
+    offload_reference_model: bool = field(default=False, metadata={
+        "help": "Keep the frozen reference model's weights in host memory (ZeRO-3 parameter offload)."})
+
+    def validate(self) -> None:
+        DataConfig.validate(self)
+        self.validate_train()
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.beta <= 0:
+            raise UserError(f"--beta must be > 0, got {self.beta}")
+
+
+def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Labels for a pair batch [2B, L] (chosen rows, then rejected rows): -100 before each pair's first differing
+    position and on padding."""
+    b = input_ids.shape[0] // 2
+    c, r = input_ids[:b], input_ids[b:]
+    both = (attention_mask[:b] + attention_mask[b:]) > 0
+    differ = (c != r) & both
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(c)
+    big = torch.full_like(pos, input_ids.shape[1])
+    start = torch.where(differ, pos, big).min(dim=1).values.clamp(min=1)
+    start = torch.cat([start, start])
+    keep = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= start[:, None]) & \
+        attention_mask.bool()
+    return input_ids.masked_fill(~keep, -100)
+
+
+def pair_logps(model, batch: dict, fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    lp = sequence_logprobs(logits.float() if fp32 else logits, answer_labels(batch["input_ids"],
+                                                                             batch["attention_mask"]))
+    b = lp.shape[0] // 2
+    return lp[:b], lp[b:]
+
+
+@torch.no_grad()
+def evaluate(engine, ref, loader, strategy, cfg: DPOConfig) -> dict:
+    engine.eval()
+    loss_fn = DPOLoss(cfg.beta, cfg.label_smoothing)
+    sums = torch.zeros(5)
+    for batch in C.limited(loader, cfg.eval_iters):
+        batch = C.to_device(batch, strategy.device)
+        pc, pr = pair_logps(engine, batch)
+        rc, rr = pair_logps(ref, batch)
+        loss, cr, rr_ = loss_fn(pc, pr, rc, rr)
+        n = len(cr)
+        sums += torch.tensor([float(loss) * n, cr.float().sum(), rr_.float().sum(), (cr > rr_).float().sum(), n])
+    engine.train()
+    sums = strategy.all_reduce_sum(sums).cpu()
+    n = max(float(sums[4]), 1.0)
+    c, r = float(sums[1]) / n, float(sums[2]) / n
+    return {"eval_loss": float(sums[0]) / n, "chosen_reward": c, "rejected_reward": r, "reward_margin": c - r,
+            "accuracy": float(sums[3]) / n}
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    from transformers import AutoConfig
+
+    from chatrlhf.models.loading import check_seq_len, load_causal_lm
+
+    C.check_model_dir(cfg.model_name_or_path)
+    strategy = C.build_strategy(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = C.load_tokenizer_for(cfg)
+    check_seq_len(AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=True), cfg.max_seq_len)
+    n = C.count_params_from_config(cfg.model_name_or_path)
+    C.memory_preflight(strategy, n, cfg, what="policy + reference", extra_frozen_params=n)
+
+    train_ds, eval_ds = build_phase_datasets(2, cfg, tokenizer)
+    collate = PairCollator(tokenizer.pad_token_id)
+    train_dl = C.make_dataloader(train_ds, collate, cfg.per_device_train_batch_size, strategy, True, cfg.seed)
+    eval_dl = C.make_dataloader(eval_ds, collate, cfg.per_device_eval_batch_size, strategy, False, cfg.seed)
+    _, total_steps = C.total_steps_for(cfg, len(train_dl))
+
+    model = C.load_causal_lm_for(cfg, strategy, tokenizer)
+    with strategy.zero3_init_context(train=False):
+        ref = load_causal_lm(cfg.model_name_or_path, dtype=strategy.torch_dtype, tokenizer=tokenizer)
+    ref = strategy.prepare_eval(ref, offload=cfg.offload_reference_model)
+    optimizer, scheduler = C.create_optimizer_and_scheduler(strategy, model, cfg, total_steps)
+    engine = strategy.prepare(model, optimizer, scheduler)
+
+    prog = C.Progress()
+    ckpt = C.resolve_resume(cfg)
+    if ckpt is not None:
+        prog = C.restore_progress(strategy.load_state({"model": engine}, ckpt))
+        C.log_line(f"[dpo] resumed from {ckpt} at step {prog.global_step}")
+    writer = MetricsWriter(out, (cfg.tensorboard_path or out / "tensorboard") if cfg.enable_tensorboard else None)
+    run_config = {"step": STEP, **dataclasses.asdict(cfg)}
+    loss_fn = DPOLoss(cfg.beta, cfg.label_smoothing)
+
+    def save_checkpoint() -> None:
+        sdir = strategy.save_state({"model": engine}, out / "checkpoints", prog.global_step, prog.as_dict(),
+                                   keep_last=cfg.keep_last_checkpoints)
+        strategy.save_hf(engine, tokenizer, sdir / "hf_model", run_config)
+
+    def compute_loss(batch):
+        pc, pr = pair_logps(engine, batch, fp32=True)
+        with torch.no_grad():
+            rc, rr = pair_logps(ref, batch)
+        loss, cr, rj = loss_fn(pc, pr, rc, rr)
+        return loss, {"chosen_reward": cr.mean(), "rejected_reward": rj.mean(),
+                      "reward_margin": (cr - rj).mean(), "accuracy": (cr > rj).float().mean()}
+
+    def run_eval() -> dict:
+        return evaluate(engine, ref, eval_dl, strategy, cfg)
+
+    first = run_eval()
+    writer.log("eval", prog.global_step, **first)
+    last = C.train_loop(STEP, cfg, strategy, engine, train_dl, total_steps, prog, writer, compute_loss, run_eval,
+                        save_checkpoint, C.model_dims(engine))
+    final = run_eval()
+    writer.log("eval", prog.global_step, **final)
+    C.log_line(f"[dpo] final step {prog.global_step}: margin {final['reward_margin']:.4f} accuracy "
+               f"{final['accuracy']:.3f} loss {final['eval_loss']:.4f}")
+    strategy.save_hf(engine, tokenizer, out, run_config, save_lora_adapter=cfg.save_lora_adapter)
+    summary = {"global_step": prog.global_step, "train_loss": last.get("loss", float("nan")),
+               "reward_margin_start": first["reward_margin"], **final}
+    writer.close()
+    C.write_done(out, STEP, summary)
+    strategy.finish()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(DPOConfig, argv, prog="chatrlhf dpo", description=__doc__)
+    return C.run_main(run_dpo, cfg)

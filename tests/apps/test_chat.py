@@ -1,0 +1,56 @@
+"""`chatrlhf chat` in a pseudo-terminal (pexpect) and with piped stdin."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+
+CHATRLHF = str(Path(sys.executable).with_name("chatrlhf"))
+ASK = r"Enter input \(type 'quit' to exit, 'clear' to clean memory\): "
+
+
+def test_chat_multi_round_clear_quit_in_a_terminal(apps_model_dir):
+    child = pexpect.spawn(CHATRLHF, ["chat", "--path", str(apps_model_dir), "--greedy", "--show_prompt",
+                                     "--max_new_tokens", "24"], encoding="utf-8", timeout=90,
+                          env={"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                               "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        child.expect(ASK)
+        child.sendline("hello")
+        child.expect_exact('[prompt] " Human: hello\\n Assistant: "')
+        child.expect_exact("Assistant: hi there, I am a tiny model.")
+        child.expect(ASK)
+        first_reply = "hi there, I am a tiny model."
+        # round 2: the prompt the model sees holds round 1 (question and the cut reply)
+        child.sendline("tell me a story")
+        child.expect_exact('[prompt] " Human: hello\\n Assistant: ' + first_reply
+                           + '\\n\\n Human: tell me a story\\n Assistant: "')
+        child.expect(ASK)
+        # clear: the next prompt starts from scratch
+        child.sendline("clear")
+        child.expect_exact("[conversation cleared]")
+        child.expect(ASK)
+        child.sendline("tell me a story")
+        child.expect_exact('[prompt] " Human: tell me a story\\n Assistant: "')
+        child.expect(ASK)
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_with_piped_stdin_exits_cleanly_at_end_of_input(apps_model_dir):
+    r = subprocess.run([CHATRLHF, "chat", "--path", str(apps_model_dir), "--greedy", "--max_new_tokens", "16"],
+                       input="hello\n", capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "Assistant: hi there, I am a tiny model." in r.stdout
+    assert "Enter input" not in r.stdout  # no interactive prompt when stdin is a pipe
+
+
+def test_chat_bad_path_is_one_clear_error(tmp_path):
+    r = subprocess.run([CHATRLHF, "chat", "--path", str(tmp_path / "nope")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr

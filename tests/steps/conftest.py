@@ -1,0 +1,56 @@
+"""Fixtures for step tests: the built-in task's pairs as a local/jsonfile dataset dir, and flag builders."""
+
+import json
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(task_data_dir, tmp_path_factory):
+    """task_data_dir/data only (the task root also holds kwise.jsonl etc., which the dataset reader refuses to
+    guess a split for)."""
+    out = tmp_path_factory.mktemp("pairs")
+    shutil.copytree(task_data_dir / "data", out / "data")
+    return out
+
+
+@pytest.fixture(scope="session")
+def kwise_dir(task_data_dir, tmp_path_factory):
+    """k-wise rankings in local/jsonfile layout: {prompt, answers [best..worst]} split 90/10."""
+    rows = [json.loads(x) for x in (task_data_dir / "kwise.jsonl").read_text().splitlines() if x.strip()]
+    rows = [{"prompt": r["prompt"], "answers": r["answers"][:3]} for r in rows if all(a.strip() for a in r["answers"][:3])]
+    out = tmp_path_factory.mktemp("kwise")
+    (out / "data").mkdir()
+    n = max(4, len(rows) // 10)
+    (out / "data" / "train.json").write_text(json.dumps(rows[n:]))
+    (out / "data" / "eval.json").write_text(json.dumps(rows[:n]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture
+def base_args(tiny_model_dir, pairs_dir, data_cache):
+    """callable(out_dir, phase_split, **overrides) -> argv for a tiny, fast, deterministic run."""
+
+    def make(out, split="10,0,0", **kw):
+        args = {"model_name_or_path": tiny_model_dir, "data_path": pairs_dir, "data_split": split,
+                "data_output_path": data_cache, "output_dir": out, "max_seq_len": 64, "skip_bad_rows": True,
+                "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "dtype": "fp32",
+                "log_interval": 5, "resume": "never", "seed": 1234}
+        args.update(kw)
+        argv = []
+        for k, v in args.items():
+            if v is True:
+                argv.append(f"--{k}")
+            elif v is False or v is None:
+                continue
+            else:
+                argv += [f"--{k}", str(v)]
+        return argv
+
+    return make
