@@ -181,15 +181,19 @@ def _best_rate(fn, work: float, min_time: float, trials: int, acc) -> float:
     return best
 
 
-def measure_limits(quick: bool = False) -> dict:
-    """Matmul FLOP/s (fp32, bf16) on large square matrices and memory read bandwidth (sum over a large tensor)."""
+def measure_limits(quick: bool = False, n: int | None = None, nbytes: int | None = None,
+                   min_time: float | None = None) -> dict:
+    """Matmul FLOP/s (fp32, bf16) on large square matrices and memory read bandwidth (sum over a large tensor,
+    far larger than the caches). Best of a few timed batches: the achievable peak, not an average."""
     import torch
 
     acc = _accel()
     dev = torch.device(acc.device_name())
     on_cpu = dev.type == "cpu"
-    n = 2048 if on_cpu else 8192
+    n = n or (2048 if on_cpu else 8192)
     min_t, trials = (0.3, 2) if quick else (1.0, 3)
+    if min_time is not None:
+        min_t = min_time
     out: dict[str, Any] = {"device": dev.type, "matmul_n": n}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(n, n, device=dev, dtype=dt)
@@ -197,7 +201,7 @@ def measure_limits(quick: bool = False) -> dict:
         c = torch.empty(n, n, device=dev, dtype=dt)
         out[f"matmul_{name}_flops"] = _best_rate(lambda: torch.matmul(a, b, out=c), 2.0 * n**3, min_t, trials, acc)
         del a, b, c
-    nbytes = (256 << 20) if on_cpu else (2 << 30)
+    nbytes = nbytes or ((256 << 20) if on_cpu else (2 << 30))
     x = torch.ones(nbytes // 4, device=dev, dtype=torch.float32)
     out["read_bw_bytes_per_s"] = _best_rate(lambda: x.sum(), float(nbytes), min_t, trials, acc)
     out["read_bw_tensor_bytes"] = nbytes

@@ -42,7 +42,7 @@ def test_chat_multi_round_clear_quit_in_a_terminal(apps_model_dir):
 
 
 def test_chat_with_piped_stdin_exits_cleanly_at_end_of_input(apps_model_dir):
-    r = subprocess.run([CHATRLHF, "chat", "--path", str(apps_model_dir), "--greedy", "--max_new_tokens", "16"],
+    r = subprocess.run([CHATRLHF, "chat", "--path", str(apps_model_dir), "--greedy", "--max_new_tokens", "24"],
                        input="hello\n", capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
     assert "Assistant: hi there, I am a tiny model." in r.stdout

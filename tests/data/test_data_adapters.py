@@ -179,3 +179,20 @@ def test_column_wise_nested_lists_from_datasets_features():
            "negative_passages": {"docid": [], "text": [], "title": []}}
     row = ADAPTERS["Cohere/miracl-ja-queries-22-12"].map(raw)
     assert row == Row(" Human: q? Assistant:", " yes", None)
+
+
+def test_local_dir_reads_only_data_subdir_when_it_holds_splits(tmp_path):
+    # DeepSpeed-Chat's local/jsonfile layout next to other files (as the built-in task writes it): only data/ counts.
+    import json
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text(json.dumps([{"prompt": " Human: a Assistant:", "chosen": " x",
+                                                               "rejected": ""}]), encoding="utf-8")
+    (tmp_path / "data" / "eval.json").write_text(json.dumps([{"prompt": " Human: b Assistant:", "chosen": " y",
+                                                              "rejected": " z"}]), encoding="utf-8")
+    write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": "not training data"}])
+    write_jsonl(tmp_path / "sft" / "data" / "train.json", [{"prompt": " Human: c Assistant:", "chosen": " w"}])
+    train, evl, _ = open_source(str(tmp_path)).mapped(seed=1)
+    # an empty rejected answer is a legitimate "said nothing" negative; an empty chosen one is an error
+    assert [(r.prompt, r.rejected) for r in train] == [(" Human: a Assistant:", "")]
+    assert [r.prompt for r in evl] == [" Human: b Assistant:"]

@@ -33,8 +33,12 @@ def format_prompt(question: str) -> str:
 
 @dataclass(frozen=True)
 class Row:
-    """One mapped example. ``rejected`` is None for SFT-only data; ``answers`` holds a k-wise ranking (best first,
-    ``chosen == answers[0]``, ``rejected == answers[-1]``). ``source`` = (file, 1-based row) for messages."""
+    """One mapped example.
+
+    ``rejected`` is None for SFT-only data; it may be "" (an answer that says nothing is a valid bad answer).
+    ``answers`` holds a k-wise ranking, best first (``chosen == answers[0]``, ``rejected == answers[-1]``).
+    ``source`` = (file, 1-based row), for messages.
+    """
 
     prompt: str
     chosen: str
@@ -89,14 +93,15 @@ def as_records(value: Any) -> Any:
     return value
 
 
-def get_text(raw: Mapping[str, Any], path: str) -> str:
-    """A non-empty string field."""
+def get_text(raw: Mapping[str, Any], path: str, allow_empty: bool = False) -> str:
+    """A string field, non-empty unless ``allow_empty`` (a rejected answer may be empty: "said nothing" is a
+    legitimate bad answer)."""
     value = get_field(raw, path)
     if value is None:
         raise FieldError(path, "is missing (null)")
     if not isinstance(value, str):
         raise FieldError(path, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
+    if not value.strip() and not allow_empty:
         raise FieldError(path, "is empty")
     return value
 
@@ -160,7 +165,7 @@ class RmStatic(Adapter):
     note = "prompt already holds Human:/Assistant:, used verbatim"
 
     def map(self, raw):
-        return Row(get_text(raw, "prompt"), get_text(raw, "chosen"), get_text(raw, "rejected"))
+        return Row(get_text(raw, "prompt"), get_text(raw, "chosen"), get_text(raw, "rejected", allow_empty=True))
 
 
 class FullHH(RmStatic):
@@ -182,8 +187,8 @@ class PairsAdapter(Adapter):
         text = get_text(raw, "prompt")
         return text if self.verbatim else format_prompt(text)
 
-    def _answer(self, raw, path):
-        text = get_text(raw, path)
+    def _answer(self, raw, path, allow_empty=False):
+        text = get_text(raw, path, allow_empty)
         return text if self.verbatim else " " + text
 
     def map(self, raw):
@@ -196,12 +201,13 @@ class PairsAdapter(Adapter):
                                            f"got {type(items).__name__}")
             if len(items) < 2:
                 raise FieldError(list_key, f"a k-wise ranking needs at least 2 answers, got {len(items)}")
-            answers = tuple(self._answer(raw, f"{list_key}[{i}]") for i in range(len(items)))
+            # only the best answer must say something; worse ones may be empty
+            answers = tuple(self._answer(raw, f"{list_key}[{i}]", i > 0) for i in range(len(items)))
             return Row(prompt, answers[0], answers[-1], answers=answers)
         chosen = self._answer(raw, "chosen")
         rejected = None
         if raw.get("rejected") is not None or self.requires_rejected:
-            rejected = self._answer(raw, "rejected")
+            rejected = self._answer(raw, "rejected", allow_empty=True)
         return Row(prompt, chosen, rejected)
 
 
@@ -227,7 +233,7 @@ class Yitingxie(Adapter):
         if not prompt.rstrip().endswith("Assistant:"):
             prompt = prompt + "Assistant:"
         chosen = _nonempty("chosen", get_text(raw, "chosen").split("Assistant:")[-1])
-        rejected = _nonempty("rejected", get_text(raw, "rejected").split("Assistant:")[-1])
+        rejected = get_text(raw, "rejected", allow_empty=True).split("Assistant:")[-1]
         return Row(prompt, chosen, rejected)
 
 
@@ -251,7 +257,7 @@ class Webgpt(Adapter):
         s0, s1 = get_number(raw, "score_0"), get_number(raw, "score_1")
         best, worst = ("answer_0", "answer_1") if s0 >= s1 else ("answer_1", "answer_0")
         chosen = _nonempty(best, strip_citations(get_text(raw, best)))
-        rejected = _nonempty(worst, strip_citations(get_text(raw, worst)))
+        rejected = strip_citations(get_text(raw, worst, allow_empty=True))
         return Row(prompt, " " + chosen, " " + rejected)
 
 

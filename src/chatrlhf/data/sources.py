@@ -250,27 +250,46 @@ def _split_of(rel: Path) -> str | None:
     return None
 
 
+def _data_files(level: Path) -> list[Path]:
+    """Data files directly in ``level`` plus everything under its split-named subdirectories (train/, test/...)."""
+    def is_data(p: Path) -> bool:
+        return p.is_file() and p.suffix.lower() in DATA_EXTS and p.name not in _METADATA_FILES \
+            and not p.name.startswith(".")
+
+    files = [p for p in level.iterdir() if is_data(p)]
+    for sub in level.iterdir():
+        if sub.is_dir() and sub.name.lower() in SPLIT_NAMES:
+            files += [p for p in sub.rglob("*") if is_data(p)]
+    return sorted(files)
+
+
 def _read_hub_like_dir(path: Path) -> dict[str, RawSplit]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTS
-                   and p.name not in _METADATA_FILES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    """Files named by split, in DIR/data/ when that holds any (the hub's and DeepSpeed-Chat's local/jsonfile
+    layout; other files of DIR are then not data), else in DIR itself."""
+    level = path
+    if (path / "data").is_dir() and any(_split_of(f.relative_to(path / "data")) for f in _data_files(path / "data")):
+        level = path / "data"
+    files = _data_files(level)
     if not files:
         raise DataError(f"directory holds no {'/'.join(DATA_EXTS)} data files and is not a save_to_disk dataset",
                         file=str(path))
     by_split: dict[str, list[Path]] = {}
     unknown = []
     for f in files:
-        split = _split_of(f.relative_to(path))
+        split = _split_of(f.relative_to(level))
         if split is None:
             unknown.append(f)
         else:
             by_split.setdefault(split, []).append(f)
-    if unknown:
-        if by_split or len(unknown) > 1:
+    if unknown and not by_split:
+        if len(unknown) > 1:
             names = ", ".join(str(f.relative_to(path)) for f in unknown)
             raise DataError(f"cannot tell the split of {names}; name files by split (train.jsonl, "
                             f"data/test-00000.parquet, ...) with split one of {', '.join(SPLIT_NAMES)}", file=str(path))
         by_split["train"] = unknown
+    elif unknown:
+        logger.warning("%s: not reading %s (file names do not say a split: %s)", path,
+                       ", ".join(str(f.relative_to(path)) for f in unknown), ", ".join(SPLIT_NAMES))
     return {name: _concat(name, [_read_file(f) for f in fs]) for name, fs in by_split.items()}
 
 

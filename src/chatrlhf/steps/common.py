@@ -249,8 +249,10 @@ class ResumableSampler(DistributedSampler):
 
 def make_dataloader(ds: Dataset, collate, batch_size: int, strategy, shuffle: bool, seed: int) -> DataLoader:
     sampler = ResumableSampler(ds, strategy.world_size, strategy.rank, shuffle=shuffle, seed=seed)
+    # A private generator: creating a DataLoader iterator otherwise draws from the global torch RNG, so an extra
+    # eval pass (or a resumed run's fresh iterator) would shift dropout masks and break exact resume.
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0,
-                      drop_last=False)
+                      drop_last=False, generator=torch.Generator().manual_seed(seed))
 
 
 def to_device(batch: dict, device) -> dict:

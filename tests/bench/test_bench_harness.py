@@ -1,0 +1,93 @@
+"""Smoke tests of the benchmark harness (``chatrlhf bench``): the machine probes, FLOP accounting, exact-length
+data, verdicts and the report. Speed targets live in the benchmark itself, never here."""
+
+import json
+import random
+
+import pytest
+
+from chatrlhf import bench, bench_trl
+from chatrlhf.errors import UserError
+
+
+def test_measure_limits_small():
+    lim = bench.measure_limits(quick=True, n=128, nbytes=4 << 20, min_time=0.01)
+    assert lim["matmul_fp32_flops"] > 1e8
+    assert lim["matmul_bf16_flops"] > 0
+    assert lim["read_bw_bytes_per_s"] > 1e8
+
+
+def test_flops_match_deepspeed_chat_formula(tmp_path):
+    """With an OPT shape (4h MLP) the body + attention terms equal DeepSpeed-Chat's F(k=1) without its vocab term."""
+    from transformers import OPTConfig
+
+    h, l, v = 128, 3, 1000
+    OPTConfig(hidden_size=h, num_hidden_layers=l, ffn_dim=4 * h, num_attention_heads=4, vocab_size=v,
+              word_embed_proj_dim=h).save_pretrained(tmp_path)
+    shape = bench.model_shape(tmp_path)
+    assert shape["matmul_params_body"] == 12 * l * h * h
+    B, s = 2, 64
+    ours = bench.fwd_flops(shape, B, s) - 2.0 * shape["lm_head_params"] * B * s
+    ds = bench.ds_chat_flops(shape, B, s, 1) - 24.0 * B * s * l * h * h * v / (16 * l * h)
+    assert ours == pytest.approx(ds)
+    # generation: prefill + decode steps never exceed a full forward over prompt + response
+    assert bench.generation_flops(shape, B, 32, 32) <= bench.fwd_flops(shape, B, 64)
+
+
+def test_exact_length_data(tiny_model_factory, tmp_path):
+    mdir = tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
+    cfg = bench.BenchConfig(batch=4, prompt_len=16, response_len=8)
+    d = bench.write_bench_dataset(mdir, tmp_path / "data", cfg, n_rows=12)
+    rows = json.loads((d / "data" / "train.json").read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(mdir))
+    for r in rows:
+        assert len(tok(r["prompt"])["input_ids"]) == 16
+        assert len(tok(r["prompt"] + r["chosen"])["input_ids"]) == 16 + 7  # + EOS from the data layer = 24
+    # the TRL side builds prompts by the same rule
+    texts = bench_trl._exact_prompt_texts(tok, 16, 3, random.Random(0))
+    assert all(len(tok(t)["input_ids"]) == 16 for t in texts)
+    assert len(bench_trl._prompt_ids(tok, 16, random.Random(0))) == 16
+
+
+def _fake_results(step_ours: float, step_trl: float, split: bool = True):
+    tput = [{"e2e_latency_s": step_ours, "generation_latency_s": step_ours / 2, "inference_latency_s": step_ours / 4,
+             "training_latency_s": step_ours / 8}] if split else []
+    ok = lambda t, **kw: {"ok": True, "step_times": [t, t, t], **kw}  # noqa: E731
+    return {("ours", "sft"): ok(step_ours), ("trl", "sft"): ok(step_trl),
+            ("ours", "reward"): ok(step_ours), ("trl", "reward"): {"ok": False, "error": "boom"},
+            ("ours", "ppo"): ok(step_ours, throughput=tput), ("trl", "ppo"): ok(step_trl, response_lengths=[32]),
+            ("ours", "decode"): {"ok": True, "full_s": [1.0], "prefill_s": [0.1]}}
+
+
+def test_analyse_verdicts_and_report(tmp_path):
+    shape = {"params": 10**6, "matmul_params_lm": 10**6, "matmul_params_body": 9 * 10**5, "lm_head_params": 10**5,
+             "layers": 2, "hidden": 64, "vocab": 512, "heads": 4}
+    built = {"shape": shape, "model_dir": "x"}
+    cfg = bench.BenchConfig(out=str(tmp_path))
+    limits = {"matmul_fp32_flops": 1e11, "matmul_bf16_flops": 2e11, "read_bw_bytes_per_s": 1e10, "matmul_n": 2048,
+              "read_bw_tensor_bytes": 256 << 20}
+    tiny = bench.analyse("tiny", built, _fake_results(0.1, 1.0), limits, cfg, "fp32")
+    assert tiny["ppo"]["ours_vs_trl"] == pytest.approx(10.0)
+    assert tiny["ppo"]["verdict"] == "PASS"
+    assert tiny["sft"]["verdict"] == "-"  # MFU target applies to mid only
+    assert tiny["reward"]["trl"] == {"error": "boom"}
+    split = tiny["ppo"]["ours"]["split"]
+    assert split["other_s"] == pytest.approx(0.1 - 0.05 - 0.025 - 0.0125)
+    mid = bench.analyse("mid", built, _fake_results(10.0, 1.0), limits, cfg, "fp32")
+    assert mid["sft"]["verdict"] == "FAIL" and mid["ppo"]["verdict"] == "FAIL" and mid["decode"]["verdict"] == "FAIL"
+    report = {"date": "now", "argv": [], "config": bench.dataclasses.asdict(cfg), "dtype": "fp32", "warmup": 1,
+              "steps": 3, "rl_steps": 3, "machine": bench._machine(1), "versions": {"torch": "x"}, "limits": limits,
+              "sizes": {"tiny": {"shape": shape, "rows": tiny, "raw": {}}, "mid": {"shape": shape, "rows": mid}}}
+    bench._write(tmp_path, report, {"trl (ppo)": "1.12.0"})
+    md = (tmp_path / "results.md").read_text()
+    assert "| PPO |" in md and "PASS" in md and "FAIL" in md and "GFLOP/s" in md
+    assert json.loads((tmp_path / "results.json").read_text())["versions"]["trl (ppo)"] == "1.12.0"
+
+
+def test_bad_flags():
+    with pytest.raises(UserError):
+        bench.main(["--sizes", "huge", "--out", "/nonexistent/never"])
+    with pytest.raises(UserError):
+        bench.main(["--batch", "6", "--group_size", "4", "--out", "/nonexistent/never"])
