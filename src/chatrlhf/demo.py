@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,10 @@ class DemoConfig:
     n_eval_prompts: int = field(default=40, metadata={"help": "Held-out prompts for the before/after evaluation."})
     n_samples: int = field(default=6, metadata={"help": "Answers shown side by side."})
     max_new_tokens: int = field(default=24, metadata={"help": "Greedy answer length limit in the evaluation."})
-    config: dict = field(default_factory=dict, metadata={
-        "help": "(YAML) overrides of the pipeline config, e.g. {ppo: {actor_learning_rate: 1e-4}}."})
+    sft: dict = field(default_factory=dict, metadata={
+        "help": "Step-1 options over the demo's tuned ones: --sft '{max_steps: 50}' or a YAML section in --config."})
+    reward: dict = field(default_factory=dict, metadata={"help": "Step-2 options over the demo's tuned ones."})
+    ppo: dict = field(default_factory=dict, metadata={"help": "Step-3 options over the demo's tuned ones."})
 
 
 # ---------------------------------------------------------------------------------------------- tuned defaults
@@ -63,9 +66,13 @@ QUICK_ACTOR = {"hidden": 32, "layers": 1, "heads": 2, "vocab": 320, "max_positio
 QUICK_REWARD = QUICK_ACTOR
 QUICK_TASK = {"n_sft": 64, "n_pairs": 96, "n_eval": 32, "n_heldout": 8, "noise": 0.35}
 QUICK_STEPS: dict[str, dict[str, Any]] = {
-    "sft": {},
-    "reward": {},
-    "ppo": {},
+    "sft": {"max_steps": 4, "per_device_train_batch_size": 8, "max_seq_len": 64, "learning_rate": 1e-3,
+            "skip_bad_rows": True, "log_interval": 2},
+    "reward": {"max_steps": 4, "per_device_train_batch_size": 8, "max_seq_len": 64, "learning_rate": 1e-3,
+               "skip_bad_rows": True, "log_interval": 2},
+    "ppo": {"max_steps": 2, "per_device_generation_batch_size": 4, "per_device_training_batch_size": 4,
+            "max_prompt_seq_len": 32, "max_answer_seq_len": 8, "actor_learning_rate": 1e-4,
+            "critic_learning_rate": 1e-4, "skip_bad_rows": True, "log_interval": 1},
 }
 
 
@@ -93,13 +100,12 @@ def pipeline_config(out: Path, assets: dict[str, Path], cfg: DemoConfig):
     from chatrlhf.pipeline import TrainPipelineConfig
 
     sections = {k: dict(v) for k, v in (QUICK_STEPS if cfg.quick else STEP_DEFAULTS).items()}
-    extra = dict(cfg.config or {})
-    for k in ("sft", "reward", "ppo"):
-        sections[k].update(extra.pop(k, {}) or {})
+    for k in sections:
+        sections[k].update(getattr(cfg, k) or {})
     pcfg = TrainPipelineConfig(
-        actor_model=str(assets["actor"]), reward_model=str(assets["reward"]), data_path=[str(assets["task"])],
+        actor_model=str(assets["actor"]), reward_model=str(assets["reward"]), data_path=[str(assets["task"] / "data")],
         data_split="2,4,4", output_dir=str(out), deployment_type=cfg.deployment_type, seed=cfg.seed,
-        sft=sections["sft"], reward=sections["reward"], ppo=sections["ppo"], **extra)
+        sft=sections["sft"], reward=sections["reward"], ppo=sections["ppo"])
     pcfg.validate()
     return pcfg
 
@@ -157,8 +163,9 @@ def answer_kl(final, ref, tok, prompts: Sequence[str], answers: Sequence[list[in
     return total / max(1, count)
 
 
-def reward_accuracy(rm_path: Path, pairs: Sequence[dict], batch_size: int = 32) -> dict[str, float]:
-    """Held-out preference accuracy of the step-2 reward model (chosen scored above rejected)."""
+def reward_accuracy(rm_path: Path, pairs: Sequence[dict], max_len: int, batch_size: int = 32) -> dict[str, float]:
+    """Held-out preference accuracy of the step-2 reward model (chosen scored above rejected), texts cut to the
+    step's max_seq_len as in training."""
     import torch
 
     from chatrlhf.models.loading import load_tokenizer
@@ -172,7 +179,7 @@ def reward_accuracy(rm_path: Path, pairs: Sequence[dict], batch_size: int = 32) 
     for i in range(0, len(pairs), batch_size):
         rows = pairs[i:i + batch_size]
         texts = [r["prompt"] + r["chosen"] + eos for r in rows] + [r["prompt"] + r["rejected"] + eos for r in rows]
-        enc = tok(texts, return_tensors="pt", padding=True)
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
         with torch.no_grad():
             s = rm.score(enc["input_ids"], enc["attention_mask"]).float()
         c, r = s[: len(rows)], s[len(rows):]
@@ -217,7 +224,7 @@ def evaluate(out: Path, assets: dict[str, Path], cfg: DemoConfig) -> dict[str, A
         "kinds_sft": kinds(sft_txt),
         "kinds_final": kinds(final_txt),
         "kl_final_to_sft": answer_kl(final_model, sft_model, tok, prompts, final_ids),
-        **reward_accuracy(out / "step2_reward", eval_pairs),
+        **reward_accuracy(out / "step2_reward", eval_pairs, _step_value(out / "step2_reward", "max_seq_len", 512)),
     }
     order = sorted(range(len(prompts)), key=lambda i: final_scores[i] - sft_scores[i], reverse=True)
     picks = order[: max(1, cfg.n_samples - cfg.n_samples // 3)] + order[::-1][: cfg.n_samples // 3]
@@ -225,6 +232,13 @@ def evaluate(out: Path, assets: dict[str, Path], cfg: DemoConfig) -> dict[str, A
                        "gold_sft": round(sft_scores[i], 3), "gold_final": round(final_scores[i], 3)}
                       for i in dict.fromkeys(picks)]
     return res
+
+
+def _step_value(step_dir: Path, key: str, default: Any) -> Any:
+    import yaml
+
+    f = step_dir / "step_config.yaml"
+    return (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get(key, default) if f.is_file() else default
 
 
 def _final_actor_dir(out: Path) -> Path:
@@ -292,7 +306,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from chatrlhf.pipeline import _pop_section_flags
+
+    argv, cli_sections = _pop_section_flags(list(sys.argv[1:] if argv is None else argv))
     cfg = parse_config(DemoConfig, argv, prog="chatrlhf demo",
                        description="Tiny models + the built-in task: SFT -> reward model -> PPO on CPU, then before/after.")
+    for name, values in cli_sections.items():
+        getattr(cfg, name).update(values)
     run_demo(cfg)
     return 0

@@ -49,8 +49,9 @@ def test_chat_with_piped_stdin_exits_cleanly_at_end_of_input(apps_model_dir):
     assert "Enter input" not in r.stdout  # no interactive prompt when stdin is a pipe
 
 
-def test_chat_bad_path_is_one_clear_error(tmp_path):
-    r = subprocess.run([CHATRLHF, "chat", "--path", str(tmp_path / "nope")], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 2
-    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+def test_chat_bad_path_is_one_clear_error(tmp_path, capsys):
+    from chatrlhf.cli import main as cli
+
+    assert cli(["chat", "--path", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err

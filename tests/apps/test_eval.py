@@ -99,7 +99,7 @@ def test_eval_reward_refuses_a_plain_language_model(apps_model_dir, capsys):
 
 def test_eval_prompts_side_by_side(apps_model_dir, capsys):
     assert cli(["eval", "prompts", "--baseline", str(apps_model_dir), "--finetuned", str(apps_model_dir),
-                "--methods", "greedy,contrastive", "--max_new_tokens", "4", "--language", "Chinese", "--json"]) == 0
+                "--methods", "greedy,contrastive", "--max_new_tokens", "3", "--language", "Chinese", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["results"]
     assert len(res) == 6 * 2 and {r["method"] for r in res} == {"greedy", "contrastive"}
     assert all(r["baseline"] == r["finetuned"] for r in res)  # same model, deterministic methods
