@@ -1,6 +1,6 @@
 """``chatrlhf chat --path DIR``: multi-round chat with a trained actor in the terminal.
 
-DeepSpeed-Chat's behaviour: prompt format ``Human: {x}\\n Assistant: ``, the whole conversation kept as context,
+DeepSpeed-Chat's behaviour: prompt format ``Human: {x} Assistant:`` (the training template), the whole conversation kept as context,
 ``quit`` exits, ``clear`` forgets the conversation, each reply cut at the next ``Human:``. Better than the original:
 tokens are printed as they are generated, the tokenizer always comes from the checkpoint dir itself (offline), the
 oldest rounds are dropped (and said so) when the conversation outgrows the model's context, and piped stdin works

@@ -57,9 +57,16 @@ REWARD = {"hidden": 96, "layers": 3, "heads": 4, "vocab": 512, "max_positions": 
 TASK = {"n_sft": 2000, "n_pairs": 3000, "n_eval": 300, "n_heldout": 40, "noise": 0.35}
 
 STEP_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {},
-    "reward": {},
-    "ppo": {},
+    "sft": {"max_steps": 600, "per_device_train_batch_size": 16, "max_seq_len": 96, "learning_rate": 2e-3,
+            "num_warmup_steps": 20, "lr_scheduler_type": "cosine", "skip_bad_rows": True, "log_interval": 50,
+            "eval_iters": 4, "save_interval": 200},
+    "reward": {"max_steps": 300, "per_device_train_batch_size": 16, "max_seq_len": 96, "learning_rate": 1e-3,
+               "num_warmup_steps": 10, "skip_bad_rows": True, "log_interval": 50, "eval_iters": 4,
+               "save_interval": 150},
+    "ppo": {"max_steps": 60, "per_device_generation_batch_size": 32, "per_device_training_batch_size": 32,
+            "max_prompt_seq_len": 32, "max_answer_seq_len": 16, "actor_learning_rate": 2e-4,
+            "critic_learning_rate": 5e-4, "num_warmup_steps": 0, "skip_bad_rows": True, "log_interval": 5,
+            "save_interval": 20},
 }
 
 QUICK_ACTOR = {"hidden": 32, "layers": 1, "heads": 2, "vocab": 320, "max_positions": 64}

@@ -23,10 +23,12 @@ from chatrlhf.errors import ModelError, UserError
 
 logger = logging.getLogger("chatrlhf.generation")
 
-# DeepSpeed-Chat's chat format: the whole conversation is the context, each round " Human: x\n Assistant: reply".
+# The training template (DeepSpeed-Chat's data format, chatrlhf.data.format_prompt): each round is
+# " Human: x Assistant:" followed by " reply"; the whole conversation is the context. Chatting in the exact format
+# the model was trained on matters for small models (DeepSpeed-Chat's chat used "\n Assistant: ", a mismatch).
 HUMAN_MARKER = "Human:"
-ROUND_TEMPLATE = " Human: {user}\n Assistant: "
-ROUND_SEPARATOR = "\n\n"
+ROUND_TEMPLATE = " Human: {user} Assistant:"
+ROUND_SEPARATOR = ""
 
 # Roles accepted in a message list (OpenAI style).
 ROLES = ("system", "user", "assistant")
@@ -146,7 +148,8 @@ def build_prompt(history: Sequence[tuple[str, str]], user_msg: str, tokenizer=No
     """The prompt for the next reply, with the whole conversation as context.
 
     Without a chat template (every model this project trains): DeepSpeed-Chat's
-    ``" Human: u1\\n Assistant: r1\\n\\n Human: u2\\n Assistant: "``; a system text goes first on its own line.
+    ``" Human: u1 Assistant: r1 Human: u2 Assistant:"`` (the training template); a system text goes first on its
+    own line.
     With a chat template: ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``.
     """
     if tokenizer is not None and has_chat_template(tokenizer):
@@ -154,7 +157,7 @@ def build_prompt(history: Sequence[tuple[str, str]], user_msg: str, tokenizer=No
                                              add_generation_prompt=True)
     parts = [f"{system}\n"] if system else []
     for u, a in history:
-        parts.append(ROUND_TEMPLATE.format(user=u) + a + ROUND_SEPARATOR)
+        parts.append(ROUND_TEMPLATE.format(user=u) + " " + a.strip() + ROUND_SEPARATOR)
     parts.append(ROUND_TEMPLATE.format(user=user_msg))
     return "".join(parts)
 

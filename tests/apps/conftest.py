@@ -14,7 +14,7 @@ import pytest
 CORPUS = [
     " Human: Reverse the word: cat Assistant: tac",
     " Human: Add 3 and 4. Assistant: 7",
-    " Human: hello there\n Assistant: hi, how can I help you today?\n\n Human: tell me a story\n Assistant: once",
+    " Human: hello there Assistant: hi, how can I help you today? Human: tell me a story Assistant: once",
     " Human: What comes after 9? Assistant: 10",
     "The quick brown fox jumps over the lazy dog. A wise frog sat on a log and sang a short poem.",
     "Telescopes gather light; birds migrate south in winter. The moon landing happened in 1969.",
@@ -54,8 +54,8 @@ def build_tiny_opt(out_dir: Path, vocab: int = 300, hidden: int = 32, layers: in
 
 # A few seconds of overfitting so greedy replies are real text (a random tiny model emits only spaces).
 DIALOGUES = [
-    " Human: hello\n Assistant: hi there, I am a tiny model.</s>",
-    " Human: tell me a story\n Assistant: once upon a time a fox met a frog.</s>",
+    " Human: hello Assistant: hi there, I am a tiny model.</s>",
+    " Human: tell me a story Assistant: once upon a time a fox met a frog.</s>",
 ]
 
 

@@ -18,21 +18,21 @@ def test_chat_multi_round_clear_quit_in_a_terminal(apps_model_dir):
     try:
         child.expect(ASK)
         child.sendline("hello")
-        child.expect_exact('[prompt] " Human: hello\\n Assistant: "')
+        child.expect_exact('[prompt] " Human: hello Assistant:"')
         child.expect_exact("Assistant: hi there, I am a tiny model.")
         child.expect(ASK)
         first_reply = "hi there, I am a tiny model."
         # round 2: the prompt the model sees holds round 1 (question and the cut reply)
         child.sendline("tell me a story")
-        child.expect_exact('[prompt] " Human: hello\\n Assistant: ' + first_reply
-                           + '\\n\\n Human: tell me a story\\n Assistant: "')
+        child.expect_exact('[prompt] " Human: hello Assistant: ' + first_reply
+                           + ' Human: tell me a story Assistant:"')
         child.expect(ASK)
         # clear: the next prompt starts from scratch
         child.sendline("clear")
         child.expect_exact("[conversation cleared]")
         child.expect(ASK)
         child.sendline("tell me a story")
-        child.expect_exact('[prompt] " Human: tell me a story\\n Assistant: "')
+        child.expect_exact('[prompt] " Human: tell me a story Assistant:"')
         child.expect(ASK)
         child.sendline("quit")
         child.expect(pexpect.EOF)

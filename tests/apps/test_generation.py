@@ -8,10 +8,10 @@ from chatrlhf.generation import (ReplyCutter, SamplingParams, build_prompt, cut_
                                  messages_to_prompt, stream_generate)
 
 
-def test_build_prompt_deepspeed_chat_format_keeps_whole_conversation():
-    assert build_prompt([], "hi") == " Human: hi\n Assistant: "
+def test_build_prompt_uses_the_training_template_and_keeps_whole_conversation():
+    assert build_prompt([], "hi") == " Human: hi Assistant:"
     p = build_prompt([("hi", "hello"), ("how are you?", "fine")], "bye")
-    assert p == " Human: hi\n Assistant: hello\n\n Human: how are you?\n Assistant: fine\n\n Human: bye\n Assistant: "
+    assert p == " Human: hi Assistant: hello Human: how are you? Assistant: fine Human: bye Assistant:"
 
 
 def test_messages_to_prompt_matches_build_prompt_and_rejects_bad_lists():
