@@ -368,7 +368,7 @@ def _timed_run(job: dict, fn, cfg_obj) -> dict:
 
 
 def _profile_table(p, job: dict) -> str:
-    path = Path(job["run_dir"]).parent / f"profile_{job['size']}_{job['task']}.txt"
+    path = Path(job["run_dir"]).parent.parent / f"profile_{job['size']}_{job['task']}.txt"
     ka = p.key_averages()
     table = ka.table(sort_by="self_cpu_time_total", row_limit=30)
     shapes = p.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25)
@@ -574,8 +574,10 @@ def run_trl(task: str, size: str, built: dict, cfg: BenchConfig, dtype: str, thr
     res = _run_json([str(py), str(TRL_SCRIPT), json.dumps(job)], cfg.wdir / "logs" / f"trl_{size}_{task}.log",
                     cfg.timeout, env)
     if res.get("ok"):
-        times = res.pop("step_times")
-        res["warmup_times"], res["step_times"] = times[:cfg.n_warmup], times[cfg.n_warmup:]
+        for key, keep in (("step_times", "step_times"), ("generation_times", "generation_times")):
+            if key in res:
+                times = res.pop(key)
+                res[f"warmup_{keep}"], res[keep] = times[:cfg.n_warmup], times[cfg.n_warmup:]
     return res
 
 
@@ -655,6 +657,8 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
                      "steps": len(x["step_times"])}
                 if side == "ours":
                     d["split"] = _split(x.get("throughput", []))
+                elif x.get("generation_times"):
+                    d["split"] = {"generation_s": _median(x["generation_times"])}
                 if x.get("response_lengths"):
                     d["response_lengths"] = sorted(set(x["response_lengths"]))
                 r[side] = d
@@ -771,7 +775,7 @@ def render_md(report: dict) -> str:
                     f"| {k.upper()} | {_f(o.get('samples_per_s'), '{:.2f}') if 'error' not in o else 'error'} | "
                     f"{_f(o.get('step_s'), '{:.2f}')} | {split} | {_f(r.get('floor_s'), '{:.3f}')} | "
                     f"{_f(o.get('floor_ratio'), '{:.1f}x')} | {_f(t.get('samples_per_s'), '{:.2f}') if 'error' not in t else 'error'} "
-                    f"({trl_name}) | {_f(t.get('floor_ratio'), '{:.1f}x')} | {_f(r.get('ours_vs_trl'), '{:.2f}x')} | "
+                    f"({trl_name}; gen {_f((t.get('split') or {}).get('generation_s'), '{:.2f}')} s) | {_f(t.get('floor_ratio'), '{:.1f}x')} | {_f(r.get('ours_vs_trl'), '{:.2f}x')} | "
                     f"{r.get('target') or '—'} | {r['verdict']} |")
             lines.append("")
         if "decode" in rows:

@@ -164,10 +164,13 @@ def run_grpo(a: dict, out: str) -> dict:
     rm = AutoModelForSequenceClassification.from_pretrained(a["rm_dir"], num_labels=1, dtype="float32")
     rm.config.pad_token_id = rm_tok.pad_token_id
     lengths: list[int] = []
+    gen_times: list[float] = []
     orig_generate = model.generate
 
-    def counting_generate(*args, **kw):  # records how many tokens each generate call really produced
+    def counting_generate(*args, **kw):  # records how many tokens each generate call produced, and its time
+        t0 = time.perf_counter()
         out_ids = orig_generate(*args, **kw)
+        gen_times.append(time.perf_counter() - t0)
         inp = kw.get("input_ids", args[0] if args else None)
         if isinstance(out_ids, torch.Tensor) and inp is not None:
             lengths.append(int(out_ids.shape[1] - inp.shape[1]))
@@ -181,7 +184,8 @@ def run_grpo(a: dict, out: str) -> dict:
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tok,
                           callbacks=[timer.callback])
     trainer.train()
-    return {"step_times": timer.step_times(), "samples_per_step": B, "response_lengths": lengths}
+    return {"step_times": timer.step_times(), "samples_per_step": B, "response_lengths": lengths,
+            "generation_times": gen_times}
 
 
 def run_ppo(a: dict, out: str) -> dict:
@@ -201,10 +205,13 @@ def run_ppo(a: dict, out: str) -> dict:
     orig_gc = ppo_mod.GenerationConfig
     ppo_mod.GenerationConfig = lambda **kw: orig_gc(**{**kw, "min_new_tokens": kw.get("max_new_tokens", R)})
     lengths: list[int] = []
+    gen_times: list[float] = []
     orig_bg = ppo_mod.batch_generation
 
     def counting_batch_generation(model, queries, *args, **kw):
+        t0 = time.perf_counter()
         qr, logits = orig_bg(model, queries, *args, **kw)
+        gen_times.append(time.perf_counter() - t0)
         lengths.append(int(qr.shape[1] - queries.shape[1]))
         return qr, logits
 
@@ -226,7 +233,8 @@ def run_ppo(a: dict, out: str) -> dict:
                          value_model=value, train_dataset=Dataset.from_list(rows), callbacks=[timer.callback])
     trainer.train()
     del torch
-    return {"step_times": timer.step_times(), "samples_per_step": B, "response_lengths": lengths}
+    return {"step_times": timer.step_times(), "samples_per_step": B, "response_lengths": lengths,
+            "generation_times": gen_times}
 
 
 TASKS = {"sft": run_sft, "reward": run_reward, "grpo": run_grpo, "ppo": run_ppo}

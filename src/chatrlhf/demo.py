@@ -38,6 +38,9 @@ class DemoConfig:
     seed: int = field(default=1234, metadata={"help": "Seed for data, models and training."})
     deployment_type: str = field(default="cpu", metadata={
         "help": "Passed to chatrlhf train: cpu | single_gpu | single_node."})
+    threads: int = field(default=1, metadata={
+        "help": "torch/OpenMP threads per process. Tiny models are latency-bound: one thread is as fast as two on an "
+                "idle 2-core CPU and ~20x faster when other processes compete for the cores (OpenMP spin-waits)."})
     n_eval_prompts: int = field(default=40, metadata={"help": "Held-out prompts for the before/after evaluation."})
     n_samples: int = field(default=6, metadata={"help": "Answers shown side by side."})
     max_new_tokens: int = field(default=24, metadata={"help": "Greedy answer length limit in the evaluation."})
@@ -54,6 +57,7 @@ class DemoConfig:
 # 1-4 words), which keeps rollouts cheap.
 ACTOR = {"hidden": 128, "layers": 4, "heads": 4, "vocab": 512, "max_positions": 128}
 REWARD = {"hidden": 96, "layers": 3, "heads": 4, "vocab": 512, "max_positions": 128}
+PRETRAIN_STEPS = 500  # ~4 passes over the 4000-line task corpus
 TASK = {"n_sft": 2000, "n_pairs": 3000, "n_eval": 300, "n_heldout": 40, "noise": 0.35}
 
 STEP_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -71,7 +75,8 @@ STEP_DEFAULTS: dict[str, dict[str, Any]] = {
 
 QUICK_ACTOR = {"hidden": 32, "layers": 1, "heads": 2, "vocab": 320, "max_positions": 64}
 QUICK_REWARD = QUICK_ACTOR
-QUICK_TASK = {"n_sft": 64, "n_pairs": 96, "n_eval": 32, "n_heldout": 8, "noise": 0.35}
+QUICK_PRETRAIN_STEPS = 500  # ~4 passes over the 4000-line task corpus
+TASK = {"n_sft": 64, "n_pairs": 96, "n_eval": 32, "n_heldout": 8, "noise": 0.35}
 QUICK_STEPS: dict[str, dict[str, Any]] = {
     "sft": {"max_steps": 4, "per_device_train_batch_size": 8, "max_seq_len": 64, "learning_rate": 1e-3,
             "skip_bad_rows": True, "log_interval": 2},
@@ -98,8 +103,54 @@ def build_assets(out: Path, cfg: DemoConfig) -> dict[str, Path]:
     for role, shape in (("actor", QUICK_ACTOR if cfg.quick else ACTOR), ("reward", QUICK_REWARD if cfg.quick else REWARD)):
         if not (paths[role] / "config.json").is_file():
             # Same corpus + vocab + family -> the same tokenizer for both, as PPO needs.
-            build_tiny_model(cfg.family, paths[role], corpus=corpus, seed=cfg.seed + (role == "reward"), **shape)
+            tmp = build_tiny_model(cfg.family, assets / f".{role}-random", corpus=corpus,
+                                   seed=cfg.seed + (role == "reward"), **shape)
+            steps = QUICK_PRETRAIN_STEPS if cfg.quick else PRETRAIN_STEPS
+            pretrain(tmp, paths[role], corpus, steps=steps, seed=cfg.seed)
     return paths
+
+
+def pretrain(src: Path, dst: Path, corpus: Sequence[str], steps: int, seed: int, batch_size: int = 32,
+             lr: float = 3e-3) -> Path:
+    """Language-model pretraining of a tiny random model on the task corpus (plain torch, one process), so the
+    demo starts where DeepSpeed-Chat starts: from a *pretrained* base that knows the language but not yet how
+    to answer like an assistant (the corpus mixes clean answers with rambling, fake turns, repetition and wrong
+    answers). Written atomically to ``dst``; the random model in ``src`` is removed."""
+    import random
+    import shutil
+
+    import torch
+
+    from chatrlhf.models.loading import load_causal_lm, load_tokenizer
+    from chatrlhf.utils import atomic_dir
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = load_tokenizer(str(src))
+    model = load_causal_lm(str(src))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.05)
+    texts = [t + tok.eos_token for t in corpus]
+    for step in range(steps):
+        enc = tok(rng.sample(texts, batch_size), return_tensors="pt", padding=True, truncation=True, max_length=96)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            print(f"[chatrlhf demo] pretraining {dst.name}: step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+    with atomic_dir(dst) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for extra in ("tiny_model.json",):
+            if (src / extra).is_file():
+                shutil.copy(src / extra, tmp / extra)
+    shutil.rmtree(src, ignore_errors=True)
+    return dst
 
 
 def pipeline_config(out: Path, assets: dict[str, Path], cfg: DemoConfig):
@@ -111,6 +162,7 @@ def pipeline_config(out: Path, assets: dict[str, Path], cfg: DemoConfig):
         sections[k].update(getattr(cfg, k) or {})
     pcfg = TrainPipelineConfig(
         actor_model=str(assets["actor"]), reward_model=str(assets["reward"]), data_path=[str(assets["task"] / "data")],
+        sft_only_data_path=[str(assets["task"] / "sft" / "data")],
         data_split="2,4,4", output_dir=str(out), deployment_type=cfg.deployment_type, seed=cfg.seed,
         sft=sections["sft"], reward=sections["reward"], ppo=sections["ppo"])
     pcfg.validate()
@@ -284,6 +336,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Assets -> steps 1, 2, 3 -> evaluation -> summary.json + table + report. Returns the summary."""
     from chatrlhf.pipeline import run_train, write_run_report
 
+    import os
+
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))  # inherited by the step subprocesses
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     out = Path(cfg.output_dir)
     t0 = time.time()
     print(f"[chatrlhf demo] building tiny models and the built-in task in {out / 'assets'}", flush=True)

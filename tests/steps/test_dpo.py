@@ -18,8 +18,8 @@ def test_answer_labels_start_at_divergence():
 
 def test_dpo_raises_margin(base_args, tmp_path):
     out = tmp_path / "dpo"
-    res = run_dpo(parse_config(DPOConfig, base_args(out, split="0,10,0", learning_rate=1e-3, beta=0.5,
-                                                    max_steps=20, disable_dropout=True)))
+    res = run_dpo(parse_config(DPOConfig, base_args(out, split="0,10,0", learning_rate=3e-4, beta=0.5,
+                                                    max_steps=24, disable_dropout=True)))
     assert res["reward_margin_start"] == 0.0  # policy == reference at the start
     train = [r["reward_margin"] for r in read_metrics(out) if r["kind"] == "train"]
     print("train margins", [round(x, 3) for x in train], res)

@@ -173,8 +173,9 @@ def load_causal_lm_for(cfg: TrainConfig, strategy, tokenizer=None):
 
     with strategy.zero3_init_context():
         model = load_causal_lm(cfg.model_name_or_path, dtype=strategy.torch_dtype, dropout=dropout_value(cfg))
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+        # inside the context so transformers gathers ZeRO-3 embeddings while resizing
+        if tokenizer is not None and len(tokenizer) > embedding_rows(model):
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
@@ -186,6 +187,12 @@ def load_causal_lm_for(cfg: TrainConfig, strategy, tokenizer=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def embedding_rows(model) -> int:
+    """Vocabulary rows of the input embedding, also when ZeRO-3 has partitioned it (weight.shape is then [0])."""
+    w = model.get_input_embeddings().weight
+    return int(w.ds_shape[0]) if hasattr(w, "ds_shape") else int(w.shape[0])
 
 
 def maybe_lora(model, cfg: TrainConfig, skip: tuple[str, ...] = ("lm_head", "v_head")):

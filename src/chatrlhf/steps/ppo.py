@@ -410,8 +410,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
     timing = {"generation_s": 0.0, "inference_s": 0.0, "training_s": 0.0, "gen_tokens": 0, "rows": 0, "seq_tokens": 0}
     generated = []  # (prompt text, answer text) of the round, for --print_answers
 
-    while state["round"] < total_rounds and not stop_reason:
+    max_epochs = cfg.num_train_epochs if cfg.max_steps <= 0 else 10**9
+    while state["round"] < total_rounds and not stop_reason and state["epoch"] < max_epochs:
         epoch = state["epoch"]
+        rounds_at_epoch_start = state["round"]
         prompt_loader.sampler.set_epoch(epoch)
         prompt_loader.sampler.set_start(state["batch_in_epoch"] * cfg.per_device_generation_batch_size)
         for batch in prompt_loader:
@@ -530,6 +532,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
+            if state["round"] == rounds_at_epoch_start and not buffer:
+                stop_reason = "a whole pass over the prompts produced no trainable experience"
             continue
         if state["round"] >= total_rounds or stop_reason:
             break

@@ -103,8 +103,8 @@ def run_reward(cfg: RewardConfig) -> dict:
     with strategy.zero3_init_context():
         model = load_reward_model(cfg.model_name_or_path, dtype=strategy.torch_dtype, num_padding_at_beginning=npb,
                                   dropout=C.dropout_value(cfg), pad_token_id=tokenizer.pad_token_id)
-    if len(tokenizer) > model.rwtransformer.get_input_embeddings().weight.shape[0]:
-        model.rwtransformer.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+        if len(tokenizer) > C.embedding_rows(model.rwtransformer):
+            model.rwtransformer.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
     C.maybe_lora(model.rwtransformer, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
