@@ -322,9 +322,10 @@ def resolved_config_dict(cfg: TrainPipelineConfig, step_cfgs: dict[str, Any]) ->
 
 
 # ------------------------------------------------------------------------------------------ running a step
-def _checkpoint_note(path: Path) -> Optional[str]:
-    ckpts = sorted((path / "checkpoints").glob("step_*"), key=lambda p: _step_num(p.name)) if (path / "checkpoints").is_dir() else []
-    return ckpts[-1].name if ckpts else None
+def latest_checkpoint(path: Path) -> Optional[Path]:
+    """The step's newest complete resumable checkpoint (trainer_state.json is written last), if any."""
+    done = [p for p in (path / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: _step_num(p.name)) if done else None
 
 
 def _step_num(name: str) -> int:
@@ -437,10 +438,9 @@ def run_train(cfg: TrainPipelineConfig) -> dict:
             print(f"[chatrlhf train] step {spec.number} ({spec.name}): {shlex.join(cmd)}", flush=True)
             results[spec.name] = {"status": "dry_run", "command": cmd, "output_dir": str(sdir)}
             continue
-        ckpt = _checkpoint_note(sdir)
-        if ckpt:
-            print(f"[chatrlhf train] step {spec.number} ({spec.name}): resuming from {sdir / 'checkpoints' / ckpt}",
-                  flush=True)
+        ckpt = latest_checkpoint(sdir)
+        if ckpt:  # the step itself restores it (--resume auto); this line says why the step starts midway
+            print(f"[chatrlhf train] step {spec.number} ({spec.name}): resuming from {ckpt}", flush=True)
         print(f"[chatrlhf train] step {spec.number} ({spec.name}): starting -> {sdir}\n  $ {shlex.join(cmd)}", flush=True)
         t0 = time.time()
         rc = run_subprocess(cmd, launch_env(cfg), sdir / "train.log")

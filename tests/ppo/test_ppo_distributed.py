@@ -2,6 +2,7 @@
 fixed-length answers (min_new_tokens = max_answer_seq_len) so every rank's token-mean weighs rows equally."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,10 @@ def test_two_processes_match_one(tiny_model_dir, fresh_rm_dir, ppo_prompts_dir, 
                          *_argv(tiny_model_dir, fresh_rm_dir, ppo_prompts_dir, tmp_path / "c1", one, 4)],
                         env=env, capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "0", "-m", "chatrlhf", "ppo",
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r2 = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "chatrlhf", "ppo",
                          *_argv(tiny_model_dir, fresh_rm_dir, ppo_prompts_dir, tmp_path / "c2", two, 2)],
                         env=env, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
