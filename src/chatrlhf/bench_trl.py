@@ -189,7 +189,6 @@ def run_grpo(a: dict, out: str) -> dict:
 
 
 def run_ppo(a: dict, out: str) -> dict:
-    import torch
     import trl.experimental.ppo.ppo_trainer as ppo_mod
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -232,7 +231,6 @@ def run_ppo(a: dict, out: str) -> dict:
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_list(rows), callbacks=[timer.callback])
     trainer.train()
-    del torch
     return {"step_times": timer.step_times(), "samples_per_step": B, "response_lengths": lengths,
             "generation_times": gen_times}
 
