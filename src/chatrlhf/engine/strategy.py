@@ -331,7 +331,12 @@ class DeepSpeedStrategy:
             pg.append({"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr})
         if not pg:
             raise UserError("no trainable parameters (check --only_optimize_lora / --lora_module_name)")
-        return torch.optim.AdamW(pg, lr=lr, betas=betas, foreach=False)
+        # fused AdamW: one kernel per parameter group instead of ~10 elementwise ops per tensor (about 0.3 s of
+        # every PPO step on the mid bench model was unfused Adam); torch has fused kernels for CPU and GPUs.
+        try:
+            return torch.optim.AdamW(pg, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+            return torch.optim.AdamW(pg, lr=lr, betas=betas, foreach=False)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
                 zero_stage: int | None = None, offload: bool | None = None):
@@ -343,6 +348,12 @@ class DeepSpeedStrategy:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=self.ds_config(train=True, zero_stage=zero_stage, offload=offload),
             dist_init_required=False)
+        stage = self.cfg.zero_stage if zero_stage is None else zero_stage
+        if self.world_size == 1 and stage == 0 and hasattr(engine, "enable_backward_allreduce"):
+            # One rank has nothing to reduce with; DeepSpeed would still flatten every gradient, all-reduce it
+            # over gloo and copy it back on each step (~5% of a mid-size SFT step on CPU). ZeRO 1-3 do their
+            # partition bookkeeping in that path, so it stays on there.
+            engine.enable_backward_allreduce = False
         return engine
 
     def prepare_eval(self, model: nn.Module, zero_stage: int | None = None, offload: bool | None = None):
