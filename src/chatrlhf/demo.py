@@ -124,7 +124,7 @@ def pretrain(src: Path, dst: Path, corpus: Sequence[str], steps: int, seed: int,
 
     import torch
 
-    from chatrlhf.models.loading import load_causal_lm, load_tokenizer
+    from chatrlhf.models.loading import load_causal_lm, load_tokenizer, max_positions
     from chatrlhf.utils import atomic_dir
 
     torch.manual_seed(seed)
@@ -135,8 +135,9 @@ def pretrain(src: Path, dst: Path, corpus: Sequence[str], steps: int, seed: int,
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.05)
     texts = [t + tok.eos_token for t in corpus]
+    max_len = min(96, max_positions(model.config) or 96)
     for step in range(steps):
-        enc = tok(rng.sample(texts, batch_size), return_tensors="pt", padding=True, truncation=True, max_length=96)
+        enc = tok(rng.sample(texts, batch_size), return_tensors="pt", padding=True, truncation=True, max_length=max_len)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = model(**enc, labels=labels).loss
         loss.backward()

@@ -66,20 +66,48 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-_ACCEPTS_POS: dict[type, bool] = {}
+_FORWARD_ARGS: dict[type, set[str]] = {}
 
 
-def lm_forward(model, seq: torch.Tensor, attention_mask: torch.Tensor):
-    """Causal-LM forward with mask-derived position ids when the model takes them; returns logits [B, L, V]."""
-    m = unwrap(model)
-    cls = type(m)
-    if cls not in _ACCEPTS_POS:
+def _forward_args(model) -> set[str]:
+    cls = type(unwrap(model))
+    if cls not in _FORWARD_ARGS:
         try:
-            _ACCEPTS_POS[cls] = "position_ids" in inspect.signature(m.forward).parameters
+            _FORWARD_ARGS[cls] = set(inspect.signature(unwrap(model).forward).parameters)
         except (TypeError, ValueError):
-            _ACCEPTS_POS[cls] = False
-    kw = {"position_ids": position_ids_from_mask(attention_mask)} if _ACCEPTS_POS[cls] else {}
-    return model(input_ids=seq, attention_mask=attention_mask, use_cache=False, **kw).logits
+            _FORWARD_ARGS[cls] = set()
+    return _FORWARD_ARGS[cls]
+
+
+def lm_forward(model, seq: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0):
+    """Causal-LM forward with mask-derived position ids when the model takes them; returns logits [B, L, V], or
+    only the last ``logits_to_keep`` positions [B, K, V] (the lm head and softmax then skip the prompt)."""
+    args = _forward_args(model)
+    kw = {"position_ids": position_ids_from_mask(attention_mask)} if "position_ids" in args else {}
+    logits = model(input_ids=seq, attention_mask=attention_mask, use_cache=False,
+                   **({"logits_to_keep": logits_to_keep} if logits_to_keep and "logits_to_keep" in args else {}),
+                   **kw).logits
+    return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+
+def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                    entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(seq[t+1] | seq[<=t]) for t >= start (the answer part), [B, L-1-start], and optionally the per-token
+    entropy there. One fp32 log-softmax serves both; logits are computed only where they are used."""
+    logits = lm_forward(model, seq, attention_mask, logits_to_keep=seq.shape[1] - start)[:, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    del logits
+    lp = logp.gather(-1, seq[:, start + 1:].unsqueeze(-1)).squeeze(-1)
+    ent = None
+    if entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent
+
+
+def full_width(answer_part: torch.Tensor, start: int) -> torch.Tensor:
+    """Pad [B, L-1-start] answer log-probs back to the [B, L-1] layout of the reference (prompt part zero)."""
+    return torch.nn.functional.pad(answer_part, (start, 0))
 
 
 def answer_attention_mask(seq: torch.Tensor, prompt_mask: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
@@ -189,10 +217,9 @@ def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, promp
     unwrap(actor).eval()
     if critic is not None:
         unwrap(critic).eval()
-    logits = lm_forward(actor, seq, mask)
-    logprobs = rm.gather_log_probs(logits[:, :-1], seq[:, 1:])
-    del logits
-    ref_logprobs = rm.gather_log_probs(lm_forward(ref, seq, mask)[:, :-1], seq[:, 1:])
+    start = prompt_len - 1
+    logprobs = full_width(answer_logprobs(actor, seq, mask, start)[0], start)
+    ref_logprobs = full_width(answer_logprobs(ref, seq, mask, start)[0], start)
     score = reward_scores(reward_model, seq, mask)
     values = critic(seq, attention_mask=mask)[:, :-1].float() if critic is not None else None
     for m, w in zip([m for m in (actor, critic) if m is not None], was):
@@ -261,11 +288,9 @@ def train_micro_batch(exp: Experience, actor, critic, strategy, policy_loss: rm.
     ``max_ratio``) is decided jointly over all ranks, which then all skip backward and step together."""
     start = exp.start
     mask = exp.action_mask[:, start:]
-    logits = lm_forward(actor, exp.seq, exp.attention_mask)[:, :-1]
-    logprobs = rm.gather_log_probs(logits, exp.seq[:, 1:])[:, start:]
-    with torch.no_grad() if policy_loss.entropy_coef == 0 else contextlib.nullcontext():
-        entropy = rm.entropy_from_logits(logits[:, start:])
-    del logits
+    # the entropy is only logged unless it is part of the loss: no graph through it then
+    logprobs, entropy = answer_logprobs(actor, exp.seq, exp.attention_mask, start, entropy=True,
+                                        entropy_grad=policy_loss.entropy_coef != 0)
     if algo == "ppo":
         out = policy_loss(logprobs, exp.logprobs[:, start:], exp.advantages, mask, entropy)
     else:
