@@ -24,10 +24,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from chatrlhf.config import parse_config
-from chatrlhf.errors import UserError
 from chatrlhf.utils import atomic_write_json
 
 logger = logging.getLogger("chatrlhf.demo")
