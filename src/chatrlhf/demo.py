@@ -343,8 +343,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     import torch
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))  # inherited by the step subprocesses
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # inherited by the step subprocesses
+    torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
     t0 = time.time()
     print(f"[chatrlhf demo] building tiny models and the built-in task in {out / 'assets'}", flush=True)
