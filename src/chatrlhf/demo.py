@@ -46,7 +46,9 @@ class DemoConfig:
                 "idle 2-core CPU and ~20x faster when other processes compete for the cores (OpenMP spin-waits)."})
     n_eval_prompts: int = field(default=40, metadata={"help": "Held-out prompts for the before/after evaluation."})
     n_samples: int = field(default=6, metadata={"help": "Answers shown side by side."})
-    max_new_tokens: int = field(default=24, metadata={"help": "Greedy answer length limit in the evaluation."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Answer length limit in the evaluation."})
+    eval_samples: int = field(default=4, metadata={
+        "help": "Sampled answers per held-out prompt (temperature 1, as in rollouts) besides the greedy one; 0: off."})
     sft: dict = field(default_factory=dict, metadata={
         "help": "Step-1 options over the demo's tuned ones: --sft '{max_steps: 50}' or a YAML section in --config."})
     reward: dict = field(default_factory=dict, metadata={"help": "Step-2 options over the demo's tuned ones."})
@@ -61,7 +63,11 @@ class DemoConfig:
 ACTOR = {"hidden": 128, "layers": 4, "heads": 4, "vocab": 512, "max_positions": 128}
 REWARD = {"hidden": 96, "layers": 3, "heads": 4, "vocab": 512, "max_positions": 128}
 PRETRAIN_STEPS = 300  # ~2.4 passes over the 4000-line task corpus (the loss plateaus there)
-TASK = {"n_sft": 2000, "n_pairs": 3000, "n_eval": 300, "n_heldout": 40, "noise": 0.35}
+# SFT (step 1) learns from the SFT-only set only (data_split 0,6,4), whose noisy chosen answers mostly go on with a
+# fake next turn (chatrlhf.task.SFT_FLAWS): the SFT actor inherits DeepSpeed-Chat's typical flaw, which the reward
+# model (gold-ordered pairs) learns to penalise and PPO can remove - one decision per answer (EOS vs " Human:").
+TASK = {"n_sft": 2000, "n_pairs": 3000, "n_eval": 300, "n_heldout": 40, "noise": 0.35, "sft_noise": 0.7}
+DATA_SPLIT = "0,6,4"
 
 STEP_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"max_steps": 160, "per_device_train_batch_size": 16, "max_seq_len": 96, "learning_rate": 3e-4,
@@ -78,7 +84,7 @@ STEP_DEFAULTS: dict[str, dict[str, Any]] = {
 QUICK_ACTOR = {"hidden": 32, "layers": 1, "heads": 2, "vocab": 320, "max_positions": 64}
 QUICK_REWARD = QUICK_ACTOR
 QUICK_PRETRAIN_STEPS = 5
-QUICK_TASK = {"n_sft": 64, "n_pairs": 96, "n_eval": 32, "n_heldout": 8, "noise": 0.35}
+QUICK_TASK = {"n_sft": 64, "n_pairs": 96, "n_eval": 32, "n_heldout": 8, "noise": 0.35, "sft_noise": 0.7}
 QUICK_STEPS: dict[str, dict[str, Any]] = {
     "sft": {"max_steps": 4, "per_device_train_batch_size": 8, "max_seq_len": 64, "learning_rate": 1e-3,
             "skip_bad_rows": True, "log_interval": 2},
@@ -166,7 +172,7 @@ def pipeline_config(out: Path, assets: dict[str, Path], cfg: DemoConfig):
     pcfg = TrainPipelineConfig(
         actor_model=str(assets["actor"]), reward_model=str(assets["reward"]), data_path=[str(assets["task"] / "data")],
         sft_only_data_path=[str(assets["task"] / "sft" / "data")],
-        data_split="2,4,4", output_dir=str(out), deployment_type=cfg.deployment_type, seed=cfg.seed,
+        data_split=DATA_SPLIT, output_dir=str(out), deployment_type=cfg.deployment_type, seed=cfg.seed,
         sft=sections["sft"], reward=sections["reward"], ppo=sections["ppo"])
     pcfg.validate()
     return pcfg
@@ -200,6 +206,33 @@ def greedy_answers(model, tok, prompts: Sequence[str], max_new_tokens: int, batc
                     break
                 ids.append(t)
             out.append(ids)
+    return out
+
+
+def sampled_answers(model, tok, prompts: Sequence[str], max_new_tokens: int, n: int, seed: int,
+                    batch_size: int = 16) -> list[list[list[int]]]:
+    """n answers per prompt sampled at temperature 1 (top_p 1, top_k off: the rollout distribution), cut at EOS."""
+    import torch
+
+    torch.manual_seed(seed)
+    out: list[list[list[int]]] = []
+    eos = tok.eos_token_id
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                                 top_k=0, num_return_sequences=n, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+        rows = gen[:, enc["input_ids"].shape[1]:].tolist()
+        for j in range(0, len(rows), n):
+            group = []
+            for row in rows[j:j + n]:
+                ids = []
+                for t in row:
+                    if t == eos:
+                        break
+                    ids.append(t)
+                group.append(ids)
+            out.append(group)
     return out
 
 
@@ -255,7 +288,7 @@ def reward_accuracy(rm_path: Path, pairs: Sequence[dict], max_len: int, batch_si
 
 def evaluate(out: Path, assets: dict[str, Path], cfg: DemoConfig) -> dict[str, Any]:
     """SFT actor vs final actor on held-out prompts with the gold scorer; RM accuracy; KL; samples."""
-    from chatrlhf.task import classify_answer, gold_score, gold_win_rate, read_heldout
+    from chatrlhf.task import classify_answer, gold_score, gold_summary, gold_win_rate, read_heldout
 
     held = read_heldout(assets["task"] / "heldout.jsonl")[: cfg.n_eval_prompts]
     prompts = [h["prompt"] for h in held]
@@ -273,6 +306,20 @@ def evaluate(out: Path, assets: dict[str, Path], cfg: DemoConfig) -> dict[str, A
         ks = [classify_answer(p, a) for p, a in zip(prompts, answers)]
         return {k: ks.count(k) / len(ks) for k in ("clean", "ramble", "fake_turn", "never_stop", "wrong", "empty")}
 
+    if cfg.eval_samples > 0:  # the policy as PPO sees it: temperature-1 samples, several per prompt
+        sft_s = sampled_answers(sft_model, tok, prompts, cfg.max_new_tokens, cfg.eval_samples, cfg.seed)
+        final_s = sampled_answers(final_model, tok, prompts, cfg.max_new_tokens, cfg.eval_samples, cfg.seed)
+        flat_p = [p for p in prompts for _ in range(cfg.eval_samples)]
+        sft_st = [tok.decode(a, skip_special_tokens=True) for g in sft_s for a in g]
+        final_st = [tok.decode(a, skip_special_tokens=True) for g in final_s for a in g]
+        sampled = {"samples_per_prompt": cfg.eval_samples, "sft": gold_summary(flat_p, sft_st),
+                   "final": gold_summary(flat_p, final_st)}
+        k = cfg.eval_samples
+        per_prompt = lambda txt: [sum(gold_score(p, a) for a in txt[i * k:(i + 1) * k]) / k for i, p in enumerate(prompts)]
+        sampled["win_rate_final_vs_sft"] = gold_win_rate(per_prompt(final_st), per_prompt(sft_st))
+    else:
+        sampled = None
+
     eval_pairs = json.loads((assets["task"] / "data" / "eval.json").read_text(encoding="utf-8"))
     res: dict[str, Any] = {
         "n_prompts": len(prompts),
@@ -285,6 +332,7 @@ def evaluate(out: Path, assets: dict[str, Path], cfg: DemoConfig) -> dict[str, A
         "answer_tokens_final": sum(map(len, final_ids)) / len(final_ids),
         "kinds_sft": kinds(sft_txt),
         "kinds_final": kinds(final_txt),
+        "sampled": sampled,
         "kl_final_to_sft": answer_kl(final_model, sft_model, tok, prompts, final_ids),
         **reward_accuracy(out / "step2_reward", eval_pairs, _step_value(out / "step2_reward", "max_seq_len", 512)),
     }
@@ -314,17 +362,25 @@ def format_table(summary: dict[str, Any]) -> str:
     t = summary.get("wall_s", {})
     rows = [
         ("held-out prompts", f"{e['n_prompts']}", ""),
-        ("gold score (mean)", f"{e['gold_sft']:.3f}", f"{e['gold_final']:.3f}"),
+        ("greedy: gold score (mean)", f"{e['gold_sft']:.3f}", f"{e['gold_final']:.3f}"),
         ("exactly right and stops", f"{e['pass_sft']:.1%}", f"{e['pass_final']:.1%}"),
         ("answer tokens (mean)", f"{e['answer_tokens_sft']:.1f}", f"{e['answer_tokens_final']:.1f}"),
     ]
     for k in ("clean", "ramble", "fake_turn", "never_stop", "wrong", "empty"):
         rows.append((f"  {k}", f"{e['kinds_sft'][k]:.0%}", f"{e['kinds_final'][k]:.0%}"))
+    sm = e.get("sampled")
+    if sm:
+        rows.append((f"sampled (T=1, {sm['samples_per_prompt']}/prompt): gold", f"{sm['sft']['gold_mean']:.3f}",
+                     f"{sm['final']['gold_mean']:.3f}"))
+        rows.append(("  exactly right and stops", f"{sm['sft']['gold_pass']:.1%}", f"{sm['final']['gold_pass']:.1%}"))
+        for k in ("clean", "ramble", "fake_turn", "never_stop", "wrong", "empty"):
+            rows.append((f"  {k}", f"{sm['sft']['kind_' + k]:.0%}", f"{sm['final']['kind_' + k]:.0%}"))
     w = max(len(r[0]) for r in rows)
     lines = [f"{'':<{w}}  {'SFT actor':>10}  {'final actor':>11}"]
     lines += [f"{a:<{w}}  {b:>10}  {c:>11}" for a, b, c in rows]
     lines += ["",
-              f"gold win-rate of the final actor over the SFT actor: {e['win_rate_final_vs_sft']:.1%} (ties count half)",
+              f"gold win-rate of the final actor over the SFT actor: {e['win_rate_final_vs_sft']:.1%} greedy"
+              + (f", {sm['win_rate_final_vs_sft']:.1%} sampled (per-prompt mean)" if sm else "") + " (ties count half)",
               f"reward model held-out accuracy: {e['rm_accuracy']:.1%} on {e['rm_pairs']} pairs",
               f"KL(final || SFT), mean per answer token: {e['kl_final_to_sft']:.4f}",
               "wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items() if v is not None), "",

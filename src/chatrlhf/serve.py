@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from chatrlhf.config import parse_config
 from chatrlhf.errors import UserError
@@ -161,7 +161,7 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from chatrlhf.generation import (HUMAN_MARKER, ReplyCutter, SamplingParams, StreamResult, context_length,
+    from chatrlhf.generation import (HUMAN_MARKER, SamplingParams, StreamResult, context_length,
                                      generate, messages_to_prompt, stream_generate)
 
     ChatRequest, CompletionRequest = _schemas()

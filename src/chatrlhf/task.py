@@ -266,6 +266,9 @@ def make_answer(rng: random.Random, tname: str, args: dict, kind: str) -> str:
 # Which flaws a noisy *chosen* answer has, and what a clean chosen answer is paired against (weights).
 NOISY_CHOSEN = {"ramble": 0.35, "fake_turn": 0.25, "never_stop": 0.25, "wrong": 0.15}
 REJECTED = {"ramble": 0.25, "fake_turn": 0.2, "never_stop": 0.25, "wrong": 0.15, "truncated": 0.08, "empty": 0.07}
+# The SFT-only set's flaws when it has its own noise (write_task_dataset's sft_noise): dominated by DeepSpeed-Chat's
+# well-known SFT failure, the assistant going on with an invented next turn (" Human: ... Assistant: ...").
+SFT_FLAWS = {"fake_turn": 0.8, "ramble": 0.15, "never_stop": 0.05}
 # A pair must differ by at least this much gold score: near-ties only add label noise for the reward model.
 PAIR_MARGIN = 0.1
 
@@ -275,11 +278,12 @@ def _pick(rng: random.Random, weights: dict[str, float]) -> str:
     return rng.choices(names, weights=[weights[n] for n in names])[0]
 
 
-def _pair_row(rng: random.Random, tname: str, args: dict, noisy: bool) -> dict:
-    """One {prompt, chosen, rejected} row; rejected is strictly worse than chosen by gold score."""
+def _pair_row(rng: random.Random, tname: str, args: dict, noisy: bool, flaws: dict[str, float] | None = None) -> dict:
+    """One {prompt, chosen, rejected} row; rejected is strictly worse than chosen by gold score. A noisy chosen
+    answer's flaw is drawn from ``flaws`` (default NOISY_CHOSEN)."""
     question = _question(rng, tname, args)
     prompt = format_prompt(question)
-    c_kind = _pick(rng, NOISY_CHOSEN) if noisy else "clean"
+    c_kind = _pick(rng, flaws or NOISY_CHOSEN) if noisy else "clean"
     chosen = make_answer(rng, tname, args, c_kind)
     c_score = gold_score(question, chosen)
     for _ in range(50):
@@ -297,7 +301,8 @@ def _pair_row(rng: random.Random, tname: str, args: dict, noisy: bool) -> dict:
             "chosen_kind": c_kind, "rejected_kind": r_kind}
 
 
-def _pair_rows(rng: random.Random, items: list[tuple[str, dict]], n: int, noise: float) -> list[dict]:
+def _pair_rows(rng: random.Random, items: list[tuple[str, dict]], n: int, noise: float,
+               flaws: dict[str, float] | None = None) -> list[dict]:
     """n rows over items, stratified by template; exactly round(noise * n) have a flawed chosen answer."""
     by_t: dict[str, list[dict]] = {}
     for tname, args in items:
@@ -309,17 +314,18 @@ def _pair_rows(rng: random.Random, items: list[tuple[str, dict]], n: int, noise:
     rows = []
     for i in range(n):
         tname = names[i % len(names)] if i < n - n % len(names) else rng.choice(names)
-        rows.append(_pair_row(rng, tname, rng.choice(by_t[tname]), noisy_flags[i]))
+        rows.append(_pair_row(rng, tname, rng.choice(by_t[tname]), noisy_flags[i], flaws))
     rng.shuffle(rows)
     return rows
 
 
-def _unseen_rows(rng: random.Random, items: list[tuple[str, dict]], n: int, noise: float, seen: list[dict]) -> list[dict]:
+def _unseen_rows(rng: random.Random, items: list[tuple[str, dict]], n: int, noise: float, seen: list[dict],
+                 flaws: dict[str, float] | None = None) -> list[dict]:
     """n rows none of which repeats a (prompt, chosen, rejected) triple of ``seen`` (so eval is truly held out)."""
     seen_keys = {(r["prompt"], r["chosen"], r["rejected"]) for r in seen}
     out: list[dict] = []
     for _ in range(20):
-        fresh = [r for r in _pair_rows(rng, items, 2 * n, noise) if (r["prompt"], r["chosen"], r["rejected"]) not in seen_keys]
+        fresh = [r for r in _pair_rows(rng, items, 2 * n, noise, flaws) if (r["prompt"], r["chosen"], r["rejected"]) not in seen_keys]
         for r in fresh:  # keep the noise fraction: take noisy and clean rows in proportion
             seen_keys.add((r["prompt"], r["chosen"], r["rejected"]))
         out += fresh
@@ -398,7 +404,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def write_task_dataset(out_dir: str | Path, seed: int = 1234, n_sft: int = 2000, n_pairs: int = 3000,
                        n_eval: int = 300, n_heldout: int = 40, k: int = 4, noise: float = 0.35,
-                       n_kwise: int | None = None, n_corpus: int = 4000, disjoint_eval: bool = True) -> dict[str, Path]:
+                       n_kwise: int | None = None, n_corpus: int = 4000, disjoint_eval: bool = True,
+                       sft_noise: float | None = None, sft_flaws: dict[str, float] | None = None) -> dict[str, Path]:
     """Write the built-in task's files under ``out_dir``; returns their paths by name.
 
     - ``data/train.json`` (n_pairs rows), ``data/eval.json`` (n_eval rows): JSON lists of {prompt, chosen,
@@ -406,8 +413,11 @@ def write_task_dataset(out_dir: str | Path, seed: int = 1234, n_sft: int = 2000,
       ``out_dir`` (use ``--data_path out_dir`` with ``--data_split``). round(noise * n) chosen answers are flawed;
       rejected is always worse by at least PAIR_MARGIN gold score (or is the empty answer). No eval row repeats a training row; with
       ``disjoint_eval`` eval questions also come from task items never used in training (a harder test).
-    - ``sft/data/train.json`` (n_sft rows) and ``sft/data/eval.json``: the same layout and noise, extra SFT data
-      for ``--sft_only_data_path out_dir/sft``.
+    - ``sft/data/train.json`` (n_sft rows) and ``sft/data/eval.json``: the same layout, extra SFT data for
+      ``--sft_only_data_path out_dir/sft``. Its noise is ``noise`` with NOISY_CHOSEN's flaw mix, unless
+      ``sft_noise`` is given: then round(sft_noise * n) chosen answers are flawed with the kinds weighted by
+      ``sft_flaws`` (default SFT_FLAWS, dominated by fake next turns - DeepSpeed-Chat's typical SFT flaw). Rows
+      stay gold-ordered either way; only the chosen answers (what SFT imitates) change.
     - ``kwise.jsonl``: {prompt, answers [best..worst], gold [strictly decreasing], kinds}.
     - ``heldout.jsonl``: {prompt, question, answer, task} on items never seen in train or eval rows.
     - ``corpus.txt``: one text per line for tokenizer training; ``meta.json``: arguments and counts.
@@ -416,14 +426,23 @@ def write_task_dataset(out_dir: str | Path, seed: int = 1234, n_sft: int = 2000,
         raise UserError(f"noise must be in [0, 1], got {noise}")
     if k < 2:
         raise UserError(f"k must be at least 2, got {k}")
+    if sft_noise is not None and not 0.0 <= sft_noise <= 1.0:
+        raise UserError(f"sft_noise must be in [0, 1], got {sft_noise}")
+    if sft_flaws is not None:
+        bad = [f for f, w in sft_flaws.items() if f not in FLAW_KINDS or w < 0]
+        if bad or not sft_flaws or sum(sft_flaws.values()) <= 0:
+            raise UserError(f"sft_flaws must map flaw kinds {FLAW_KINDS} to non-negative weights; got {sft_flaws}")
+    s_noise = noise if sft_noise is None else sft_noise
+    s_flaws = None if sft_noise is None else dict(sft_flaws or SFT_FLAWS)
     out = Path(out_dir)
     train_items, eval_items, held_items = _split_items(random.Random(f"{seed}-split"), n_heldout, eval_frac=0.1)
     if not disjoint_eval:  # eval rows come from the training items (as a random split would), never as seen rows
         train_items = eval_items = train_items + eval_items
     train = _pair_rows(random.Random(f"{seed}-train"), train_items, n_pairs, noise)
-    sft = _pair_rows(random.Random(f"{seed}-sft"), train_items, n_sft, noise)
+    sft = _pair_rows(random.Random(f"{seed}-sft"), train_items, n_sft, s_noise, s_flaws)
     evl = _unseen_rows(random.Random(f"{seed}-eval"), eval_items, n_eval, noise, seen=train + sft)
-    sft_eval = _unseen_rows(random.Random(f"{seed}-sft-eval"), eval_items, max(1, n_eval // 2), noise, seen=train + sft)
+    sft_eval = _unseen_rows(random.Random(f"{seed}-sft-eval"), eval_items, max(1, n_eval // 2), s_noise,
+                            seen=train + sft, flaws=s_flaws)
     krng = random.Random(f"{seed}-kwise")
     kwise = [_kwise_row(krng, *krng.choice(train_items), k) for _ in range(n_kwise if n_kwise is not None else n_pairs // 2)]
     hrng = random.Random(f"{seed}-heldout")
@@ -447,6 +466,8 @@ def write_task_dataset(out_dir: str | Path, seed: int = 1234, n_sft: int = 2000,
     noisy = sum(r["chosen_kind"] != "clean" for r in train)
     _write_json(paths["meta"], {
         "task": "chatrlhf built-in", "seed": seed, "noise": noise, "k": k, "disjoint_eval": disjoint_eval,
+        "sft_noise": s_noise, "sft_flaws": s_flaws or dict(NOISY_CHOSEN),
+        "sft_noisy_chosen_fraction": sum(r["chosen_kind"] != "clean" for r in sft) / max(1, len(sft)),
         "counts": {"train": len(train), "eval": len(evl), "sft_train": len(sft), "sft_eval": len(sft_eval),
                    "kwise": len(kwise), "heldout": len(heldout), "corpus": len(corpus)},
         "items": {"train": len(train_items), "eval": len(eval_items), "heldout": len(held_items)},
@@ -463,5 +484,5 @@ def read_heldout(path: str | Path) -> list[dict]:
 __all__ = [
     "PROMPT_PREFIX", "PROMPT_SUFFIX", "TEMPLATES", "WORDS", "FILLERS", "format_prompt", "extract_question",
     "parse_question", "expected_answer", "gold_score", "gold_pass", "gold_win_rate", "gold_summary",
-    "classify_answer", "make_answer", "task_corpus", "write_task_dataset", "read_heldout",
+    "classify_answer", "make_answer", "SFT_FLAWS", "task_corpus", "write_task_dataset", "read_heldout",
 ]

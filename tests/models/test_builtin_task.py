@@ -174,3 +174,41 @@ def test_in_distribution_eval_never_repeats_a_training_row(tmp_path):
     seen = {(r["prompt"], r["chosen"], r["rejected"]) for r in train}
     assert not seen & {(r["prompt"], r["chosen"], r["rejected"]) for r in evl}
     assert {parse_question(r["prompt"])[0] for r in evl} == {t for t, _ in map(parse_question, (r["prompt"] for r in train))}
+
+
+def test_sft_noise_gives_the_sft_set_a_dominant_fake_turn_flaw(tmp_path):
+    kw = dict(seed=11, n_sft=400, n_pairs=200, n_eval=40, n_heldout=8, n_corpus=20, noise=0.35)
+    p = write_task_dataset(tmp_path / "a", sft_noise=0.7, **kw)
+    sft = json.loads(p["sft_train"].read_text())
+    sft_eval = json.loads(p["sft_eval"].read_text())
+    train = json.loads(p["train"].read_text())
+    # exactly round(sft_noise * n) flawed SFT targets, and fake turns are the most common continuation
+    noisy = [r for r in sft if r["chosen_kind"] != "clean"]
+    assert len(noisy) == round(0.7 * 400)
+    assert sum(r["chosen_kind"] != "clean" for r in sft_eval) == round(0.7 * len(sft_eval))
+    n_fake = sum(r["chosen_kind"] == "fake_turn" for r in sft)
+    n_clean = len(sft) - len(noisy)
+    assert n_fake > n_clean and n_fake > 0.45 * len(sft), (n_fake, n_clean)
+    assert {r["chosen_kind"] for r in noisy} <= {"fake_turn", "ramble", "never_stop"}
+    assert all(classify_answer(r["prompt"], r["chosen"]) == "fake_turn" for r in noisy if r["chosen_kind"] == "fake_turn")
+    assert all(not gold_pass(r["prompt"], r["chosen"]) for r in noisy)
+    # the pairs keep their own noise and stay gold-ordered (the reward model learns clean > fake turn > worse)
+    assert sum(r["chosen_kind"] != "clean" for r in train) == round(0.35 * 200)
+    for r in train + sft:
+        assert gold_score(r["prompt"], r["chosen"]) >= gold_score(r["prompt"], r["rejected"]) + PAIR_MARGIN - 1e-9 \
+            or r["rejected"] == ""
+    assert any(r["chosen_kind"] == "clean" and r["rejected_kind"] == "fake_turn" for r in train)
+    meta = json.loads(p["meta"].read_text())
+    assert meta["sft_noise"] == 0.7 and meta["sft_noisy_chosen_fraction"] == 0.7
+    # deterministic, and sft_noise leaves the pair files untouched
+    q = write_task_dataset(tmp_path / "b", sft_noise=0.7, **kw)
+    r0 = write_task_dataset(tmp_path / "c", **kw)
+    for name in ("train", "eval", "sft_train", "sft_eval", "heldout"):
+        assert p[name].read_bytes() == q[name].read_bytes(), name
+    for name in ("train", "eval", "heldout"):
+        assert p[name].read_bytes() == r0[name].read_bytes(), name
+    assert p["sft_train"].read_bytes() != r0["sft_train"].read_bytes()
+    with pytest.raises(UserError, match="sft_noise"):
+        write_task_dataset(tmp_path / "d", sft_noise=-0.1, **kw)
+    with pytest.raises(UserError, match="sft_flaws"):
+        write_task_dataset(tmp_path / "d", sft_noise=0.5, sft_flaws={"sleepy": 1.0}, **kw)

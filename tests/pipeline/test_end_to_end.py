@@ -94,7 +94,7 @@ def test_killed_train_resumes_step1_from_its_checkpoint(quick_assets, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:]
     # the pipeline saw the checkpoint and the step restored it (its own resume line names the step)
     assert "step 1 (sft): resuming from " in r.stdout
-    assert f"[sft] resumed from " in r.stdout and f"at step {saved}" in r.stdout
+    assert "[sft] resumed from " in r.stdout and f"at step {saved}" in r.stdout
     done = json.loads((out / "step1_sft" / "done.json").read_text())
     assert done["metrics"]["global_step"] == 60
     # after the kill only the steps after the checkpoint were trained again

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from chatrlhf.errors import UserError
-from chatrlhf.utils import atomic_dir, atomic_write_json, logger
+from chatrlhf.utils import atomic_dir, atomic_write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Parameters whose names contain one of these get no weight decay (biases and all LayerNorm/RMSNorm weights).

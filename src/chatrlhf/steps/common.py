@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from chatrlhf.errors import ModelError, UserError
-from chatrlhf.utils import atomic_write_json, print_rank0
+from chatrlhf.utils import atomic_write_json
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -373,6 +373,36 @@ class Progress:
 
 def restore_progress(state: dict) -> Progress:
     return Progress(int(state["global_step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
+
+
+def setup_step(cfg: TrainConfig, what: str, frozen_copies: int = 0):
+    """Every check that can fail runs before a model is built: model dir, tokenizer, sequence length against the
+    model's positions, memory estimate (``frozen_copies`` extra inference-only copies, e.g. DPO's reference).
+    Returns (strategy, output dir, tokenizer)."""
+    from transformers import AutoConfig
+
+    from chatrlhf.models.loading import check_seq_len
+
+    check_model_dir(cfg.model_name_or_path)
+    strategy = build_strategy(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer_for(cfg)
+    check_seq_len(AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=Path(cfg.model_name_or_path).exists()),
+                  cfg.max_seq_len)
+    n = count_params_from_config(cfg.model_name_or_path)
+    memory_preflight(strategy, n, cfg, what=what, extra_frozen_params=frozen_copies * n)
+    return strategy, out, tokenizer
+
+
+def finish_step(step: str, cfg: TrainConfig, strategy, engine, tokenizer, out: Path, run_config: dict, writer,
+                summary: dict) -> dict:
+    """Final Hugging Face checkpoint, then done.json last (the pipeline's "this step finished" marker)."""
+    strategy.save_hf(engine, tokenizer, out, run_config, save_lora_adapter=cfg.save_lora_adapter)
+    writer.close()
+    write_done(out, step, summary)
+    strategy.finish()
+    return summary
 
 
 def write_done(output_dir: str | os.PathLike, step: str, metrics: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -89,18 +88,9 @@ def evaluate(engine, ref, loader, strategy, cfg: DPOConfig) -> dict:
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
-    from transformers import AutoConfig
+    from chatrlhf.models.loading import load_causal_lm
 
-    from chatrlhf.models.loading import check_seq_len, load_causal_lm
-
-    C.check_model_dir(cfg.model_name_or_path)
-    strategy = C.build_strategy(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = C.load_tokenizer_for(cfg)
-    check_seq_len(AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=True), cfg.max_seq_len)
-    n = C.count_params_from_config(cfg.model_name_or_path)
-    C.memory_preflight(strategy, n, cfg, what="policy + reference", extra_frozen_params=n)
+    strategy, out, tokenizer = C.setup_step(cfg, what="policy + reference", frozen_copies=1)
 
     train_ds, eval_ds = build_phase_datasets(2, cfg, tokenizer)
     collate = PairCollator(tokenizer.pad_token_id)
@@ -148,13 +138,9 @@ def run_dpo(cfg: DPOConfig) -> dict:
     writer.log("eval", prog.global_step, **final)
     C.log_line(f"[dpo] final step {prog.global_step}: margin {final['reward_margin']:.4f} accuracy "
                f"{final['accuracy']:.3f} loss {final['eval_loss']:.4f}")
-    strategy.save_hf(engine, tokenizer, out, run_config, save_lora_adapter=cfg.save_lora_adapter)
     summary = {"global_step": prog.global_step, "train_loss": last.get("loss", float("nan")),
                "reward_margin_start": first["reward_margin"], **final}
-    writer.close()
-    C.write_done(out, STEP, summary)
-    strategy.finish()
-    return summary
+    return C.finish_step(STEP, cfg, strategy, engine, tokenizer, out, run_config, writer, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,8 @@ import time
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn as nn
 
 from chatrlhf import rlhf_math as rm
-from chatrlhf.utils import logger
 
 
 def unwrap(model):

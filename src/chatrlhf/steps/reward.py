@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -79,19 +78,11 @@ def evaluate(engine, loader, strategy, cfg: RewardConfig) -> dict:
 
 
 def run_reward(cfg: RewardConfig) -> dict:
-    from transformers import AutoConfig
-
-    from chatrlhf.models.loading import check_seq_len, num_padding_at_beginning
+    from chatrlhf.models.loading import num_padding_at_beginning
     from chatrlhf.models.reward_model import load_reward_model
 
     # ---- set-up: checks first ----------------------------------------------------------------------------
-    C.check_model_dir(cfg.model_name_or_path)
-    strategy = C.build_strategy(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = C.load_tokenizer_for(cfg)
-    check_seq_len(AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=True), cfg.max_seq_len)
-    C.memory_preflight(strategy, C.count_params_from_config(cfg.model_name_or_path), cfg, what="reward model")
+    strategy, out, tokenizer = C.setup_step(cfg, what="reward model")
     npb = cfg.num_padding_at_beginning if cfg.num_padding_at_beginning >= 0 else num_padding_at_beginning(tokenizer)
 
     train_ds, eval_ds = build_phase_datasets(2, cfg, tokenizer)
@@ -146,13 +137,9 @@ def run_reward(cfg: RewardConfig) -> dict:
                f"{final['rejected_score']:.3f} gap {final['score_gap']:.3f} accuracy {final['accuracy']:.3f} "
                f"loss {final['eval_loss']:.4f}")
 
-    strategy.save_hf(engine, tokenizer, out, run_config, save_lora_adapter=cfg.save_lora_adapter)
     summary = {"global_step": prog.global_step, "train_loss": last.get("loss", float("nan")),
                "accuracy_start": first["accuracy"], **final}
-    writer.close()
-    C.write_done(out, STEP, summary)
-    strategy.finish()
-    return summary
+    return C.finish_step(STEP, cfg, strategy, engine, tokenizer, out, run_config, writer, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

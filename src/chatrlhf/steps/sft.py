@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,18 +57,8 @@ def evaluate(engine, loader, strategy, cfg: SFTConfig) -> dict:
 
 
 def run_sft(cfg: SFTConfig) -> dict:
-    from chatrlhf.models.loading import check_seq_len
-
     # ---- set-up: every check that can fail runs before the model is built ----------------------------------
-    C.check_model_dir(cfg.model_name_or_path)
-    strategy = C.build_strategy(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = C.load_tokenizer_for(cfg)
-    from transformers import AutoConfig
-
-    check_seq_len(AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=True), cfg.max_seq_len)
-    C.memory_preflight(strategy, C.count_params_from_config(cfg.model_name_or_path), cfg, what="actor")
+    strategy, out, tokenizer = C.setup_step(cfg, what="actor")
 
     train_ds, eval_ds = build_phase_datasets(1, cfg, tokenizer)
     collate = SFTCollator(tokenizer.pad_token_id)
@@ -115,14 +104,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     writer.log("eval", prog.global_step, **final)
     C.log_line(f"[sft] final step {prog.global_step} eval_loss {final['eval_loss']:.4f} "
                f"perplexity {final['perplexity']:.2f}")
-    strategy.save_hf(engine, tokenizer, out, run_config, save_lora_adapter=cfg.save_lora_adapter)
     summary = {"global_step": prog.global_step, "train_loss": last_loss,
                "eval_loss_start": first_eval["eval_loss"], "eval_loss": final["eval_loss"],
                "perplexity": final["perplexity"]}
-    writer.close()
-    C.write_done(out, STEP, summary)
-    strategy.finish()
-    return summary
+    return C.finish_step(STEP, cfg, strategy, engine, tokenizer, out, run_config, writer, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
