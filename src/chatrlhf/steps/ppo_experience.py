@@ -326,11 +326,12 @@ def train_unsupervised(batch: dict, actor, strategy, unsup_coef: float) -> float
     out = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 use_cache=False)
     loss = out.loss
-    if not _finite(loss) or strategy.all_reduce_sum(0.0 if _finite(loss) else 1.0).item() > 0:
+    # every rank takes part in the vote (a rank that returned early would leave the others waiting in it)
+    if strategy.all_reduce_sum(0.0 if _finite(loss) else 1.0).item() > 0:
         return float("nan")
     strategy.backward(loss * unsup_coef, actor)
     strategy.step(actor)
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
