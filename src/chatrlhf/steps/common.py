@@ -92,14 +92,16 @@ class TrainConfig:
 
 
 # ---- strategy, tokenizer, model --------------------------------------------------------------------------------
-def build_strategy(cfg: TrainConfig):
+def build_strategy(cfg: TrainConfig, zero_stage: int | None = None, micro_batch: int | None = None):
+    """The strategy from the shared flags; PPO passes its actor's ZeRO stage and training micro-batch."""
     from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig
 
     if cfg.local_rank >= 0:
         os.environ.setdefault("LOCAL_RANK", str(cfg.local_rank))
     s = DeepSpeedStrategy(StrategyConfig(
-        zero_stage=cfg.zero_stage, offload=cfg.offload, dtype=cfg.dtype, gradient_clipping=cfg.gradient_clipping,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        zero_stage=cfg.zero_stage if zero_stage is None else zero_stage, offload=cfg.offload, dtype=cfg.dtype,
+        gradient_clipping=cfg.gradient_clipping,
+        per_device_train_batch_size=micro_batch or cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, seed=cfg.seed))
     s.setup_distributed()
     return s
@@ -393,6 +395,37 @@ def setup_step(cfg: TrainConfig, what: str, frozen_copies: int = 0):
     n = count_params_from_config(cfg.model_name_or_path)
     memory_preflight(strategy, n, cfg, what=what, extra_frozen_params=frozen_copies * n)
     return strategy, out, tokenizer
+
+
+def phase_loaders(phase: int, cfg, tokenizer, strategy, collate):
+    """Train/eval dataloaders of a data phase and the run's optimizer-step count."""
+    from chatrlhf.data import build_phase_datasets
+
+    train_ds, eval_ds = build_phase_datasets(phase, cfg, tokenizer)
+    train_dl = make_dataloader(train_ds, collate, cfg.per_device_train_batch_size, strategy, True, cfg.seed)
+    eval_dl = make_dataloader(eval_ds, collate, cfg.per_device_eval_batch_size, strategy, False, cfg.seed)
+    return train_dl, eval_dl, total_steps_for(cfg, len(train_dl))[1]
+
+
+def start_run(step: str, cfg: TrainConfig, strategy, engine, tokenizer, out: Path, run_config: dict):
+    """Resume from the latest checkpoint (when there is one), open the metrics writer, and return a
+    ``save_checkpoint()`` that writes resumable state plus a Hugging Face copy under ``out/checkpoints``."""
+    from chatrlhf.metrics import MetricsWriter
+
+    prog = Progress()
+    ckpt = resolve_resume(cfg)
+    if ckpt is not None:
+        prog = restore_progress(strategy.load_state({"model": engine}, ckpt))
+        log_line(f"[{step}] resumed from {ckpt} at step {prog.global_step} (epoch {prog.epoch}, "
+                 f"batch {prog.batch_in_epoch})")
+    writer = MetricsWriter(out, (cfg.tensorboard_path or out / "tensorboard") if cfg.enable_tensorboard else None)
+
+    def save_checkpoint() -> None:
+        sdir = strategy.save_state({"model": engine}, out / "checkpoints", prog.global_step, prog.as_dict(),
+                                   keep_last=cfg.keep_last_checkpoints)
+        strategy.save_hf(engine, tokenizer, sdir / "hf_model", run_config)
+
+    return prog, writer, save_checkpoint
 
 
 def finish_step(step: str, cfg: TrainConfig, strategy, engine, tokenizer, out: Path, run_config: dict, writer,

@@ -160,20 +160,6 @@ def _view(cfg: PPOConfig, who: str) -> TrainConfig:
     return TrainConfig(**d)
 
 
-def build_strategy(cfg: PPOConfig):
-    from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig
-    import os
-
-    if cfg.local_rank >= 0:
-        os.environ.setdefault("LOCAL_RANK", str(cfg.local_rank))
-    s = DeepSpeedStrategy(StrategyConfig(
-        zero_stage=cfg.actor_zero_stage, offload=cfg.offload, dtype=cfg.dtype, gradient_clipping=cfg.gradient_clipping,
-        per_device_train_batch_size=cfg.per_device_training_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, seed=cfg.seed))
-    s.setup_distributed()
-    return s
-
-
 def load_actor_like(cfg: PPOConfig, strategy, tokenizer, zero_stage: int, train: bool, lora: bool):
     """Actor, reference or EMA: the step-1 model, partitioned at load under ZeRO-3."""
     from chatrlhf.models.loading import load_causal_lm
@@ -294,7 +280,7 @@ def _all_reduce_max(strategy, x: float) -> float:
 def run_ppo(cfg: PPOConfig) -> dict:
     cfg.validate()
     out_dir = Path(cfg.output_dir)
-    strategy = build_strategy(cfg)
+    strategy = common.build_strategy(cfg, zero_stage=cfg.actor_zero_stage, micro_batch=cfg.per_device_training_batch_size)
     device = strategy.device
     rank0 = strategy.is_rank0
     ppo = cfg.algo == "ppo"

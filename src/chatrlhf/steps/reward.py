@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from chatrlhf.config import parse_config
-from chatrlhf.data import DataConfig, PairCollator, build_phase_datasets
+from chatrlhf.data import DataConfig, PairCollator
 from chatrlhf.errors import UserError
 from chatrlhf.losses import KWiseLoss, LastTokenPairLoss, PairWiseLoss
-from chatrlhf.metrics import MetricsWriter
 from chatrlhf.steps import common as C
 from chatrlhf.steps.common import TrainConfig
 
@@ -85,11 +84,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     strategy, out, tokenizer = C.setup_step(cfg, what="reward model")
     npb = cfg.num_padding_at_beginning if cfg.num_padding_at_beginning >= 0 else num_padding_at_beginning(tokenizer)
 
-    train_ds, eval_ds = build_phase_datasets(2, cfg, tokenizer)
-    collate = PairCollator(tokenizer.pad_token_id)
-    train_dl = C.make_dataloader(train_ds, collate, cfg.per_device_train_batch_size, strategy, True, cfg.seed)
-    eval_dl = C.make_dataloader(eval_ds, collate, cfg.per_device_eval_batch_size, strategy, False, cfg.seed)
-    _, total_steps = C.total_steps_for(cfg, len(train_dl))
+    train_dl, eval_dl, total_steps = C.phase_loaders(2, cfg, tokenizer, strategy, PairCollator(tokenizer.pad_token_id))
 
     with strategy.zero3_init_context():
         model = load_reward_model(cfg.model_name_or_path, dtype=strategy.torch_dtype, num_padding_at_beginning=npb,
@@ -102,18 +97,8 @@ def run_reward(cfg: RewardConfig) -> dict:
     optimizer, scheduler = C.create_optimizer_and_scheduler(strategy, model, cfg, total_steps)
     engine = strategy.prepare(model, optimizer, scheduler)
 
-    prog = C.Progress()
-    ckpt = C.resolve_resume(cfg)
-    if ckpt is not None:
-        prog = C.restore_progress(strategy.load_state({"model": engine}, ckpt))
-        C.log_line(f"[reward] resumed from {ckpt} at step {prog.global_step}")
-    writer = MetricsWriter(out, (cfg.tensorboard_path or out / "tensorboard") if cfg.enable_tensorboard else None)
     run_config = {"step": STEP, **dataclasses.asdict(cfg), "num_padding_at_beginning": npb}
-
-    def save_checkpoint() -> None:
-        sdir = strategy.save_state({"model": engine}, out / "checkpoints", prog.global_step, prog.as_dict(),
-                                   keep_last=cfg.keep_last_checkpoints)
-        strategy.save_hf(engine, tokenizer, sdir / "hf_model", run_config)
+    prog, writer, save_checkpoint = C.start_run(STEP, cfg, strategy, engine, tokenizer, out, run_config)
 
     def compute_loss(batch):
         values = engine(batch["input_ids"], batch["attention_mask"])

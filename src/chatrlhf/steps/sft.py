@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from chatrlhf.config import parse_config
-from chatrlhf.data import DataConfig, SFTCollator, build_phase_datasets
-from chatrlhf.metrics import MetricsWriter
+from chatrlhf.data import DataConfig, SFTCollator
 from chatrlhf.steps import common as C
 from chatrlhf.steps.common import TrainConfig
 
@@ -60,30 +59,14 @@ def run_sft(cfg: SFTConfig) -> dict:
     # ---- set-up: every check that can fail runs before the model is built ----------------------------------
     strategy, out, tokenizer = C.setup_step(cfg, what="actor")
 
-    train_ds, eval_ds = build_phase_datasets(1, cfg, tokenizer)
-    collate = SFTCollator(tokenizer.pad_token_id)
-    train_dl = C.make_dataloader(train_ds, collate, cfg.per_device_train_batch_size, strategy, True, cfg.seed)
-    eval_dl = C.make_dataloader(eval_ds, collate, cfg.per_device_eval_batch_size, strategy, False, cfg.seed)
-    per_epoch, total_steps = C.total_steps_for(cfg, len(train_dl))
+    train_dl, eval_dl, total_steps = C.phase_loaders(1, cfg, tokenizer, strategy, SFTCollator(tokenizer.pad_token_id))
 
     model = C.load_causal_lm_for(cfg, strategy, tokenizer)
     optimizer, scheduler = C.create_optimizer_and_scheduler(strategy, model, cfg, total_steps)
     engine = strategy.prepare(model, optimizer, scheduler)
 
-    prog = C.Progress()
-    ckpt = C.resolve_resume(cfg)
-    if ckpt is not None:
-        prog = C.restore_progress(strategy.load_state({"model": engine}, ckpt))
-        C.log_line(f"[sft] resumed from {ckpt} at step {prog.global_step} (epoch {prog.epoch}, "
-                   f"batch {prog.batch_in_epoch})")
-
-    writer = MetricsWriter(out, (cfg.tensorboard_path or out / "tensorboard") if cfg.enable_tensorboard else None)
     run_config = {"step": STEP, **dataclasses.asdict(cfg)}
-
-    def save_checkpoint() -> None:
-        sdir = strategy.save_state({"model": engine}, out / "checkpoints", prog.global_step, prog.as_dict(),
-                                   keep_last=cfg.keep_last_checkpoints)
-        strategy.save_hf(engine, tokenizer, sdir / "hf_model", run_config)
+    prog, writer, save_checkpoint = C.start_run(STEP, cfg, strategy, engine, tokenizer, out, run_config)
 
     # ---- eval before training, then the loop --------------------------------------------------------------
     first_eval = evaluate(engine, eval_dl, strategy, cfg)
