@@ -7,8 +7,12 @@
    ~80% pretrained). The corpus covers every task item with answers of every quality (the models' "world
    knowledge"); the held-out prompts never occur in the SFT, reward or PPO data.
 2. Steps 1 -> 2 -> 3 through ``chatrlhf train``'s run_train, with the demo's tuned per-step settings.
-3. Evaluation on held-out prompts (task items never seen in training): greedy answers of the SFT actor and of
-   the final (PPO) actor scored by the gold scorer, the gold win-rate of final over SFT, the reward model's
+   Step 1 learns from the SFT-only set alone (data_split 0,6,4), whose flawed targets mostly go on with a fake
+   next turn (DeepSpeed-Chat's typical SFT flaw); the reward model learns from gold-ordered pairs; PPO gets the
+   pairs' prompts and mostly has to learn to stop (EOS) instead of starting a " Human:" turn.
+3. Evaluation on held-out prompts (task items never seen in training): greedy answers (and ``eval_samples``
+   temperature-1 samples per prompt) of the SFT actor and of the final (PPO) actor scored by the gold scorer,
+   the gold win-rate of final over SFT (greedy; sampled: per-prompt means), the reward model's
    accuracy on held-out preference pairs, the KL of the final actor to the SFT actor (mean per answer token
    of the final actor's greedy answers), and a few answers side by side.
 4. OUTPUT/summary.json, a before/after table on the terminal, OUTPUT/report.md.
@@ -333,6 +337,10 @@ def evaluate(out: Path, assets: dict[str, Path], cfg: DemoConfig) -> dict[str, A
         "kinds_sft": kinds(sft_txt),
         "kinds_final": kinds(final_txt),
         "sampled": sampled,
+        # flat copies (X_sft / X_final pairs) so report.md's before/after table shows the sampled numbers too
+        **({"gold_sampled_sft": sampled["sft"]["gold_mean"], "gold_sampled_final": sampled["final"]["gold_mean"],
+            "pass_sampled_sft": sampled["sft"]["gold_pass"], "pass_sampled_final": sampled["final"]["gold_pass"],
+            "win_rate_sampled_final_vs_sft": sampled["win_rate_final_vs_sft"]} if sampled else {}),
         "kl_final_to_sft": answer_kl(final_model, sft_model, tok, prompts, final_ids),
         **reward_accuracy(out / "step2_reward", eval_pairs, _step_value(out / "step2_reward", "max_seq_len", 512)),
     }

@@ -48,6 +48,15 @@ def test_demo_quick_all_steps_then_rerun_skips_finished_steps(tmp_path):
     ev = summary["eval"]
     assert 0.0 <= ev["win_rate_final_vs_sft"] <= 1.0 and 0.0 <= ev["rm_accuracy"] <= 1.0
     assert ev["kl_final_to_sft"] >= 0.0 and ev["n_prompts"] > 0 and ev["samples"]
+    # sampled evaluation (temperature 1, several answers per prompt) next to the greedy one
+    sm = ev["sampled"]
+    assert sm["samples_per_prompt"] >= 2 and 0.0 <= sm["win_rate_final_vs_sft"] <= 1.0
+    for who in ("sft", "final"):
+        assert sm[who]["n"] == ev["n_prompts"] * sm["samples_per_prompt"] and 0.0 <= sm[who]["gold_mean"] <= 1.0
+        assert abs(sum(v for k, v in sm[who].items() if k.startswith("kind_")) - 1.0) < 1e-9
+    # step 1 learned from the SFT-only set alone (data_split 0,...), whose flawed targets are mostly fake turns
+    assert "data_split: 0,6,4" in (out / "step1_sft" / "step_config.yaml").read_text()
+    assert "sampled (T=1" in r.stdout
     assert all(summary["wall_s"][s] > 0 for s in ("sft", "reward", "ppo"))
     assert "gold win-rate of the final actor over the SFT actor" in r.stdout
     report = (out / "report.md").read_text()

@@ -3,16 +3,21 @@
 A small version of the demo, in one process: the built-in task with an SFT set whose flawed targets mostly go on
 with a fake next turn (DeepSpeed-Chat's typical SFT flaw), one tiny pretrained base, step 1 (SFT on that set only),
 step 2 (reward model on gold-ordered pairs), then short PPO / GRPO / RLOO runs. Each must raise the mean gold score
-of greedy answers on held-out prompts (task items never seen in training) above the SFT actor's.
+of greedy answers above the SFT actor's, on held-out prompts (task items never seen in training) and on seen
+questions (SFT-set items), and must at least halve the share of answers that go on with a fake turn.
 
-Measured on the 2-core CPU (seeded; see MARGIN): see the numbers in the module docstring's last line.
+Measured (2-core CPU, fixed seeds, identical on reruns; ~65 s for the file), mean greedy gold SFT -> final:
+  held-out (40 prompts): ppo 0.149 -> 0.264, grpo -> 0.257, rloo -> 0.265   (gain ~+0.11; asserted > +0.05)
+  seen (60 prompts):     ppo 0.215 -> 0.490, grpo -> 0.430, rloo -> 0.442   (gain +0.22..0.28; asserted > +0.1)
+  fake turns on seen prompts: 42% -> 0..3%. Held-out gains are capped: most held-out answers are wrong (unseen
+  items), which no reward model trained on other items can judge; what RLHF fixes is the fake turn.
 """
 
 import json
 
 import pytest
 
-from chatrlhf.task import gold_score, read_heldout, write_task_dataset
+from chatrlhf.task import gold_summary, read_heldout, write_task_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -20,18 +25,20 @@ TASK = dict(seed=1234, n_sft=1200, n_pairs=1600, n_eval=200, n_heldout=40, noise
 BASE = dict(hidden=96, layers=3, heads=4, vocab=512, max_positions=96)
 PRETRAIN_STEPS = 200
 MAX_NEW_TOKENS = 16
-# Gold gain (final - SFT, greedy, 40 held-out prompts) that each algorithm must beat; measured gains are several
-# times larger (see the test bodies).
-MARGIN = 0.1
+# Gold gain (final - SFT, greedy) each algorithm must beat per prompt set; about half the measured gains (above).
+MARGINS = {"heldout": 0.05, "seen": 0.1}
 
 
-def greedy_gold(model_dir, prompts) -> float:
+def greedy_gold(model_dir, prompt_sets: dict) -> dict:
+    """gold_summary of greedy answers per prompt set."""
     from chatrlhf.demo import _load_actor, greedy_answers
 
     model, tok = _load_actor(model_dir)
-    ids = greedy_answers(model, tok, prompts, MAX_NEW_TOKENS)
-    texts = [tok.decode(a, skip_special_tokens=True) for a in ids]
-    return sum(gold_score(p, a) for p, a in zip(prompts, texts)) / len(prompts)
+    out = {}
+    for name, prompts in prompt_sets.items():
+        ids = greedy_answers(model, tok, prompts, MAX_NEW_TOKENS)
+        out[name] = gold_summary(prompts, [tok.decode(a, skip_special_tokens=True) for a in ids])
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +66,13 @@ def trained(tmp_path_factory):
     run_reward(RewardConfig(model_name_or_path=str(base), output_dir=str(root / "rm"), max_steps=60,
                             per_device_train_batch_size=16, max_seq_len=80, learning_rate=3e-4, weight_decay=0.1,
                             log_interval=30, **data))
-    prompts = [h["prompt"] for h in read_heldout(paths["heldout"])]
-    return {"root": root, "data": data, "sft": root / "sft", "rm": root / "rm", "prompts": prompts,
-            "gold_sft": greedy_gold(root / "sft", prompts)}
+    # held-out: task items never seen in training; seen: 60 SFT-set questions (items the actor knows)
+    sft_rows = json.loads(paths["sft_train"].read_text())
+    prompts = {"heldout": [h["prompt"] for h in read_heldout(paths["heldout"])],
+               "seen": list(dict.fromkeys(r["prompt"] for r in sft_rows))[:60]}
+    gold = greedy_gold(root / "sft", prompts)
+    print(f"[ppo_gold] SFT: {json.dumps(gold)}", flush=True)
+    return {"root": root, "data": data, "sft": root / "sft", "rm": root / "rm", "prompts": prompts, "gold_sft": gold}
 
 
 def run_algo(trained, algo: str, **kw) -> float:
@@ -76,23 +87,34 @@ def run_algo(trained, algo: str, **kw) -> float:
     assert not res.get("stopped_reason") and res["steps"] == cfg.max_steps, res
     actor = out / "actor" if (out / "actor" / "config.json").is_file() else out
     gold = greedy_gold(actor, trained["prompts"])
-    print(f"[ppo_gold] {algo}: gold SFT {trained['gold_sft']:.3f} -> final {gold:.3f}", flush=True)
+    print(f"[ppo_gold] {algo}: {json.dumps(gold)}", flush=True)
+    for name in gold:
+        print(f"[ppo_gold] {algo} {name}: gold {trained['gold_sft'][name]['gold_mean']:.3f} -> {gold[name]['gold_mean']:.3f}"
+              f", fake turns {trained['gold_sft'][name]['kind_fake_turn']:.0%} -> {gold[name]['kind_fake_turn']:.0%}",
+              flush=True)
     return gold
 
 
 def test_sft_actor_has_the_fake_turn_flaw(trained):
     # the premise: SFT leaves room that the reward model can see (fake next turns cost gold)
-    assert trained["gold_sft"] < 0.6, trained["gold_sft"]
+    sft = trained["gold_sft"]
+    assert sft["seen"]["kind_fake_turn"] > 0.25 and sft["seen"]["gold_pass"] < 0.3, sft
+    assert sft["heldout"]["gold_mean"] < 0.5, sft
+
+
+def check_gain(trained, gold):
+    sft = trained["gold_sft"]
+    for name, margin in MARGINS.items():
+        assert gold[name]["gold_mean"] > sft[name]["gold_mean"] + margin, (name, sft[name], gold[name])
+    assert gold["seen"]["kind_fake_turn"] < sft["seen"]["kind_fake_turn"] / 2, (sft["seen"], gold["seen"])
 
 
 def test_ppo_raises_gold(trained):
-    gold = run_algo(trained, "ppo", max_steps=60, per_device_generation_batch_size=16,
-                    per_device_training_batch_size=16)
-    assert gold > trained["gold_sft"] + MARGIN, (trained["gold_sft"], gold)
+    check_gain(trained, run_algo(trained, "ppo", max_steps=60, per_device_generation_batch_size=16,
+                                 per_device_training_batch_size=16))
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_group_algorithms_raise_gold(trained, algo):
-    gold = run_algo(trained, algo, num_samples_per_prompt=4, max_steps=40, per_device_generation_batch_size=8,
-                    per_device_training_batch_size=16)
-    assert gold > trained["gold_sft"] + MARGIN, (trained["gold_sft"], gold)
+    check_gain(trained, run_algo(trained, algo, num_samples_per_prompt=4, max_steps=40,
+                                 per_device_generation_batch_size=8, per_device_training_batch_size=16))
