@@ -158,6 +158,7 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -282,8 +283,11 @@ def create_app(cfg: ServeConfig, model, tokenizer):
         result = StreamResult()
         it = stream_generate(model, tokenizer, prompt, params, cut=True, strip=strip, result=result, cancel=cancel)
         done = object()
+        started = False
 
         async def events():
+            nonlocal started
+            started = True
             acquired = False
             try:
                 await admission.acquire()
@@ -312,8 +316,14 @@ def create_app(cfg: ServeConfig, model, tokenizer):
                     await anyio.to_thread.run_sync(it.close)
                 admission.release(acquired)
 
+        def release_if_never_started() -> None:
+            # a client that leaves before the body starts never runs events(): its reserved place is freed here
+            if not started:
+                admission.release(False)
+
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(release_if_never_started))
 
     # ---- routes
     @app.get("/health")

@@ -32,6 +32,8 @@ def setup_env() -> None:
     # One cache per user, not per working directory: the shm_comm op takes tens of seconds to compile.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "chatrlhf" / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # our own progress bars show the work; the per-file "Loading weights"/"Writing model shards" bars only clutter
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

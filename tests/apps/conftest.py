@@ -5,8 +5,6 @@ session, written to a temp dir like a real checkpoint (safetensors + tokenizer +
 
 from __future__ import annotations
 
-import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -85,12 +83,3 @@ def apps_model(apps_model_dir):
     return load_for_inference(apps_model_dir)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_metrics(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import write_metrics
+from apps_helpers import write_metrics
 
 from chatrlhf.cli import main as cli
 from chatrlhf.report import write_report

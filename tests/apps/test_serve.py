@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port
+from apps_helpers import free_port
 
 KEY = "test-key-123"
 

@@ -31,7 +31,7 @@ from chatrlhf.errors import UserError
 from chatrlhf.steps import common
 from chatrlhf.steps import ppo_experience as px
 from chatrlhf.steps.common import TrainConfig
-from chatrlhf.utils import logger, print_rank0
+from chatrlhf.utils import print_rank0
 
 ALGOS = ("ppo", "grpo", "rloo")
 
@@ -393,7 +393,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     stop_reason = ""
     buffer: list[px.Experience] = []
     round_t0 = time.time()
-    timing = {"generation_s": 0.0, "inference_s": 0.0, "training_s": 0.0, "gen_tokens": 0, "rows": 0, "seq_tokens": 0}
+    timing = {"generation_s": 0.0, "inference_s": 0.0, "training_s": 0.0, "gen_tokens": 0, "rows": 0, "seq_tokens": 0,
+              "dropped": 0}
     generated = []  # (prompt text, answer text) of the round, for --print_answers
 
     max_epochs = cfg.num_train_epochs if cfg.max_steps <= 0 else 10**9
@@ -413,8 +414,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
             timing["gen_tokens"] += t["generated_tokens"]
             timing["rows"] += t["generated_rows"]
             timing["seq_tokens"] += t["seq_len"] * t["generated_rows"]
-            if t["dropped"]:
-                logger.info("dropped %d of %d answers with <= 1 real token", t["dropped"], t["generated_rows"])
+            timing["dropped"] += t["dropped"]  # answers with <= 1 real token (reported with the step line)
             n_valid = strategy.all_reduce_sum(0 if exp.info["placeholder"] else len(exp)).item()
             if n_valid == 0:
                 print_rank0(f"step {state['round'] + 1}: every answer of this generation batch had <= 1 real "
@@ -493,6 +493,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
             last.pop("n", None)
             writer.log("train", state["round"], **last)
             tput = _throughput(timing, time.time() - round_t0, cfg, strategy, a_dims, c_dims, r_dims, stats)
+            tput["dropped_answers"] = timing["dropped"]
             writer.log("throughput", state["round"], **tput)
             if rank0 and (state["round"] % max(1, cfg.log_interval) == 0 or state["round"] == 1
                           or state["round"] == total_rounds):
@@ -500,7 +501,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
                             f"(ema {last['ema_reward']:.4f}) | kl {last['kl']:.4f} | actor_loss "
                             f"{last.get('actor_loss', float('nan')):.4f} | critic_loss "
                             f"{last.get('critic_loss', float('nan')):.4f} | clipfrac {last.get('clipfrac', 0):.3f} | "
-                            f"ratio_max {last.get('ratio_max', 0):.3f} | len {last['response_length']:.1f}")
+                            f"ratio_max {last.get('ratio_max', 0):.3f} | len {last['response_length']:.1f}"
+                            + (f" | dropped {timing['dropped']} short" if timing["dropped"] else ""))
                 print_rank0(tput.pop("_lines"))
             else:
                 tput.pop("_lines", None)
