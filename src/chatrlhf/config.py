@@ -78,7 +78,20 @@ def parse_config(cls: type[T] | Sequence[type], argv: Sequence[str] | None = Non
         raise ConfigError(f"{src}: unknown option(s) {', '.join(unknown)}")
     if defaults:
         parser.set_defaults(**defaults)
-    out = parser.parse_args_into_dataclasses(args=argv)
+    out = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *out, remaining = out
+    if remaining:
+        import difflib
+
+        flags = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
+        hints = []
+        for r in remaining:
+            if r.startswith("--"):
+                near = difflib.get_close_matches(r.split("=")[0], flags, n=1)
+                hints.append(f"{r} (did you mean {near[0]}?)" if near else r)
+            else:
+                hints.append(r)
+        raise ConfigError(f"unrecognized arguments: {' '.join(hints)}; see --help")
     objs = [o for o in out if dataclasses.is_dataclass(o)]
     for o in objs:
         post = getattr(o, "validate", None)
