@@ -180,7 +180,9 @@ class Encoder:
         self.adds_eos = bool(probe) and probe[-1] == self.eos_id  # e.g. a Llama tokenizer with add_eos_token
 
     def _batch(self, texts: list[str], **kw) -> dict:
-        return self.tok(texts, add_special_tokens=True, truncation=False, **kw)
+        # verbose=False: texts are cut to max_seq_len right after, so the "longer than model_max_length" warning
+        # transformers would print here is noise
+        return self.tok(texts, add_special_tokens=True, truncation=False, verbose=False, **kw)
 
     def answer_ids(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], int]]:
         """(prompt + answer + EOS ids, number of prompt tokens) per pair."""
