@@ -155,12 +155,14 @@ def resolve_deployment(cfg: TrainPipelineConfig) -> tuple[str, int]:
 
 
 def _visible_gpus() -> int:
+    """Accelerator devices on this node through DeepSpeed's abstraction (CUDA, NPU, XPU, ...); 0 on CPU."""
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         return 0
     try:
-        import torch
+        from deepspeed.accelerator import get_accelerator
 
-        return torch.cuda.device_count()
+        acc = get_accelerator()
+        return 0 if acc.device_name() == "cpu" else int(acc.device_count())
     except Exception:
         return 0
 
