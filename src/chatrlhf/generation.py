@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from chatrlhf.errors import ModelError, UserError
+from chatrlhf.template import HUMAN_MARKER, format_prompt
 
 logger = logging.getLogger("chatrlhf.generation")
 
-# The training template (DeepSpeed-Chat's data format, chatrlhf.data.format_prompt): each round is
-# " Human: x Assistant:" followed by " reply"; the whole conversation is the context. Chatting in the exact format
-# the model was trained on matters for small models (DeepSpeed-Chat's chat used "\n Assistant: ", a mismatch).
-HUMAN_MARKER = "Human:"
-ROUND_TEMPLATE = " Human: {user} Assistant:"
+# The training template (chatrlhf.template): each round is " Human: x Assistant:" followed by " reply"; the whole
+# conversation is the context. Chatting in the exact format the model was trained on matters for small models
+# (DeepSpeed-Chat's chat used "\n Assistant: ", a mismatch with its own data).
+ROUND_TEMPLATE = format_prompt("{user}")
 ROUND_SEPARATOR = ""
 
 # Roles accepted in a message list (OpenAI style).

@@ -32,8 +32,9 @@ from typing import Callable, Sequence
 
 from chatrlhf.errors import DataError, UserError
 
-PROMPT_PREFIX = " Human: "
-PROMPT_SUFFIX = " Assistant:"
+from chatrlhf.template import ASSISTANT as PROMPT_SUFFIX
+from chatrlhf.template import HUMAN as PROMPT_PREFIX
+from chatrlhf.template import format_prompt as _format_prompt
 
 WORDS = ["cat", "dog", "sun", "hat", "pen", "cup", "box", "red", "map", "bus", "egg", "fox", "jam", "owl", "pig", "net"]
 FILLERS = [
@@ -50,8 +51,8 @@ FLAW_KINDS = ("ramble", "fake_turn", "never_stop", "wrong", "truncated", "empty"
 
 
 def format_prompt(question: str) -> str:
-    """DeepSpeed-Chat's single-turn prompt; the same string as ``chatrlhf.data.format_prompt``."""
-    return PROMPT_PREFIX + question.strip() + PROMPT_SUFFIX
+    """DeepSpeed-Chat's single-turn prompt (chatrlhf.template) for a task question."""
+    return _format_prompt(question.strip())
 
 
 # --------------------------------------------------------------------------------------------------- templates

@@ -20,15 +20,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-TEMPLATE_HUMAN = " Human: "
-TEMPLATE_ASSISTANT = " Assistant:"
+from chatrlhf.template import format_prompt
+
 # Split names a local or hub source may use for evaluation data, in order of preference.
 EVAL_SPLIT_ALIASES = ("eval", "test", "validation", "valid", "dev")
-
-
-def format_prompt(question: str) -> str:
-    """DeepSpeed-Chat's single-turn prompt: ``" Human: " + question + " Assistant:"``."""
-    return TEMPLATE_HUMAN + question + TEMPLATE_ASSISTANT
 
 
 @dataclass(frozen=True)
