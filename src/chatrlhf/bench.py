@@ -260,15 +260,10 @@ def decode_bytes_per_step(shape: dict, batch: int, ctx: float, dtype_bytes: int)
 
 # ================================================================================================ models and data
 def _single_token_words(tok) -> list[str]:
-    bad = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if i is not None}
-    words = []
-    for i in range(len(tok)):
-        if i in bad:
-            continue
-        w = tok.decode([i])
-        if len(w) > 1 and w[0] == " " and w[1:].isalpha() and tok(w, add_special_tokens=False)["input_ids"] == [i]:
-            words.append(w)
-    return words
+    # the TRL side builds its prompts from the same words; bench_trl has no chatrlhf imports, so it owns the helper
+    from chatrlhf.bench_trl import single_token_words
+
+    return single_token_words(tok)
 
 
 def write_bench_dataset(model_dir: Path, out_dir: Path, cfg: BenchConfig, n_rows: int) -> Path:

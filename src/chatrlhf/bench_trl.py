@@ -42,6 +42,19 @@ def _special_ids(tok) -> set:
     return {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if i is not None}
 
 
+def single_token_words(tok) -> list[str]:
+    """Vocabulary entries " xyz" that are one token each and re-encode to themselves (so k words = k tokens)."""
+    bad = _special_ids(tok)
+    words = []
+    for i in range(len(tok)):
+        if i in bad:
+            continue
+        w = tok.decode([i])
+        if len(w) > 1 and w[0] == " " and w[1:].isalpha() and tok(w, add_special_tokens=False)["input_ids"] == [i]:
+            words.append(w)
+    return words
+
+
 def _random_ids(tok, n: int, rng: random.Random) -> list[int]:
     bad = _special_ids(tok)
     ids = []
@@ -62,14 +75,7 @@ def _exact_prompt_texts(tok, n_total: int, count: int, rng: random.Random) -> li
     """Texts that encode to exactly ``n_total`` tokens (for trainers that tokenize text themselves): words
     " xyz" that are one token each and that the pre-tokenizer splits on spaces, so k words are k tokens."""
     n_bos = len(tok("a")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"])
-    bad = _special_ids(tok)
-    words = []
-    for i in range(len(tok)):
-        if i in bad:
-            continue
-        w = tok.decode([i])
-        if len(w) > 1 and w[0] == " " and w[1:].isalpha() and tok(w, add_special_tokens=False)["input_ids"] == [i]:
-            words.append(w)
+    words = single_token_words(tok)
     if not words:
         raise RuntimeError("tokenizer has no single-token words to build prompts from")
     out = []
