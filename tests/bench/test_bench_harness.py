@@ -58,7 +58,8 @@ def _fake_results(step_ours: float, step_trl: float, split: bool = True):
     return {("ours", "sft"): ok(step_ours), ("trl", "sft"): ok(step_trl),
             ("ours", "reward"): ok(step_ours), ("trl", "reward"): {"ok": False, "error": "boom"},
             ("ours", "ppo"): ok(step_ours, throughput=tput), ("trl", "ppo"): ok(step_trl, response_lengths=[32]),
-            ("ours", "decode"): {"ok": True, "full_s": [1.0], "prefill_s": [0.1]}}
+            ("ours", "decode"): {"ok": True, "full_s": [1.0], "prefill_s": [0.1], "generate_full_s": [2.0],
+                                 "generate_prefill_s": [0.2]}}
 
 
 def test_analyse_verdicts_and_report(tmp_path):
@@ -77,12 +78,16 @@ def test_analyse_verdicts_and_report(tmp_path):
     assert split["other_s"] == pytest.approx(0.1 - 0.05 - 0.025 - 0.0125)
     mid = bench.analyse("mid", built, _fake_results(10.0, 1.0), limits, cfg, "fp32")
     assert mid["sft"]["verdict"] == "FAIL" and mid["ppo"]["verdict"] == "FAIL" and mid["decode"]["verdict"] == "FAIL"
+    # the generate() baseline is reported beside the hybrid engine, without a verdict of its own
+    assert mid["decode_generate"]["decode_step_ms"] == pytest.approx(2 * mid["decode"]["decode_step_ms"])
+    assert mid["decode_generate"]["verdict"] == "-"
     report = {"date": "now", "argv": [], "config": bench.dataclasses.asdict(cfg), "dtype": "fp32", "warmup": 1,
               "steps": 3, "rl_steps": 3, "machine": bench._machine(1), "versions": {"torch": "x"}, "limits": limits,
               "sizes": {"tiny": {"shape": shape, "rows": tiny, "raw": {}}, "mid": {"shape": shape, "rows": mid}}}
     bench._write(tmp_path, report, {"trl (ppo)": "1.12.0"})
     md = (tmp_path / "results.md").read_text()
     assert "| PPO |" in md and "PASS" in md and "FAIL" in md and "GFLOP/s" in md
+    assert "hybrid engine (default)" in md and "transformers generate" in md
     assert json.loads((tmp_path / "results.json").read_text())["versions"]["trl (ppo)"] == "1.12.0"
 
 

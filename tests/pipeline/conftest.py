@@ -32,7 +32,9 @@ def other_tokenizer_model(tmp_path_factory):
 def cli_env() -> dict:
     """Environment for `chatrlhf` subprocesses: CPU, offline, one thread (tiny models are latency-bound and the
     test machine's cores are shared), the repo's compiled-op cache."""
-    env = dict(os.environ)
+    # not this process's own 1-rank group settings (set by any in-process test): a child must start its own
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))

@@ -28,7 +28,10 @@ def _argv(tiny_model_dir, rm_dir, prompts_dir, cache, out, gen_bs):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tiny_model_dir, fresh_rm_dir, ppo_prompts_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    # without this process's own 1-rank group settings (an earlier in-process test may have set them)
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "OMP_NUM_THREADS": "1",
+           "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
     one = tmp_path / "one"
     two = tmp_path / "two"

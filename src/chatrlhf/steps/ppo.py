@@ -73,8 +73,10 @@ class PPOConfig(TrainConfig, DataConfig):
     critic_gradient_checkpointing: bool = _h("Gradient checkpointing for the critic.", False)
     actor_dropout: Optional[float] = _h("Dropout of the actor (and reference/EMA); unset keeps the model's.", None)
     critic_dropout: Optional[float] = _h("Dropout of the critic (and reward model); unset keeps the model's.", None)
-    enable_hybrid_engine: bool = _h("Accepted for DeepSpeed-Chat compatibility; generation always uses the "
-                                    "module's KV-cache generate (works for every model family and device).", False)
+    enable_hybrid_engine: bool = _h("Generate with the hybrid engine's decoder (static KV cache, fused and, on CPU, "
+                                    "MKL-packed projections; same tokens as generate()) for llama-style and OPT "
+                                    "models; other models use transformers' generate. On by default; "
+                                    "--no_enable_hybrid_engine turns it off.", True)
     # ---- PPO math (defaults are DeepSpeed-Chat's)
     kl_ctl: float = _h("KL penalty coefficient (initial value when --adaptive_kl).", 0.1)
     clip_reward_value: float = _h("Reward scores are clamped to [-v, v].", 5.0)
@@ -326,8 +328,6 @@ def run_ppo(cfg: PPOConfig) -> dict:
     reward_model = load_reward_like(cfg, strategy, reward_path, 3 if critic_z3 else 0, train=False)
     reward_model = strategy.prepare_eval(reward_model, zero_stage=3 if critic_z3 else 0,
                                          offload=cfg.offload_reward_model)
-    if cfg.enable_hybrid_engine:
-        print_rank0("note: --enable_hybrid_engine is accepted but generation uses the module's KV-cache generate")
 
     # ---- ptx data
     unsup_iter = None
@@ -355,7 +355,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     value_loss = rm.ValueLoss(cfg.cliprange_value)
     gen_params = px.GenerationParams(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_new_tokens,
                                      do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0,
-                                     top_p=cfg.top_p, top_k=cfg.top_k, num_return_sequences=cfg.group_size)
+                                     top_p=cfg.top_p, top_k=cfg.top_k, num_return_sequences=cfg.group_size,
+                                     hybrid=cfg.enable_hybrid_engine)
 
     def reward_fn(score: torch.Tensor) -> torch.Tensor:
         if cfg.reward_normalization == "none":

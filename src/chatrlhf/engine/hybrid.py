@@ -1,0 +1,340 @@
+"""Hybrid engine: a lean KV-cache decoder for the generation half of RLHF.
+
+DeepSpeed-Chat's ``--enable_hybrid_engine`` swaps the training module for inference kernels while it generates,
+because generation dominates a PPO step. DeepSpeed's containers are CUDA-only; this is our portable equivalent. It
+reads the weights of a Hugging Face model in place (after ZeRO-3 gathering and LoRA merging, see
+``ppo_experience.generation_context``) and runs the same maths as the model's own forward with none of
+``generate()``'s per-step machinery:
+
+- a preallocated KV cache (one write per layer and step, no ``torch.cat`` growth);
+- q/k/v and gate/up projections fused into one matmul each;
+- on CPU in fp32, weights packed once per rollout for MKL's small-batch GEMM (``_mkl_reorder_linear_weight``):
+  a decode step multiplies ``batch`` rows by every weight matrix, where plain ``F.linear`` reaches ~40% of the
+  memory bandwidth and packed MKL ~65% (bench/results.md);
+- the processors of ``generate`` in its order (min_new_tokens, temperature, top-k, top-p), then ``argmax`` (greedy:
+  the same tokens as ``generate``) or one inverse-CDF draw per row (the same distribution as ``multinomial`` at a
+  fraction of its cost); finished rows emit ``pad`` and generation stops when every row has finished, as in
+  ``generate``.
+
+Families: llama-style decoders (llama, mistral, qwen2: RMSNorm, RoPE, gated MLP, GQA) and OPT (DeepSpeed-Chat's
+default actor). Anything else, or a generation config with processors this module does not implement, falls back to
+``generate`` with the reason logged once (:func:`unsupported_reason`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+FAMILIES = LLAMA_LIKE + ("opt",)
+
+# generation_config fields whose non-neutral value would change what generate() samples: we fall back then.
+_NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+            "encoder_repetition_penalty": (None, 1.0), "length_penalty": (None, 1.0), "min_p": (None, 0.0),
+            "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+            "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []), "forced_bos_token_id": (None,),
+            "forced_eos_token_id": (None,), "sequence_bias": (None,), "num_beams": (None, 1),
+            "penalty_alpha": (None,), "renormalize_logits": (None, False), "min_length": (None, 0)}
+
+
+def _parts(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of an nn.Linear or of a peft LoRA layer whose adapter is merged (generation_context)."""
+    base = getattr(lin, "base_layer", lin)
+    return base.weight, base.bias
+
+
+def unsupported_reason(model) -> str | None:
+    """Why :class:`HybridDecoder` cannot run ``model`` (``None`` when it can)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in FAMILIES:
+        return f"model_type {kind!r} (hybrid decoding knows {', '.join(FAMILIES)})"
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    try:
+        stack = _stack(model)
+        first = stack.layers[0]
+    except (AttributeError, IndexError):
+        return f"unexpected module layout for {kind}"
+    if kind in LLAMA_LIKE:
+        attn = first.self_attn
+        if any(hasattr(attn, n) for n in ("q_norm", "k_norm")) or getattr(cfg, "hidden_act", "silu") not in (
+                "silu", "gelu", "gelu_new", "relu"):
+            return f"{kind} variant with q/k norms or activation {getattr(cfg, 'hidden_act', None)!r}"
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and \
+                kind == "mistral":
+            return "sliding-window attention"
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        for name, neutral in _NEUTRAL.items():
+            v = getattr(gc, name, None)
+            if v not in neutral:
+                return f"generation_config.{name}={v!r}"
+    return None
+
+
+def _stack(model):
+    """The decoder stack holding ``layers`` (``model.model`` for llama-likes, ``model.model.decoder`` for OPT)."""
+    inner = model.model
+    return inner.decoder if model.config.model_type == "opt" else inner
+
+
+class _Proj:
+    """One or several linear maps applied to the same input (fused q/k/v, gate/up).
+
+    ``fuse`` (CPU, fp32): the weights are concatenated into one matrix, one GEMM per call, and large ones are packed
+    once for MKL's GEMM at exactly ``rows`` input rows (the prefill's other row count uses the plain matrix).
+    Otherwise (accelerators, half precision) the module's own weights are used in place, one ``F.linear`` each: no
+    copy of a model that may fill the device."""
+
+    PACK_MIN_ELEMENTS = 1 << 16  # below this, packing does not pay for itself
+
+    def __init__(self, linears, rows: int, fuse: bool):
+        parts = [_parts(m) for m in linears]
+        self.sizes = [w.shape[0] for w, _ in parts]
+        self.fused = fuse
+        self.packed = None
+        if fuse:
+            self.weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
+            self.bias = None
+            if any(b is not None for _, b in parts):
+                self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+            self.rows = rows
+            if self.weight.numel() >= self.PACK_MIN_ELEMENTS:
+                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows)
+        else:
+            self.parts = parts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] -> [M, sum of outs], the projections side by side."""
+        if not self.fused:
+            ys = [F.linear(x, w, b) for w, b in self.parts]
+            return torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+        if self.packed is not None and x.shape[0] == self.rows:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
+            and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+
+
+class HybridDecoder:
+    """Batched sampling/greedy decoding of a supported causal LM; see the module docstring.
+
+    Build it inside ``generation_context`` (full, merged weights) and use it there: unpacked projections refer to
+    the module's parameters, which ZeRO-3 releases on leaving the context."""
+
+    def __init__(self, model, rows: int, pack: bool | None = None):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"hybrid decoding does not support this model: {reason}")
+        cfg = model.config
+        self.model, self.cfg, self.kind = model, cfg, cfg.model_type
+        stack = _stack(model)
+        self.stack = stack
+        self.embed = stack.embed_tokens.weight
+        self.lm_head = _parts(model.get_output_embeddings())
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.hidden = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.n_heads
+        self.dtype = self.embed.dtype
+        pack = _can_pack(self.embed) if pack is None else (pack and _can_pack(self.embed))
+        self.layers = []
+        for layer in stack.layers:
+            a = layer.self_attn
+            if self.kind == "opt":
+                self.layers.append(dict(
+                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.out_proj], rows, pack),
+                    up=_Proj([layer.fc1], rows, pack), down=_Proj([layer.fc2], rows, pack),
+                    ln1=layer.self_attn_layer_norm, ln2=layer.final_layer_norm, scaling=a.scaling,
+                    pre_norm=layer.do_layer_norm_before))
+            else:
+                self.layers.append(dict(
+                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.o_proj], rows, pack),
+                    up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack),
+                    down=_Proj([layer.mlp.down_proj], rows, pack),
+                    ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm, scaling=a.scaling))
+        if self.kind == "opt":
+            from transformers.activations import ACT2FN
+
+            self.act = ACT2FN[cfg.activation_function]
+            self.final_norm = getattr(stack, "final_layer_norm", None)
+            self.project_in, self.project_out = stack.project_in, stack.project_out
+        else:
+            from transformers.activations import ACT2FN
+
+            self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
+            self.final_norm = stack.norm
+        self.head = _Proj([model.get_output_embeddings()], rows, pack)
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def _norm(self, mod, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "opt":
+            return F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+        # LlamaRMSNorm: normalise in fp32, cast back, then scale (one fused op when already fp32)
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6))
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), mod.weight, eps)
+        return mod.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """q*cos + rotate_half(q)*sin with rotate_half's sign folded into ``sin_signed`` (4 ops, not 6)."""
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+    def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        if self.kind == "opt":
+            if self.project_in is not None:
+                x = F.linear(x, *_parts(self.project_in))
+            x = x + F.embedding(pos + self.stack.embed_positions.offset, self.stack.embed_positions.weight)
+        return x
+
+    def _layer(self, i: int, x: torch.Tensor, p0: int, mask: torch.Tensor, rope) -> torch.Tensor:
+        """One decoder layer over the T new positions [p0, p0+T) of x [B, T, H]; writes their K/V to the cache.
+        Kept to few ops (each costs ~5-50 us on a CPU, as much as a small matmul): one fused projection, RoPE on
+        q and k together, views instead of copies (for T = 1 every reshape below is free)."""
+        L = self.layers[i]
+        B, T, H = x.shape
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        pre = self.kind != "opt" or L["pre_norm"]
+        h = self._norm(L["ln1"], x) if pre else x
+        y = L["qkv"](h.reshape(B * T, H)).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, heads, T, hd]
+        if self.kind == "opt":
+            q, k, scale = y[:, :nh] * L["scaling"], y[:, nh:nh + nkv], 1.0  # OPT scales q before the product
+        else:
+            cos, sin = rope
+            qk = y[:, :nh + nkv]
+            qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
+            q, k, scale = qk[:, :nh], qk[:, nh:], L["scaling"]
+        kc, vc = self.cache[i]
+        kc[:, :, p0:p0 + T] = k
+        vc[:, :, p0:p0 + T] = y[:, nh + nkv:]
+        S = p0 + T
+        a = F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask, scale=scale,
+                                           enable_gqa=nkv != nh)
+        x = x + L["o"](a.transpose(1, 2).reshape(B * T, nh * hd)).view(B, T, H)
+        if not pre:
+            x = self._norm(L["ln1"], x)
+        h = (self._norm(L["ln2"], x) if pre else x).reshape(B * T, H)
+        if self.kind == "opt":
+            m = self.act(L["up"](h))
+        else:
+            g, u = L["up"](h).chunk(2, dim=-1)
+            m = self.act(g) * u
+        x = x + L["down"](m).view(B, T, H)
+        if not pre:
+            x = self._norm(L["ln2"], x)
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (fp32) of the last position of x [B, T, H]."""
+        h = x[:, -1]
+        if self.final_norm is not None:
+            h = self._norm(self.final_norm, h)
+        if self.kind == "opt" and self.project_out is not None:
+            h = F.linear(h, *_parts(self.project_out))
+        return self.head(h).float()
+
+    def _forward(self, ids: torch.Tensor, p0: int, pos: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
+        x = self._embed(ids, pos)
+        for i in range(len(self.layers)):
+            x = self._layer(i, x, p0, mask, rope)
+        return self._logits(x)
+
+    # ------------------------------------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 pad_token_id: int, eos_token_id, min_new_tokens: int = 0, do_sample: bool = True,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+        """Like ``model.generate(input_ids, attention_mask, ...)`` for left-padded prompts: returns
+        [B, P + n] with n <= max_new_tokens (shorter when every row has finished)."""
+        B, P = input_ids.shape
+        dev = input_ids.device
+        min_new_tokens = min_new_tokens or 0
+        S_max = P + max_new_tokens
+        eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                              device=dev)
+        self.cache = [(torch.empty(B, self.n_kv, S_max, self.head_dim, dtype=self.dtype, device=dev),
+                       torch.empty(B, self.n_kv, S_max, self.head_dim, dtype=self.dtype, device=dev))
+                      for _ in self.layers]
+        keys = torch.cat([attention_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
+        # positions count real tokens (left padding); pads get a harmless 1, as in generate()
+        pos = (keys.long().cumsum(1) - 1).masked_fill(~keys, 1)
+        rope = None
+        if self.kind != "opt":
+            cos, sin = self.stack.rotary_emb(self.embed[:1].unsqueeze(0), pos)
+            half = self.head_dim // 2
+            sign = torch.cat([-torch.ones(half, device=dev), torch.ones(self.head_dim - half, device=dev)])
+            rope = (cos.unsqueeze(1).to(self.dtype), (sin * sign).unsqueeze(1).to(self.dtype))  # [B, 1, S_max, hd]
+        # prefill: causal over real keys; every query also sees itself so fully padded rows stay finite
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=dev)
+        mask = self._additive((causal & keys[:, None, None, :P]) | eye)
+        keys = self._additive(keys[:, None, None, :])  # additive masks: SDPA's fastest form on CPU
+        logits = self._forward(input_ids, 0, pos[:, :P], mask,
+                               None if rope is None else (rope[0][:, :, :P], rope[1][:, :, :P]))
+        out = torch.full((B, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=dev)
+        unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+        n = 0
+        for t in range(max_new_tokens):
+            nxt = self._choose(logits, t, min_new_tokens, eos, do_sample, temperature, top_p, top_k)
+            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
+            out[:, t] = nxt
+            n = t + 1
+            unfinished &= ~torch.isin(nxt, eos)
+            if t + 1 == max_new_tokens or not bool(unfinished.any()):
+                break
+            p = P + t
+            logits = self._forward(nxt[:, None], p, pos[:, p:p + 1], keys[..., :p + 1],
+                                   None if rope is None else (rope[0][:, :, p:p + 1], rope[1][:, :, p:p + 1]))
+        self.cache = []
+        return torch.cat([input_ids, out[:, :n]], dim=1)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min)
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, t: int, min_new: int, eos: torch.Tensor, do_sample: bool,
+                temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+        """argmax, or one draw by :func:`sample_categorical` from the processed distribution."""
+        scores = process_scores(logits, t, min_new, eos, do_sample, temperature, top_p, top_k)
+        return scores.argmax(-1) if not do_sample else sample_categorical(F.softmax(scores, dim=-1))
+
+
+def process_scores(scores: torch.Tensor, t: int, min_new: int, eos: torch.Tensor, do_sample: bool,
+                   temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """transformers' logits processors in generate()'s order: MinNewTokensLength (EOS banned before ``min_new``
+    new tokens), then when sampling Temperature, TopK, TopP (keeping at least one token)."""
+    if t < min_new:
+        scores = scores.index_fill(-1, eos, float("-inf"))
+    if not do_sample:
+        return scores
+    if temperature not in (None, 1.0):
+        scores = scores / temperature
+    if top_k:
+        k = min(top_k, scores.shape[-1])
+        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    return scores
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` [B, V] (rows sum to ~1), P(i) = probs[i]: the first i whose cumulative
+    probability exceeds u * total, u ~ U[0, 1). Zero-probability entries are never chosen (their CDF step is empty;
+    a u that rounds onto the total picks the last entry with mass)."""
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, device=probs.device, generator=generator) * total
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    last = (cdf < total).sum(-1)  # index of the last entry with mass: the first where the CDF reaches the total
+    return torch.minimum(idx, last)

@@ -1,0 +1,155 @@
+"""The hybrid engine's decoder (engine/hybrid.py) against transformers' generate on the same weights."""
+
+import pytest
+import torch
+
+from chatrlhf.engine.hybrid import HybridDecoder, process_scores, sample_categorical, unsupported_reason
+from chatrlhf.models.loading import load_causal_lm, load_tokenizer
+
+PROMPTS = ["Human: What is 12 plus 7? Assistant:", "Human: Spell cat backwards. Assistant:", "hi"]
+
+
+def _load(model_dir):
+    tok = load_tokenizer(str(model_dir), padding_side="left")
+    model = load_causal_lm(str(model_dir), tokenizer=tok).eval()
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    return model, tok, enc["input_ids"], enc["attention_mask"]
+
+
+def _hf_greedy(model, tok, ids, mask, n, eos, min_new=0):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=min_new or None,
+                          do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+                          eos_token_id=eos)
+
+
+@pytest.fixture(scope="module", params=[("opt", 2), ("llama", 4), ("llama", 2)], ids=["opt", "llama", "llama-gqa"])
+def family_model(request, tiny_model_factory):
+    family, kv = request.param
+    if family == "llama" and kv != 4:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        base = tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
+        cfg = AutoConfig.from_pretrained(base)
+        cfg.num_key_value_heads = kv  # grouped-query attention: 4 query heads share 2 K/V heads
+        torch.manual_seed(3)
+        out = base.parent.parent / f"gqa{kv}"
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+        load_tokenizer(str(base)).save_pretrained(out)
+        return out
+    return tiny_model_factory(family, hidden=64, layers=2, vocab=512)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "in-place"])
+def test_greedy_tokens_equal_generate(family_model, fuse):
+    model, tok, ids, mask = _load(family_model)
+    dec = HybridDecoder(model, rows=ids.shape[0], pack=fuse)
+    ours = dec.generate(ids, mask, 24, tok.pad_token_id, tok.eos_token_id, min_new_tokens=24, do_sample=False)
+    ref = _hf_greedy(model, tok, ids, mask, 24, tok.eos_token_id, min_new=24)
+    assert ours.shape == ref.shape == (3, ids.shape[1] + 24)
+    assert torch.equal(ours, ref)
+
+
+def test_rows_stop_at_eos_and_pad_like_generate(family_model):
+    """Pick as EOS a token that row 0 emits early: that row must stop there and be padded, the others go on, and
+    generation ends early once every row is done, all exactly as generate() does."""
+    model, tok, ids, mask = _load(family_model)
+    free = _hf_greedy(model, tok, ids, mask, 12, tok.eos_token_id, min_new=12)
+    P = ids.shape[1]
+    eos = int(free[0, P + 2])
+    dec = HybridDecoder(model, rows=3)
+    for min_new in (4, 0):  # with min_new_tokens=4 the early EOS is banned, so row 0 goes on
+        ours = dec.generate(ids, mask, 12, tok.pad_token_id, eos, min_new_tokens=min_new, do_sample=False)
+        ref = _hf_greedy(model, tok, ids, mask, 12, eos, min_new=min_new)
+        assert torch.equal(ours, ref), min_new
+    first = (ours[0, P:] == eos).nonzero()[0].item()
+    assert first <= 2 and (ours[0, P + first + 1:] == tok.pad_token_id).all()
+
+
+def test_sampling_matches_the_model_distribution(tiny_model_factory):
+    """First sampled token over many rows of one prompt: its frequencies follow softmax(logits / T) after top-k."""
+    model, tok, ids, mask = _load(tiny_model_factory("llama", hidden=64, layers=2, vocab=512))
+    n = 6000
+    ids1, mask1 = ids[:1].expand(n, -1).contiguous(), mask[:1].expand(n, -1).contiguous()
+    with torch.no_grad():
+        logits = model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1].float()
+    T, k = 0.5, 20
+    want = torch.softmax(process_scores(logits[None] / 1.0, 0, 0, torch.tensor([tok.eos_token_id]), True, T, 1.0,
+                                        k), -1)[0]
+    torch.manual_seed(0)
+    seq = HybridDecoder(model, rows=n).generate(ids1, mask1, 1, tok.pad_token_id, tok.eos_token_id,
+                                               do_sample=True, temperature=T, top_k=k)
+    got = torch.bincount(seq[:, -1], minlength=logits.numel()).float() / n
+    assert got[want == 0].sum() == 0  # nothing outside the top-k
+    assert 0.5 * (got - want).abs().sum() < 0.05  # total variation distance
+
+
+def test_processors_equal_transformers():
+    from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    scores = torch.randn(4, 50) * 3
+    eos = torch.tensor([7, 9])
+    for t, min_new, T, k, p in [(0, 3, 0.7, 10, 0.9), (5, 3, 1.0, 0, 0.5), (1, 0, 1.3, 3, 1.0)]:
+        procs = [MinNewTokensLengthLogitsProcessor(2, min_new, eos)] if min_new else []
+        procs += [TemperatureLogitsWarper(T)] if T != 1.0 else []
+        procs += [TopKLogitsWarper(k)] if k else []
+        procs += [TopPLogitsWarper(p)] if p < 1.0 else []
+        ids = torch.zeros(4, 2 + t, dtype=torch.long)
+        ref = LogitsProcessorList(procs)(ids, scores.clone())
+        ours = process_scores(scores.clone(), t, min_new, eos, True, T, p, k)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        torch.testing.assert_close(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def test_sample_categorical_frequencies_and_zero_mass(monkeypatch):
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(1)
+    idx = sample_categorical(probs, generator=g).view(20000, 2)
+    f = torch.bincount(idx[:, 0], minlength=4).float() / 20000
+    torch.testing.assert_close(f, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015, rtol=0)
+    assert (idx[:, 1] == 3).all()
+    # a uniform that rounds onto the total still lands on the last entry with mass, never past it
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape))
+    assert sample_categorical(torch.tensor([[0.25, 0.75, 0.0, 0.0]])).tolist() == [1]
+
+
+def test_unsupported_models_and_generation_configs(tiny_model_factory):
+    gpt_neox = load_causal_lm(str(tiny_model_factory("gpt_neox", hidden=64, layers=2, vocab=512)))
+    assert "gpt_neox" in unsupported_reason(gpt_neox)
+    with pytest.raises(ValueError, match="does not support"):
+        HybridDecoder(gpt_neox, rows=1)
+    opt = load_causal_lm(str(tiny_model_factory("opt", hidden=64, layers=2, vocab=512)))
+    assert unsupported_reason(opt) is None
+    opt.generation_config.repetition_penalty = 1.3  # a processor the decoder does not implement
+    assert "repetition_penalty" in unsupported_reason(opt)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt_neox"])
+@pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
+def test_generate_answers_hybrid_equals_generate(tiny_model_factory, family, lora):
+    """Through the product path (strategy, generation_context with LoRA merged, num_return_sequences): the same
+    tokens with and without the hybrid engine; gpt_neox falls back to generate()."""
+    from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig
+    from chatrlhf.models.lora import apply_lora
+    from chatrlhf.steps import ppo_experience as px
+
+    model_dir = tiny_model_factory(family, hidden=64, layers=2, vocab=512)
+    model, tok, ids, mask = _load(model_dir)
+    if lora:
+        torch.manual_seed(0)
+        model = apply_lora(model, lora, "q_proj,v_proj,fc1" if family == "opt" else "query_key_value")
+        for n, p in model.named_parameters():  # non-zero B so the merged weights differ from the base
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.5)
+    strategy = DeepSpeedStrategy(StrategyConfig(dtype="fp32", per_device_train_batch_size=2))
+    strategy.setup_distributed()
+    model = strategy.prepare_eval(model)
+    outs = []
+    for hybrid in (True, False):
+        p = px.GenerationParams(max_new_tokens=10, min_new_tokens=3, do_sample=False, num_return_sequences=2,
+                                hybrid=hybrid)
+        outs.append(px.generate_answers(model, strategy, tok, ids, mask, p))
+    (s1, m1), (s0, m0) = outs
+    assert s1.shape[0] == 6
+    assert torch.equal(s1, s0) and torch.equal(m1, m0)
