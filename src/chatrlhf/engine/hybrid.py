@@ -116,6 +116,28 @@ class _Proj:
         return F.linear(x, self.weight, self.bias)
 
 
+class _Norm:
+    """LayerNorm (OPT) or RMSNorm (llama-likes) with its tensors and epsilon read once: looking them up on the
+    module every call (``nn.Module.__getattr__``) costs more than the norm itself at decode sizes."""
+
+    def __init__(self, mod):
+        self.weight, self.bias = mod.weight, getattr(mod, "bias", None)
+        self.layer_norm = isinstance(mod, torch.nn.LayerNorm)
+        if self.layer_norm:
+            self.shape, self.eps = tuple(mod.normalized_shape), mod.eps
+        else:
+            eps = getattr(mod, "variance_epsilon", None)
+            self.eps = eps if eps is not None else getattr(mod, "eps", 1e-6)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_norm:
+            return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        # LlamaRMSNorm: normalise in fp32, cast back, then scale (one fused op when already fp32)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
 def _can_pack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
             and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
@@ -150,36 +172,33 @@ class HybridDecoder:
                 self.layers.append(dict(
                     qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.out_proj], rows, pack),
                     up=_Proj([layer.fc1], rows, pack), down=_Proj([layer.fc2], rows, pack),
-                    ln1=layer.self_attn_layer_norm, ln2=layer.final_layer_norm, scaling=a.scaling,
+                    ln1=_Norm(layer.self_attn_layer_norm), ln2=_Norm(layer.final_layer_norm), scaling=a.scaling,
                     pre_norm=layer.do_layer_norm_before))
             else:
                 self.layers.append(dict(
                     qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.o_proj], rows, pack),
                     up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack),
                     down=_Proj([layer.mlp.down_proj], rows, pack),
-                    ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm, scaling=a.scaling))
+                    ln1=_Norm(layer.input_layernorm), ln2=_Norm(layer.post_attention_layernorm),
+                    scaling=a.scaling))
         if self.kind == "opt":
             from transformers.activations import ACT2FN
 
             self.act = ACT2FN[cfg.activation_function]
-            self.final_norm = getattr(stack, "final_layer_norm", None)
+            fn = getattr(stack, "final_layer_norm", None)
+            self.final_norm = _Norm(fn) if fn is not None else None
             self.project_in, self.project_out = stack.project_in, stack.project_out
         else:
             from transformers.activations import ACT2FN
 
             self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
-            self.final_norm = stack.norm
+            self.final_norm = _Norm(stack.norm)
         self.head = _Proj([model.get_output_embeddings()], rows, pack)
 
     # ------------------------------------------------------------------------------------------------ pieces
-    def _norm(self, mod, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "opt":
-            return F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
-        # LlamaRMSNorm: normalise in fp32, cast back, then scale (one fused op when already fp32)
-        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6))
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), mod.weight, eps)
-        return mod.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    @staticmethod
+    def _norm(norm: "_Norm", x: torch.Tensor) -> torch.Tensor:
+        return norm(x)
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -283,11 +302,16 @@ class HybridDecoder:
         n = 0
         for t in range(max_new_tokens):
             nxt = self._choose(logits, t, min_new_tokens, eos, do_sample, temperature, top_p, top_k)
-            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
-            out[:, t] = nxt
             n = t + 1
-            unfinished &= ~torch.isin(nxt, eos)
-            if t + 1 == max_new_tokens or not bool(unfinished.any()):
+            if t < min_new_tokens:  # EOS is banned: no row can finish yet, skip the bookkeeping
+                out[:, t] = nxt
+            else:
+                nxt = nxt.masked_fill(~unfinished, pad_token_id)
+                out[:, t] = nxt
+                unfinished &= ~torch.isin(nxt, eos)
+                if not bool(unfinished.any()):
+                    break
+            if n == max_new_tokens:
                 break
             p = P + t
             logits = self._forward(nxt[:, None], p, pos[:, p:p + 1], keys[..., :p + 1],
