@@ -193,16 +193,16 @@ def _load_actor(path: Path):
 
 
 def greedy_answers(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
-    """Greedy answer token ids per prompt, cut after the first EOS (kept out of the ids)."""
-    import torch
+    """Greedy answer token ids per prompt, cut after the first EOS (kept out of the ids). Decoded by the hybrid
+    engine where it supports the model (the same tokens as generate())."""
+    from chatrlhf.engine import hybrid
 
     out: list[list[int]] = []
     eos = tok.eos_token_id
     for i in range(0, len(prompts), batch_size):
         enc = tok(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=eos)
+        gen = hybrid.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=eos)
         for row in gen[:, enc["input_ids"].shape[1]:].tolist():
             ids = []
             for t in row:
@@ -218,14 +218,15 @@ def sampled_answers(model, tok, prompts: Sequence[str], max_new_tokens: int, n: 
     """n answers per prompt sampled at temperature 1 (top_p 1, top_k off: the rollout distribution), cut at EOS."""
     import torch
 
+    from chatrlhf.engine import hybrid
+
     torch.manual_seed(seed)
     out: list[list[list[int]]] = []
     eos = tok.eos_token_id
     for i in range(0, len(prompts), batch_size):
         enc = tok(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
-                                 top_k=0, num_return_sequences=n, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+        gen = hybrid.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                              do_sample=True, num_return_sequences=n, pad_token_id=tok.pad_token_id, eos_token_id=eos)
         rows = gen[:, enc["input_ids"].shape[1]:].tolist()
         for j in range(0, len(rows), n):
             group = []

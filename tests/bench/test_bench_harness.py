@@ -83,11 +83,13 @@ def test_analyse_verdicts_and_report(tmp_path):
     assert mid["decode_generate"]["verdict"] == "-"
     report = {"date": "now", "argv": [], "config": bench.dataclasses.asdict(cfg), "dtype": "fp32", "warmup": 1,
               "steps": 3, "rl_steps": 3, "machine": bench._machine(1), "versions": {"torch": "x"}, "limits": limits,
+              "limits_end": {**limits, "matmul_fp32_flops": 0.5e11},
               "sizes": {"tiny": {"shape": shape, "rows": tiny, "raw": {}}, "mid": {"shape": shape, "rows": mid}}}
     bench._write(tmp_path, report, {"trl (ppo)": "1.12.0"})
     md = (tmp_path / "results.md").read_text()
     assert "| PPO |" in md and "PASS" in md and "FAIL" in md and "GFLOP/s" in md
     assert "hybrid engine (default)" in md and "transformers generate" in md
+    assert "| matmul fp32 (2048³) | 100.0 GFLOP/s | 50.0 GFLOP/s |" in md  # the drift check beside the limits
     assert json.loads((tmp_path / "results.json").read_text())["versions"]["trl (ppo)"] == "1.12.0"
 
 

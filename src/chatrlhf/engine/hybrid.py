@@ -23,8 +23,12 @@ default actor). Anything else, or a generation config with processors this modul
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("chatrlhf.hybrid")
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 FAMILIES = LLAMA_LIKE + ("opt",)
@@ -72,6 +76,34 @@ def unsupported_reason(model) -> str | None:
             if v not in neutral:
                 return f"generation_config.{name}={v!r}"
     return None
+
+
+_FALLBACK_LOGGED: set[str] = set()
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+             pad_token_id: int, eos_token_id, min_new_tokens: int = 0, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_return_sequences: int = 1,
+             hybrid: bool = True) -> torch.Tensor:
+    """``model.generate`` for left-padded prompts through :class:`HybridDecoder` when ``hybrid`` and the model is
+    supported, else transformers' ``generate`` (the reason logged once). Returns [B * n, P + new]."""
+    if num_return_sequences > 1:  # what generate() does internally: row i's samples are adjacent
+        input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
+        attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
+    reason = unsupported_reason(model) if hybrid else "disabled"
+    if reason is None:
+        return HybridDecoder(model, rows=input_ids.shape[0]).generate(
+            input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, min_new_tokens=min_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
+    if hybrid and reason not in _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED.add(reason)
+        logger.warning("hybrid engine: %s; generating with transformers' generate", reason)
+    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else \
+        dict(temperature=None, top_p=None, top_k=None)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                          min_new_tokens=min_new_tokens or None, do_sample=do_sample, use_cache=True,
+                          pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)
 
 
 def _stack(model):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import time
 from dataclasses import dataclass, field, fields
 
@@ -150,45 +149,22 @@ class GenerationParams:
     hybrid: bool = True  # the hybrid engine's decoder where it supports the model (engine/hybrid.py)
 
 
-_FALLBACK_LOGGED: set[str] = set()
-
-
-def _hybrid_decoder(module, rows: int):
-    """A HybridDecoder for ``module``, or None (with the reason logged once per model type) to use ``generate``."""
-    from chatrlhf.engine.hybrid import HybridDecoder, unsupported_reason
-
-    reason = unsupported_reason(module)
-    if reason is None:
-        return HybridDecoder(module, rows)
-    if reason not in _FALLBACK_LOGGED:
-        _FALLBACK_LOGGED.add(reason)
-        logging.getLogger("chatrlhf.ppo").warning("hybrid engine: %s; generating with transformers' generate", reason)
-    return None
-
-
 @torch.no_grad()
 def generate_answers(actor, strategy, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
     """KV-cache sampling (never forced to full length): returns (seq [B*n, P+A], attention_mask) with the answer
     right-padded by ``pad_token_id`` and the mask from :func:`answer_attention_mask`. The hybrid engine's decoder
     runs when ``params.hybrid`` and it supports the model (same tokens as ``generate``, see engine/hybrid.py)."""
-    n = params.num_return_sequences
-    if n > 1:  # what generate() does internally, so both paths sample rows in the same order
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
-    kw = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-              do_sample=params.do_sample, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-              eos_token_id=tokenizer.eos_token_id)
-    if params.do_sample:
-        kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    else:
-        kw.update(temperature=None, top_p=None, top_k=None)
+    from chatrlhf.engine import hybrid
+
     with generation_context(actor, strategy) as module:
-        decoder = _hybrid_decoder(module, prompt_ids.shape[0]) if params.hybrid else None
-        if decoder is not None:
-            kw.pop("use_cache")
-            seq = decoder.generate(prompt_ids, prompt_mask, **kw)
-        else:
-            seq = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kw)
+        seq = hybrid.generate(module, prompt_ids, prompt_mask, max_new_tokens=params.max_new_tokens,
+                              min_new_tokens=params.min_new_tokens, do_sample=params.do_sample,
+                              temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                              num_return_sequences=params.num_return_sequences, hybrid=params.hybrid,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if params.num_return_sequences > 1:
+        prompt_mask = prompt_mask.repeat_interleave(params.num_return_sequences, 0)
     mask = answer_attention_mask(seq, prompt_mask, tokenizer.eos_token_id)
     seq = torch.where(mask.bool() | (torch.arange(seq.shape[1], device=seq.device) < prompt_mask.shape[1]),
                       seq, torch.full_like(seq, tokenizer.pad_token_id))
