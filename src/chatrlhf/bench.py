@@ -209,6 +209,30 @@ def measure_limits(quick: bool = False, n: int | None = None, nbytes: int | None
     return out
 
 
+def matmul_peak(dtype: str, quick: bool = True) -> float:
+    """This moment's matmul FLOP/s of ``dtype`` (a short probe of measure_limits' matmul)."""
+    import torch
+
+    acc = _accel()
+    dev = torch.device(acc.device_name())
+    n = 2048 if dev.type == "cpu" else 8192
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+    c = torch.empty(n, n, device=dev, dtype=dt)
+    return _best_rate(lambda: torch.matmul(a, b, out=c), 2.0 * n**3, 0.3 if quick else 1.0, 2, acc)
+
+
+def with_local_peak(run, dtype: str) -> dict:
+    """Run one measured process between two matmul-peak probes. Shared VMs drift (here: 170 -> 207 GFLOP/s within
+    one bench run, SFT MFU 57-70% across runs of the same code), so utilization is computed against the peak of
+    the moment: the mean of the probes just before and just after the process."""
+    before = matmul_peak(dtype)
+    r = run()
+    after = matmul_peak(dtype)
+    r["peak_flops"], r["peak_probes"] = (before + after) / 2, [before, after]
+    return r
+
+
 # ================================================================================================ FLOP counting
 def model_shape(model_dir: str | Path) -> dict:
     """Matmul parameter counts and dims of a model dir, built on the meta device (no weights)."""
@@ -625,8 +649,9 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
         for side, x in (("ours", ours), ("trl", trl)):
             if x and x.get("ok") and x.get("step_times"):
                 t = _median(x["step_times"])
-                r[side] = {"step_s": t, "tokens_per_s": seqs * S / t, "flops_per_s": flops / t,
-                           "mfu": (flops / t / peak) if peak else None, "steps": len(x["step_times"])}
+                pk = x.get("peak_flops") or peak
+                r[side] = {"step_s": t, "tokens_per_s": seqs * S / t, "flops_per_s": flops / t, "peak_flops": pk,
+                           "mfu": (flops / t / pk) if pk else None, "steps": len(x["step_times"])}
             elif x:
                 r[side] = {"error": x.get("error", "no steps")}
         o, t_ = r.get("ours", {}), r.get("trl", {})
@@ -652,8 +677,10 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
         for side, x in (("ours", ours), ("trl", trl)):
             if x and x.get("ok") and x.get("step_times"):
                 t = _median(x["step_times"])
-                d = {"step_s": t, "samples_per_s": B / t, "floor_ratio": (t / floor) if floor else None,
-                     "steps": len(x["step_times"])}
+                pk = x.get("peak_flops") or peak
+                fl = total / pk if pk else None
+                d = {"step_s": t, "samples_per_s": B / t, "floor_s": fl, "peak_flops": pk,
+                     "floor_ratio": (t / fl) if fl else None, "steps": len(x["step_times"])}
                 if side == "ours":
                     d["split"] = _split(x.get("throughput", []))
                 elif x.get("generation_times"):
@@ -719,6 +746,13 @@ def _pct(x: Any) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def _mfu(side: dict) -> str:
+    """"57.0% of 170" : utilization and the matmul peak (GFLOP/s) it was measured against."""
+    if side.get("mfu") is None:
+        return "—"
+    return f"{_pct(side['mfu'])} of {side['peak_flops'] / 1e9:.0f}" if side.get("peak_flops") else _pct(side["mfu"])
+
+
 def render_md(report: dict) -> str:
     m, lim = report["machine"], report.get("limits") or {}
     lines = ["# chatrlhf bench results", "",
@@ -766,8 +800,8 @@ def render_md(report: dict) -> str:
                 o, t = r.get("ours", {}), r.get("trl", {})
                 lines.append(
                     f"| {k.upper() if k == 'sft' else 'RM'} | {_f(o.get('tokens_per_s'), '{:.0f}') if 'error' not in o else 'error'} | "
-                    f"{_f(o.get('flops_per_s') and o['flops_per_s'] / 1e9, '{:.1f}')} | {_pct(o.get('mfu'))} | "
-                    f"{_f(t.get('tokens_per_s'), '{:.0f}') if 'error' not in t else 'error'} | {_pct(t.get('mfu'))} | "
+                    f"{_f(o.get('flops_per_s') and o['flops_per_s'] / 1e9, '{:.1f}')} | {_mfu(o)} | "
+                    f"{_f(t.get('tokens_per_s'), '{:.0f}') if 'error' not in t else 'error'} | {_mfu(t)} | "
                     f"{_f(r.get('ours_vs_trl'), '{:.2f}x')} | {r.get('target') or '—'} | {r['verdict']} |")
             lines.append("")
         rl = [(k, rows[k]) for k in ("ppo", "grpo") if k in rows]
@@ -783,7 +817,7 @@ def render_md(report: dict) -> str:
                 trl_name = "PPO (trl 1.12)" if k == "ppo" else "GRPO"
                 lines.append(
                     f"| {k.upper()} | {_f(o.get('samples_per_s'), '{:.2f}') if 'error' not in o else 'error'} | "
-                    f"{_f(o.get('step_s'), '{:.2f}')} | {split} | {_f(r.get('floor_s'), '{:.3f}')} | "
+                    f"{_f(o.get('step_s'), '{:.2f}')} | {split} | {_f(o.get('floor_s') or r.get('floor_s'), '{:.3f}')} | "
                     f"{_f(o.get('floor_ratio'), '{:.1f}x')} | {_f(t.get('samples_per_s'), '{:.2f}') if 'error' not in t else 'error'} "
                     f"({trl_name}; gen {_f((t.get('split') or {}).get('generation_s'), '{:.2f}')} s) | {_f(t.get('floor_ratio'), '{:.1f}x')} | {_f(r.get('ours_vs_trl'), '{:.2f}x')} | "
                     f"{r.get('target') or '—'} | {r['verdict']} |")
@@ -812,10 +846,12 @@ def render_md(report: dict) -> str:
               "- FLOPs per forward of B sequences of s tokens = 2 × (matmul parameters, lm head included) × B × s + "
               "4 × B × s² × h × layers (attention), the same terms as DeepSpeed-Chat's "
               "F = 24 k B s l h² (1 + s/(6h) + V/(16 l h)) but with the model's real layer shapes (llama: SwiGLU, tied "
-              "embeddings). Training = 3 × forward. MFU = achieved FLOP/s ÷ measured matmul peak of the dtype used.",
+              "embeddings). Training = 3 × forward. MFU = achieved FLOP/s ÷ matmul peak of the dtype used, shown as "
+              "\"MFU of peak\": the peak is probed (2048³ matmuls) just before and just after each measured process and "
+              "averaged, because this shared machine drifts (the limits table shows the start and end of the run).",
               "- PPO floor = (generation: prefill + 31 KV-cached decode steps at 2 × params per token + attention; "
               "experience forwards: actor, reference, critic, reward; training: 3 × forward of actor and critic) ÷ "
-              "measured matmul peak. GRPO: no critic.",
+              "that process's matmul peak (ours: the floor column; TRL: its step/floor). GRPO: no critic.",
               "- Decode: time(generate 32 tokens) − time(generate 1 token), best of repeats; bound = batch × bandwidth ÷ "
               "(matmul weight bytes + KV-cache bytes per step). PPO/GRPO generate with the hybrid engine (default).",
               "- Targets: mid PPO ≤ 1.4× floor; tiny PPO ≥ 6× TRL PPO; mid SFT/RM MFU ≥ 70%; mid decode ≥ 70% of bound.",
@@ -886,6 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: fp32 {lim['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s, bf16 {lim['matmul_bf16_flops'] / 1e9:.1f} "
               f"GFLOP/s, read {lim['read_bw_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     trl_versions: dict[str, str] = {}
+    local_peaks = "limits" in tasks
     for size in cfg.size_list:
         print(f"bench: [{size}] building model and data...", flush=True)
         try:
@@ -898,11 +935,13 @@ def main(argv: list[str] | None = None) -> int:
             if task not in tasks:
                 continue
             print(f"bench: [{size}] {task}: ours...", flush=True)
-            res[("ours", task)] = run_ours(task, size, built, cfg, dtype, threads)
+            res[("ours", task)] = with_local_peak(lambda: run_ours(task, size, built, cfg, dtype, threads), dtype) \
+                if local_peaks else run_ours(task, size, built, cfg, dtype, threads)
             _say(size, task, "ours", res[("ours", task)])
             if not cfg.skip_trl and task != "decode":
                 print(f"bench: [{size}] {task}: TRL...", flush=True)
-                res[("trl", task)] = run_trl(task, size, built, cfg, dtype, threads)
+                res[("trl", task)] = with_local_peak(lambda: run_trl(task, size, built, cfg, dtype, threads), dtype) \
+                    if local_peaks else run_trl(task, size, built, cfg, dtype, threads)
                 _say(size, task, "trl", res[("trl", task)])
                 v = res[("trl", task)].get("versions", {}).get("trl")
                 if v:

@@ -76,6 +76,13 @@ def test_analyse_verdicts_and_report(tmp_path):
     assert tiny["reward"]["trl"] == {"error": "boom"}
     split = tiny["ppo"]["ours"]["split"]
     assert split["other_s"] == pytest.approx(0.1 - 0.05 - 0.025 - 0.0125)
+    # utilization against the peak probed around each process when there is one (the machine drifts)
+    res = _fake_results(0.1, 1.0)
+    res[("ours", "sft")]["peak_flops"] = 0.5e11
+    probed = bench.analyse("tiny", built, res, limits, cfg, "fp32")
+    assert probed["sft"]["ours"]["mfu"] == pytest.approx(2 * tiny["sft"]["ours"]["mfu"])
+    assert probed["sft"]["trl"]["mfu"] == pytest.approx(tiny["sft"]["trl"]["mfu"])
+    assert "of 50" in bench._mfu(probed["sft"]["ours"])
     mid = bench.analyse("mid", built, _fake_results(10.0, 1.0), limits, cfg, "fp32")
     assert mid["sft"]["verdict"] == "FAIL" and mid["ppo"]["verdict"] == "FAIL" and mid["decode"]["verdict"] == "FAIL"
     # the generate() baseline is reported beside the hybrid engine, without a verdict of its own
@@ -91,6 +98,12 @@ def test_analyse_verdicts_and_report(tmp_path):
     assert "hybrid engine (default)" in md and "transformers generate" in md
     assert "| matmul fp32 (2048³) | 100.0 GFLOP/s | 50.0 GFLOP/s |" in md  # the drift check beside the limits
     assert json.loads((tmp_path / "results.json").read_text())["versions"]["trl (ppo)"] == "1.12.0"
+
+
+def test_matmul_peak_probe_and_wrapper():
+    r = bench.with_local_peak(lambda: {"ok": True}, "fp32")
+    assert r["ok"] and len(r["peak_probes"]) == 2 and all(p > 1e8 for p in r["peak_probes"])
+    assert r["peak_flops"] == pytest.approx(sum(r["peak_probes"]) / 2)
 
 
 def test_bad_flags():
