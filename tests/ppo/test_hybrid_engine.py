@@ -49,6 +49,12 @@ def test_greedy_tokens_equal_generate(family_model, fuse):
     assert torch.equal(ours, ref)
 
 
+def test_no_eos_runs_to_max_new_tokens(family_model):
+    model, tok, ids, mask = _load(family_model)
+    out = HybridDecoder(model, rows=3).generate(ids, mask, 7, tok.pad_token_id, None, do_sample=False)
+    assert out.shape == (3, ids.shape[1] + 7)
+
+
 def test_rows_stop_at_eos_and_pad_like_generate(family_model):
     """Pick as EOS a token that row 0 emits early: that row must stop there and be padded, the others go on, and
     generation ends early once every row is done, all exactly as generate() does."""

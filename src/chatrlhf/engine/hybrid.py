@@ -43,9 +43,14 @@ _NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0)
 
 
 def _parts(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of an nn.Linear or of a peft LoRA layer whose adapter is merged (generation_context)."""
+    """(weight, bias) of an nn.Linear or of a peft LoRA layer whose adapter is merged (generation_context), as
+    plain tensors sharing the parameters' storage (no autograd bookkeeping on every decode op)."""
     base = getattr(lin, "base_layer", lin)
-    return base.weight, base.bias
+    return _plain(base.weight), _plain(base.bias)
+
+
+def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def unsupported_reason(model) -> str | None:
@@ -153,7 +158,7 @@ class _Norm:
     module every call (``nn.Module.__getattr__``) costs more than the norm itself at decode sizes."""
 
     def __init__(self, mod):
-        self.weight, self.bias = mod.weight, getattr(mod, "bias", None)
+        self.weight, self.bias = _plain(mod.weight), _plain(getattr(mod, "bias", None))
         self.layer_norm = isinstance(mod, torch.nn.LayerNorm)
         if self.layer_norm:
             self.shape, self.eps = tuple(mod.normalized_shape), mod.eps
@@ -189,7 +194,7 @@ class HybridDecoder:
         self.model, self.cfg, self.kind = model, cfg, cfg.model_type
         stack = _stack(model)
         self.stack = stack
-        self.embed = stack.embed_tokens.weight
+        self.embed = _plain(stack.embed_tokens.weight)
         self.lm_head = _parts(model.get_output_embeddings())
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -220,6 +225,7 @@ class HybridDecoder:
             fn = getattr(stack, "final_layer_norm", None)
             self.final_norm = _Norm(fn) if fn is not None else None
             self.project_in, self.project_out = stack.project_in, stack.project_out
+            self.positions = _plain(stack.embed_positions.weight)
         else:
             from transformers.activations import ACT2FN
 
@@ -242,7 +248,7 @@ class HybridDecoder:
         if self.kind == "opt":
             if self.project_in is not None:
                 x = F.linear(x, *_parts(self.project_in))
-            x = x + F.embedding(pos + self.stack.embed_positions.offset, self.stack.embed_positions.weight)
+            x = x + F.embedding(pos + self.stack.embed_positions.offset, self.positions)
         return x
 
     def _layer(self, i: int, x: torch.Tensor, p0: int, mask: torch.Tensor, rope) -> torch.Tensor:
@@ -308,8 +314,9 @@ class HybridDecoder:
         dev = input_ids.device
         min_new_tokens = min_new_tokens or 0
         S_max = P + max_new_tokens
-        eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
-                              device=dev)
+        eos_ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else \
+            ([] if eos_token_id is None else [eos_token_id])  # no EOS: every row runs to max_new_tokens
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
         self.cache = [(torch.empty(B, self.n_kv, S_max, self.head_dim, dtype=self.dtype, device=dev),
                        torch.empty(B, self.n_kv, S_max, self.head_dim, dtype=self.dtype, device=dev))
                       for _ in self.layers]
