@@ -29,6 +29,25 @@ def kwise_dir(task_data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def kwise_large_dir(tmp_path_factory):
+    """800 k=3 rankings (720 train / 80 held out): enough for held-out ranking accuracy to mean something (the
+    80-row set above has 8 held-out rankings)."""
+    from chatrlhf.task import write_task_dataset
+
+    task = tmp_path_factory.mktemp("task_kwise")
+    write_task_dataset(task, seed=1234, n_sft=16, n_pairs=16, n_eval=8, n_heldout=4, k=4, noise=0.35, n_corpus=200,
+                       n_kwise=800)
+    rows = [json.loads(x) for x in (task / "kwise.jsonl").read_text().splitlines() if x.strip()]
+    rows = [{"prompt": r["prompt"], "answers": r["answers"][:3]} for r in rows if all(a.strip() for a in r["answers"][:3])]
+    out = tmp_path_factory.mktemp("kwise_large")
+    (out / "data").mkdir()
+    n = len(rows) // 10
+    (out / "data" / "train.json").write_text(json.dumps(rows[n:]))
+    (out / "data" / "eval.json").write_text(json.dumps(rows[:n]))
+    return out
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("data_cache")
 
