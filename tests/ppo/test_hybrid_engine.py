@@ -22,20 +22,30 @@ def _hf_greedy(model, tok, ids, mask, n, eos, min_new=0):
                           eos_token_id=eos)
 
 
-@pytest.fixture(scope="module", params=[("opt", 2), ("llama", 4), ("llama", 2)], ids=["opt", "llama", "llama-gqa"])
+def _variant(base, name: str, **changes):
+    """A random model with ``base``'s config changed (and its tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(base)
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(3)
+    out = base.parent.parent / name
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    load_tokenizer(str(base)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=[("opt", 2), ("opt", 350), ("llama", 4), ("llama", 2)],
+                ids=["opt", "opt-350m-style", "llama", "llama-gqa"])
 def family_model(request, tiny_model_factory):
     family, kv = request.param
+    if family == "opt" and kv == 350:  # OPT-350m's layout: post-norm layers and in/out projections of the embeddings
+        base = tiny_model_factory("opt", hidden=64, layers=2, vocab=512)
+        return _variant(base, "opt350", do_layer_norm_before=False, word_embed_proj_dim=32)
     if family == "llama" and kv != 4:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         base = tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
-        cfg = AutoConfig.from_pretrained(base)
-        cfg.num_key_value_heads = kv  # grouped-query attention: 4 query heads share 2 K/V heads
-        torch.manual_seed(3)
-        out = base.parent.parent / f"gqa{kv}"
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-        load_tokenizer(str(base)).save_pretrained(out)
-        return out
+        return _variant(base, f"gqa{kv}", num_key_value_heads=kv)  # 4 query heads share 2 K/V heads
     return tiny_model_factory(family, hidden=64, layers=2, vocab=512)
 
 
@@ -136,7 +146,7 @@ def test_unsupported_models_and_generation_configs(tiny_model_factory):
 def test_generate_answers_hybrid_equals_generate(tiny_model_factory, family, lora):
     """Through the product path (strategy, generation_context with LoRA merged, num_return_sequences): the same
     tokens with and without the hybrid engine; gpt_neox falls back to generate()."""
-    from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig
+    from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig, unwrap
     from chatrlhf.models.lora import apply_lora
     from chatrlhf.steps import ppo_experience as px
 
@@ -151,6 +161,7 @@ def test_generate_answers_hybrid_equals_generate(tiny_model_factory, family, lor
     strategy = DeepSpeedStrategy(StrategyConfig(dtype="fp32", per_device_train_batch_size=2))
     strategy.setup_distributed()
     model = strategy.prepare_eval(model)
+    assert (unsupported_reason(unwrap(model)) is None) == (family == "opt")  # LoRA layers do not hide the family
     outs = []
     for hybrid in (True, False):
         p = px.GenerationParams(max_new_tokens=10, min_new_tokens=3, do_sample=False, num_return_sequences=2,

@@ -38,7 +38,8 @@ def kwise_large_dir(tmp_path_factory):
     write_task_dataset(task, seed=1234, n_sft=16, n_pairs=16, n_eval=8, n_heldout=4, k=4, noise=0.35, n_corpus=200,
                        n_kwise=800)
     rows = [json.loads(x) for x in (task / "kwise.jsonl").read_text().splitlines() if x.strip()]
-    rows = [{"prompt": r["prompt"], "answers": r["answers"][:3]} for r in rows if all(a.strip() for a in r["answers"][:3])]
+    rows = [{"prompt": r["prompt"], "answers": r["answers"][:3]} for r in rows
+            if all(a.strip() for a in r["answers"][:3])]
     out = tmp_path_factory.mktemp("kwise_large")
     (out / "data").mkdir()
     n = len(rows) // 10

@@ -9,8 +9,8 @@ reads the weights of a Hugging Face model in place (after ZeRO-3 gathering and L
 - a preallocated KV cache (one write per layer and step, no ``torch.cat`` growth);
 - q/k/v and gate/up projections fused into one matmul each;
 - on CPU in fp32, weights packed once per rollout for MKL's small-batch GEMM (``_mkl_reorder_linear_weight``):
-  a decode step multiplies ``batch`` rows by every weight matrix, where plain ``F.linear`` reaches ~40% of the
-  memory bandwidth and packed MKL ~65% (bench/results.md);
+  a decode step multiplies ``batch`` rows by every weight matrix, where plain ``F.linear`` streams the weights at
+  5-8 GB/s on the bench's 2-core CPU and packed MKL at 12-15 GB/s (a plain read: 19-21 GB/s);
 - the processors of ``generate`` in its order (min_new_tokens, temperature, top-k, top-p), then ``argmax`` (greedy:
   the same tokens as ``generate``) or one inverse-CDF draw per row (the same distribution as ``multinomial`` at a
   fraction of its cost); finished rows emit ``pad`` and generation stops when every row has finished, as in
@@ -184,18 +184,18 @@ class HybridDecoder:
     """Batched sampling/greedy decoding of a supported causal LM; see the module docstring.
 
     Build it inside ``generation_context`` (full, merged weights) and use it there: unpacked projections refer to
-    the module's parameters, which ZeRO-3 releases on leaving the context."""
+    the module's parameters, which ZeRO-3 releases on leaving the context. ``rows``: the batch it will decode
+    (packing is specific to it); ``pack``: fuse and pack projections (default: where possible, CPU fp32)."""
 
     def __init__(self, model, rows: int, pack: bool | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"hybrid decoding does not support this model: {reason}")
         cfg = model.config
-        self.model, self.cfg, self.kind = model, cfg, cfg.model_type
+        self.kind = cfg.model_type
         stack = _stack(model)
         self.stack = stack
         self.embed = _plain(stack.embed_tokens.weight)
-        self.lm_head = _parts(model.get_output_embeddings())
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.hidden = cfg.hidden_size
@@ -218,26 +218,20 @@ class HybridDecoder:
                     down=_Proj([layer.mlp.down_proj], rows, pack),
                     ln1=_Norm(layer.input_layernorm), ln2=_Norm(layer.post_attention_layernorm),
                     scaling=a.scaling))
-        if self.kind == "opt":
-            from transformers.activations import ACT2FN
+        from transformers.activations import ACT2FN
 
+        if self.kind == "opt":
             self.act = ACT2FN[cfg.activation_function]
             fn = getattr(stack, "final_layer_norm", None)
             self.final_norm = _Norm(fn) if fn is not None else None
             self.project_in, self.project_out = stack.project_in, stack.project_out
             self.positions = _plain(stack.embed_positions.weight)
         else:
-            from transformers.activations import ACT2FN
-
             self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
             self.final_norm = _Norm(stack.norm)
         self.head = _Proj([model.get_output_embeddings()], rows, pack)
 
     # ------------------------------------------------------------------------------------------------ pieces
-    @staticmethod
-    def _norm(norm: "_Norm", x: torch.Tensor) -> torch.Tensor:
-        return norm(x)
-
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         """q*cos + rotate_half(q)*sin with rotate_half's sign folded into ``sin_signed`` (4 ops, not 6)."""
@@ -259,7 +253,7 @@ class HybridDecoder:
         B, T, H = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         pre = self.kind != "opt" or L["pre_norm"]
-        h = self._norm(L["ln1"], x) if pre else x
+        h = L["ln1"](x) if pre else x
         y = L["qkv"](h.reshape(B * T, H)).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, heads, T, hd]
         if self.kind == "opt":
             q, k, scale = y[:, :nh] * L["scaling"], y[:, nh:nh + nkv], 1.0  # OPT scales q before the product
@@ -276,8 +270,8 @@ class HybridDecoder:
                                            enable_gqa=nkv != nh)
         x = x + L["o"](a.transpose(1, 2).reshape(B * T, nh * hd)).view(B, T, H)
         if not pre:
-            x = self._norm(L["ln1"], x)
-        h = (self._norm(L["ln2"], x) if pre else x).reshape(B * T, H)
+            x = L["ln1"](x)
+        h = (L["ln2"](x) if pre else x).reshape(B * T, H)
         if self.kind == "opt":
             m = self.act(L["up"](h))
         else:
@@ -285,14 +279,14 @@ class HybridDecoder:
             m = self.act(g) * u
         x = x + L["down"](m).view(B, T, H)
         if not pre:
-            x = self._norm(L["ln2"], x)
+            x = L["ln2"](x)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] (fp32) of the last position of x [B, T, H]."""
         h = x[:, -1]
         if self.final_norm is not None:
-            h = self._norm(self.final_norm, h)
+            h = self.final_norm(h)
         if self.kind == "opt" and self.project_out is not None:
             h = F.linear(h, *_parts(self.project_out))
         return self.head(h).float()
