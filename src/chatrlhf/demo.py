@@ -203,14 +203,13 @@ def greedy_answers(model, tok, prompts: Sequence[str], max_new_tokens: int, batc
         enc = tok(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
         gen = hybrid.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
                               do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=eos)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-            ids = []
-            for t in row:
-                if t == eos:
-                    break
-                ids.append(t)
-            out.append(ids)
+        out += [_until_eos(row, eos) for row in gen[:, enc["input_ids"].shape[1]:].tolist()]
     return out
+
+
+def _until_eos(row: list[int], eos: int) -> list[int]:
+    """The answer ids before the first EOS (the EOS and any padding after it dropped)."""
+    return row[:row.index(eos)] if eos in row else row
 
 
 def sampled_answers(model, tok, prompts: Sequence[str], max_new_tokens: int, n: int, seed: int,
@@ -228,16 +227,7 @@ def sampled_answers(model, tok, prompts: Sequence[str], max_new_tokens: int, n: 
         gen = hybrid.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
                               do_sample=True, num_return_sequences=n, pad_token_id=tok.pad_token_id, eos_token_id=eos)
         rows = gen[:, enc["input_ids"].shape[1]:].tolist()
-        for j in range(0, len(rows), n):
-            group = []
-            for row in rows[j:j + n]:
-                ids = []
-                for t in row:
-                    if t == eos:
-                        break
-                    ids.append(t)
-                group.append(ids)
-            out.append(group)
+        out += [[_until_eos(row, eos) for row in rows[j:j + n]] for j in range(0, len(rows), n)]
     return out
 
 
