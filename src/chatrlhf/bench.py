@@ -195,31 +195,26 @@ def measure_limits(quick: bool = False, n: int | None = None, nbytes: int | None
     if min_time is not None:
         min_t = min_time
     out: dict[str, Any] = {"device": dev.type, "matmul_n": n}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n, device=dev, dtype=dt)
-        b = torch.randn(n, n, device=dev, dtype=dt)
-        c = torch.empty(n, n, device=dev, dtype=dt)
-        out[f"matmul_{name}_flops"] = _best_rate(lambda: torch.matmul(a, b, out=c), 2.0 * n**3, min_t, trials, acc)
-        del a, b, c
+    for name in ("fp32", "bf16"):
+        out[f"matmul_{name}_flops"] = matmul_peak(name, min_t, trials, n)
     nbytes = nbytes or ((256 << 20) if on_cpu else (2 << 30))
     x = torch.ones(nbytes // 4, device=dev, dtype=torch.float32)
     out["read_bw_bytes_per_s"] = _best_rate(lambda: x.sum(), float(nbytes), min_t, trials, acc)
     out["read_bw_tensor_bytes"] = nbytes
-    del x
     return out
 
 
-def matmul_peak(dtype: str, quick: bool = True) -> float:
-    """This moment's matmul FLOP/s of ``dtype`` (a short probe of measure_limits' matmul)."""
+def matmul_peak(dtype: str, min_time: float = 0.3, trials: int = 2, n: int | None = None) -> float:
+    """Matmul FLOP/s of ``dtype`` on n x n matrices (2048 on CPU, 8192 on accelerators): best of ``trials``."""
     import torch
 
     acc = _accel()
     dev = torch.device(acc.device_name())
-    n = 2048 if dev.type == "cpu" else 8192
+    n = n or (2048 if dev.type == "cpu" else 8192)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
     c = torch.empty(n, n, device=dev, dtype=dt)
-    return _best_rate(lambda: torch.matmul(a, b, out=c), 2.0 * n**3, 0.3 if quick else 1.0, 2, acc)
+    return _best_rate(lambda: torch.matmul(a, b, out=c), 2.0 * n**3, min_time, trials, acc)
 
 
 def with_local_peak(run, dtype: str) -> dict:
