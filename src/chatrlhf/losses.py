@@ -110,9 +110,10 @@ class DPOLoss(nn.Module):
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Sum over tokens of log p(label_t | <t), with labels shifted inside; positions == ignore_index are skipped."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
+    """Sum over tokens of log p(label_t | <t), with labels shifted inside (left, the last position skipped: no
+    copy of the logits); positions == ignore_index are skipped."""
+    logits = logits.float()
+    labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
     mask = labels != ignore_index
     safe = labels.masked_fill(~mask, 0)
     lp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)

@@ -100,6 +100,22 @@ def test_analyse_verdicts_and_report(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["versions"]["trl (ppo)"] == "1.12.0"
 
 
+def test_best_step_drives_figures_and_median_is_reported(tmp_path):
+    """Noise only adds time: ratios use the fastest timed step (like the best-of limit probes); the median is kept."""
+    shape = {"params": 10**6, "matmul_params_lm": 10**6, "matmul_params_body": 9 * 10**5, "lm_head_params": 10**5,
+             "layers": 2, "hidden": 64, "vocab": 512, "heads": 4}
+    limits = {"matmul_fp32_flops": 1e11, "read_bw_bytes_per_s": 1e10}
+    res = {("ours", "sft"): {"ok": True, "step_times": [0.3, 0.1, 0.2]},
+           ("ours", "ppo"): {"ok": True, "step_times": [0.4, 0.2, 0.5, 0.3]}}
+    rows = bench.analyse("mid", {"shape": shape}, res, limits, bench.BenchConfig(out=str(tmp_path)), "fp32")
+    sft, ppo = rows["sft"]["ours"], rows["ppo"]["ours"]
+    assert sft["step_s"] == 0.1 and sft["step_s_median"] == 0.2
+    assert sft["mfu"] == pytest.approx(2 * sft["mfu_median"])
+    assert ppo["samples_per_s"] == pytest.approx(8 / 0.2)
+    assert ppo["floor_ratio_median"] == pytest.approx(ppo["floor_ratio"] * 0.35 / 0.2)
+    assert f"({bench._pct(sft['mfu_median'])})" in bench._mfu(sft)
+
+
 def test_matmul_peak_probe_and_wrapper():
     r = bench.with_local_peak(lambda: {"ok": True}, "fp32")
     assert r["ok"] and len(r["peak_probes"]) == 2 and all(p > 1e8 for p in r["peak_probes"])

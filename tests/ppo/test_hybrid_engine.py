@@ -170,3 +170,22 @@ def test_generate_answers_hybrid_equals_generate(tiny_model_factory, family, lor
     (s1, m1), (s0, m0) = outs
     assert s1.shape[0] == 6
     assert torch.equal(s1, s0) and torch.equal(m1, m0)
+
+
+def test_folded_rms_norm_matches_llama_rms_norm():
+    """The fused path's RMSNorm leaves sqrt(H) * weight to the next matmul; the product must be the model's norm,
+    including where eps matters (tiny activations, as in a freshly initialised model)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from chatrlhf.engine.hybrid import _Norm
+
+    torch.manual_seed(0)
+    mod = LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        mod.weight.normal_()
+    norm = _Norm(mod, fold=True)
+    assert norm.fold
+    for scale in (1.0, 1e-3):
+        x = torch.randn(8, 3, 64) * scale
+        torch.testing.assert_close(norm(x) * norm.fold_scale, mod(x), rtol=1e-5, atol=1e-6)
+    assert not _Norm(mod, fold=False).fold

@@ -7,7 +7,7 @@ reads the weights of a Hugging Face model in place (after ZeRO-3 gathering and L
 ``generate()``'s per-step machinery:
 
 - a preallocated KV cache (one write per layer and step, no ``torch.cat`` growth);
-- q/k/v and gate/up projections fused into one matmul each;
+- q/k/v and gate/up projections fused into one matmul each, RMSNorm scales folded into them (3 ops a norm);
 - on CPU in fp32, weights packed once per rollout for MKL's small-batch GEMM (``_mkl_reorder_linear_weight``):
   a decode step multiplies ``batch`` rows by every weight matrix, where plain ``F.linear`` streams the weights at
   5-8 GB/s on the bench's 2-core CPU and packed MKL at 12-15 GB/s (a plain read: 19-21 GB/s);
@@ -121,19 +121,22 @@ class _Proj:
     """One or several linear maps applied to the same input (fused q/k/v, gate/up).
 
     ``fuse`` (CPU, fp32): the weights are concatenated into one matrix, one GEMM per call, and large ones are packed
-    once for MKL's GEMM at exactly ``rows`` input rows (the prefill's other row count uses the plain matrix).
+    once for MKL's GEMM at exactly ``rows`` input rows (the prefill's other row count uses the plain matrix);
+    ``in_scale`` multiplies the input features (a folded norm scale, see :class:`_Norm`).
     Otherwise (accelerators, half precision) the module's own weights are used in place, one ``F.linear`` each: no
     copy of a model that may fill the device."""
 
     PACK_MIN_ELEMENTS = 1 << 16  # below this, packing does not pay for itself
 
-    def __init__(self, linears, rows: int, fuse: bool):
+    def __init__(self, linears, rows: int, fuse: bool, in_scale: torch.Tensor | None = None):
         parts = [_parts(m) for m in linears]
         self.sizes = [w.shape[0] for w, _ in parts]
         self.fused = fuse
         self.packed = None
         if fuse:
             self.weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
+            if in_scale is not None:  # W @ diag(s): a preceding norm's scale folded in (the module's own: a copy)
+                self.weight = self.weight.mul_(in_scale) if len(parts) > 1 else self.weight * in_scale
             self.bias = None
             if any(b is not None for _, b in parts):
                 self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
@@ -155,24 +158,40 @@ class _Proj:
 
 class _Norm:
     """LayerNorm (OPT) or RMSNorm (llama-likes) with its tensors and epsilon read once: looking them up on the
-    module every call (``nn.Module.__getattr__``) costs more than the norm itself at decode sizes."""
+    module every call (``nn.Module.__getattr__``) costs more than the norm itself at decode sizes.
 
-    def __init__(self, mod):
+    ``fold`` (RMSNorm in fp32, feeding fused projections): returns x / sqrt(|x|^2 + H eps) and leaves the scale
+    sqrt(H) * weight to the next matmul (``fold_scale`` -> ``_Proj(in_scale=...)``). That is RMSNorm's
+    x / sqrt(mean(x^2) + eps) * weight with the mean's 1/H moved out, in 3 ops instead of the ~7 that
+    ``F.rms_norm`` runs on a CPU (2.4x faster at decode sizes; equal to ~1e-7 relative)."""
+
+    def __init__(self, mod, fold: bool = False):
         self.weight, self.bias = _plain(mod.weight), _plain(getattr(mod, "bias", None))
         self.layer_norm = isinstance(mod, torch.nn.LayerNorm)
+        self.fold = fold and not self.layer_norm and self.weight.dtype == torch.float32
         if self.layer_norm:
             self.shape, self.eps = tuple(mod.normalized_shape), mod.eps
         else:
             eps = getattr(mod, "variance_epsilon", None)
             self.eps = eps if eps is not None else getattr(mod, "eps", 1e-6)
+        if self.fold:
+            h = self.weight.shape[0]
+            self.fold_scale = self.weight * h ** 0.5
+            self.floor = torch.tensor((h * self.eps) ** 0.5, dtype=self.weight.dtype, device=self.weight.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold:
+            return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).hypot_(self.floor)
         if self.layer_norm:
             return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
         # LlamaRMSNorm: normalise in fp32, cast back, then scale (one fused op when already fp32)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def _scale(norm: _Norm | None) -> torch.Tensor | None:
+    return norm.fold_scale if norm is not None and norm.fold else None
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -212,12 +231,12 @@ class HybridDecoder:
                     ln1=_Norm(layer.self_attn_layer_norm), ln2=_Norm(layer.final_layer_norm), scaling=a.scaling,
                     pre_norm=layer.do_layer_norm_before))
             else:
+                ln1, ln2 = _Norm(layer.input_layernorm, fold=pack), _Norm(layer.post_attention_layernorm, fold=pack)
                 self.layers.append(dict(
-                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.o_proj], rows, pack),
-                    up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack),
-                    down=_Proj([layer.mlp.down_proj], rows, pack),
-                    ln1=_Norm(layer.input_layernorm), ln2=_Norm(layer.post_attention_layernorm),
-                    scaling=a.scaling))
+                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack, _scale(ln1)),
+                    o=_Proj([a.o_proj], rows, pack),
+                    up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack, _scale(ln2)),
+                    down=_Proj([layer.mlp.down_proj], rows, pack), ln1=ln1, ln2=ln2, scaling=a.scaling))
         from transformers.activations import ACT2FN
 
         if self.kind == "opt":
@@ -228,8 +247,8 @@ class HybridDecoder:
             self.positions = _plain(stack.embed_positions.weight)
         else:
             self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
-            self.final_norm = _Norm(stack.norm)
-        self.head = _Proj([model.get_output_embeddings()], rows, pack)
+            self.final_norm = _Norm(stack.norm, fold=pack)
+        self.head = _Proj([model.get_output_embeddings()], rows, pack, _scale(self.final_norm))
 
     # ------------------------------------------------------------------------------------------------ pieces
     @staticmethod
@@ -387,11 +406,11 @@ def process_scores(scores: torch.Tensor, t: int, min_new: int, eos: torch.Tensor
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of ``probs`` [B, V] (rows sum to ~1), P(i) = probs[i]: the first i whose cumulative
-    probability exceeds u * total, u ~ U[0, 1). Zero-probability entries are never chosen (their CDF step is empty;
-    a u that rounds onto the total picks the last entry with mass)."""
+    probability exceeds u * total, u ~ U[0, 1). Zero-probability entries are never chosen: their CDF step is empty,
+    and u * total is kept strictly below the total (a product that rounds onto it would pick past the last entry
+    with mass), so some CDF value always exceeds it."""
     cdf = probs.float().cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, device=probs.device, generator=generator) * total
-    idx = torch.searchsorted(cdf, u, right=True).squeeze(1)
-    last = (cdf < total).sum(-1)  # index of the last entry with mass: the first where the CDF reaches the total
-    return torch.minimum(idx, last)
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)

@@ -29,9 +29,10 @@ class SFTConfig(DataConfig, TrainConfig):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = False, reduction: str = "mean"):
-    """Next-token cross entropy over labelled positions (labels == -100 are prompt/padding)."""
-    logits = logits[:, :-1]
-    labels = labels[:, 1:]
+    """Next-token cross entropy over labelled positions (labels == -100 are prompt/padding). The labels shift left
+    (the last position gets -100), not the logits: slicing [B, S, V] logits would copy them, and their gradient,
+    once more per step (16 MB each way at the bench's mid size; ~1-3% of its CPU step)."""
+    labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     if fp32:
         logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
