@@ -114,6 +114,12 @@ def test_best_step_drives_figures_and_median_is_reported(tmp_path):
     assert ppo["samples_per_s"] == pytest.approx(8 / 0.2)
     assert ppo["floor_ratio_median"] == pytest.approx(ppo["floor_ratio"] * 0.35 / 0.2)
     assert f"({bench._pct(sft['mfu_median'])})" in bench._mfu(sft)
+    assert "work_floor_ratio" not in ppo  # only when the run says it reused the experience forward
+    res[("ours", "ppo")]["summary"] = {"reused_experience_forward": True}
+    ppo2 = bench.analyse("mid", {"shape": shape}, res, limits, bench.BenchConfig(out=str(tmp_path)), "fp32")["ppo"]
+    skipped = bench.fwd_flops(shape, 8, 64, "lm") + bench.fwd_flops(shape, 8, 64, "value")
+    assert ppo2["ours"]["work_floor_s"] == pytest.approx(ppo2["ours"]["floor_s"] - skipped / 1e11)
+    assert ppo2["ours"]["work_floor_ratio"] > ppo2["ours"]["floor_ratio"]
 
 
 def test_matmul_peak_probe_and_wrapper():

@@ -152,3 +152,47 @@ def test_cli_flags_parse_with_reference_names(tiny_model_dir, fresh_rm_dir):
             d["cliprange_value"].default, d["gamma"].default, d["lam"].default) == (0.1, 5.0, 0.2, 0.2, 1.0, 0.95)
     assert (d["unsup_coef"].default, d["generation_batches"].default, d["ppo_epochs"].default) == (27.8, 1, 1)
     assert all(f.metadata.get("help") for f in d.values())
+
+
+@pytest.mark.parametrize("stage,lora", [(0, 0), (3, 4)], ids=["zero0", "zero3-lora"])
+def test_reused_experience_forward_trains_like_a_repeated_one(ppo_cfg, monkeypatch, stage, lora):
+    """On-policy (one epoch, one micro-batch, no dropout) the experience pass's actor/critic forwards are trained
+    through: one actor forward fewer per step, and the same updates as repeating the forward."""
+    calls = {"n": 0}
+    orig = px.answer_logprobs
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(px, "answer_logprobs", counting)
+    outs = {}
+    for reuse in (True, False):
+        calls["n"] = 0
+        cfg = ppo_cfg(per_device_training_batch_size=4, max_steps=2, reuse_experience_forward=reuse,
+                      actor_zero_stage=stage, critic_zero_stage=stage, actor_lora_dim=lora, critic_lora_dim=lora,
+                      output_dir=str(Path(ppo_cfg().output_dir).parent / f"out_{reuse}"))
+        out = run_ppo(cfg)
+        assert out["steps"] == 2
+        # per step: actor + reference in the experience pass, + the actor's training forward when repeated
+        assert calls["n"] == (2 * 2 if reuse else 3 * 2)
+        outs[reuse] = (out, Path(cfg.output_dir))
+    (a, da), (b, db) = outs[True], outs[False]
+    assert a["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    for k in ("actor_loss", "critic_loss", "reward_mean", "kl"):
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    for who in ("actor", "critic"):
+        wa, wb = _weights(da / who), _weights(db / who)
+        assert wa.keys() == wb.keys()
+        for k in wa:  # float noise only: the no-grad eval forward and the autograd one may differ in the last bit,
+            # which Adam (lr 1e-3, update ~ lr * sign) can carry to ~1e-6 on a near-zero gradient
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5)
+
+
+def test_dropout_makes_train_forward_random(tiny_model_factory):
+    from chatrlhf.models.loading import load_causal_lm
+
+    d = tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
+    assert px.train_forward_is_deterministic(load_causal_lm(str(d)))
+    assert not px.train_forward_is_deterministic(load_causal_lm(str(d), dropout=0.1))
+    assert not px.train_forward_is_deterministic(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))

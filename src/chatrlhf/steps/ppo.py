@@ -55,6 +55,11 @@ class PPOConfig(TrainConfig, DataConfig):
     per_device_training_batch_size: int = _h("Experience rows per device per PPO micro-batch.", 16)
     generation_batches: int = _h("Generation batches buffered before training on them.", 1)
     ppo_epochs: int = _h("Passes over the buffered experience (the original notes > 1 diverged).", 1)
+    reuse_experience_forward: bool = _h(
+        "On-policy steps (--ppo_epochs 1, one micro-batch per step, no dropout in actor/critic): run the "
+        "experience pass's actor and critic forwards with autograd and train through them, instead of repeating "
+        "both forwards on unchanged weights (DeepSpeed-Chat repeats them; same gradients). "
+        "--no_reuse_experience_forward repeats them.", True)
     max_answer_seq_len: int = _h("Most new tokens generated per answer (answers stop at EOS before that).", 256)
     actor_learning_rate: float = _h("Actor learning rate.", 9.65e-6)
     critic_learning_rate: float = _h("Critic learning rate.", 5e-6)
@@ -390,6 +395,14 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 f"{strategy.world_size} rank(s), dtype {strategy.cfg.dtype}, actor ZeRO-{cfg.actor_zero_stage}, "
                 f"critic ZeRO-{cfg.critic_zero_stage} *****")
 
+    # on-policy: the experience pass's actor/critic forward is the training forward (see make_experience)
+    reuse_fwd = (cfg.reuse_experience_forward and cfg.ppo_epochs == 1 and micro_batches_per_round(cfg) == 1
+                 and all(px.train_forward_is_deterministic(m) for m in (actor, critic) if m is not None))
+    if cfg.reuse_experience_forward and not reuse_fwd:
+        print_rank0("experience forwards are repeated for training: --reuse_experience_forward needs --ppo_epochs 1, "
+                    "one micro-batch per step (generation rows <= --per_device_training_batch_size, "
+                    "--generation_batches 1) and no dropout in actor/critic")
+
     last: dict[str, Any] = {}
     stop_reason = ""
     buffer: list[px.Experience] = []
@@ -409,7 +422,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
             batch = common.to_device(batch, device)
             exp, t = px.make_experience(actor, ref, critic, reward_model, strategy, tokenizer,
                                         batch["prompt_input_ids"], batch["prompt_attention_mask"], gen_params,
-                                        cfg.group_size)
+                                        cfg.group_size, train_forward=reuse_fwd,
+                                        entropy_grad=policy_loss.entropy_coef != 0)
             timing["generation_s"] += t["generation_s"]
             timing["inference_s"] += t["inference_s"]
             timing["gen_tokens"] += t["generated_tokens"]
@@ -493,7 +507,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
                     **({"unsup_loss": sum(unsup_losses) / len(unsup_losses)} if unsup_losses else {})}
             last.pop("n", None)
             writer.log("train", state["round"], **last)
-            tput = _throughput(timing, time.time() - round_t0, cfg, strategy, a_dims, c_dims, r_dims, stats)
+            tput = _throughput(timing, time.time() - round_t0, cfg, strategy, a_dims, c_dims, r_dims, stats,
+                               reuse_fwd)
             tput["dropped_answers"] = timing["dropped"]
             writer.log("throughput", state["round"], **tput)
             if rank0 and (state["round"] % max(1, cfg.log_interval) == 0 or state["round"] == 1
@@ -538,7 +553,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if ema is not None:
         strategy.save_hf(ema, tokenizer, out_dir / "actor_ema", extra_config=extra)
     summary = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-    summary.update(steps=state["round"], stopped_reason=stop_reason or None)
+    summary.update(steps=state["round"], stopped_reason=stop_reason or None, reused_experience_forward=reuse_fwd)
     writer.close()
     strategy.barrier()
     common.write_done(out_dir, "ppo", summary)
@@ -563,6 +578,9 @@ def _micro_batches(buffer: list[px.Experience], cfg: PPOConfig, round_idx: int) 
     n_micro = math.ceil(nominal / cfg.per_device_training_batch_size)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + round_idx)
     for e in buffer:
+        if e.graph is not None:  # its forward is already done: one micro-batch, rows in place (the loss is a mean)
+            out.append(e)
+            continue
         idx = torch.randperm(len(e), generator=g)
         if len(idx) < n_micro:
             idx = idx.repeat(math.ceil(n_micro / len(idx)))[:n_micro]
@@ -599,18 +617,20 @@ def _aggregate(results: list[px.MicroStepResult], strategy) -> dict:
     return out
 
 
-def _throughput(timing: dict, e2e: float, cfg: PPOConfig, strategy, a_dims, c_dims, r_dims, stats: dict) -> dict:
+def _throughput(timing: dict, e2e: float, cfg: PPOConfig, strategy, a_dims, c_dims, r_dims, stats: dict,
+                reused_forward: bool = False) -> dict:
     """Honest per-rank figures: end-to-end = generation + every forward pass for experience (actor, reference,
-    critic, reward) + training (+ ptx), all on this rank; samples/s counts every rank's rows (n_rows global)."""
+    critic, reward) + training (+ ptx), all on this rank; samples/s counts every rank's rows (n_rows global).
+    ``reused_forward``: training is backward only (its forward is counted with the experience)."""
     la, ha, va, pa = a_dims
     rows = max(1, timing["rows"])
     seq = max(1, int(timing["seq_tokens"] / rows))  # mean prompt + answer length actually processed
-    k_a = 4 if cfg.actor_gradient_checkpointing else 3
+    k_a = (4 if cfg.actor_gradient_checkpointing else 3) - reused_forward
     gen_flops = px.flops_per_pass(la, ha, va, rows, seq, 1)
     infer_flops = 2 * px.flops_per_pass(la, ha, va, rows, seq, 1) + px.flops_per_pass(r_dims[0], r_dims[1], r_dims[2], rows, seq, 1)
     train_flops = cfg.ppo_epochs * px.flops_per_pass(la, ha, va, rows, seq, k_a)
     if c_dims is not None:
-        k_c = 4 if cfg.critic_gradient_checkpointing else 3
+        k_c = (4 if cfg.critic_gradient_checkpointing else 3) - reused_forward
         infer_flops += px.flops_per_pass(c_dims[0], c_dims[1], c_dims[2], rows, seq, 1)
         train_flops += cfg.ppo_epochs * px.flops_per_pass(c_dims[0], c_dims[1], c_dims[2], rows, seq, k_c)
     gen_s, tr_s = max(timing["generation_s"], 1e-9), max(timing["training_s"], 1e-9)

@@ -43,6 +43,9 @@ class Experience:
     returns: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    # (answer log-probs, entropy, critic values) with their autograd graphs when the experience pass doubles as
+    # the training forward (see make_experience's ``train_forward``); consumed by train_micro_batch
+    graph: tuple | None = field(default=None, repr=False)
 
     @property
     def start(self) -> int:
@@ -56,7 +59,28 @@ class Experience:
         for f in fields(self):
             v = getattr(self, f.name)
             kw[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
+        kw["graph"] = None  # a graph belongs to the whole batch's forward
         return Experience(**kw)
+
+
+# config fields that make a train-mode forward random (dropout, MoE router noise)
+_RANDOM_IN_TRAIN = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attention_probs_dropout_prob",
+                    "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
+                    "classifier_dropout", "embed_dropout", "ffn_dropout", "layerdrop", "router_jitter_noise")
+
+
+def train_forward_is_deterministic(model) -> bool:
+    """True when the model's train-mode forward equals its eval-mode one: no dropout module with p > 0 and no
+    dropout-like config field above 0 (llama and OPT apply theirs functionally, from the config)."""
+    m = unwrap(model)
+    if any(isinstance(x, torch.nn.Dropout) and x.p > 0 for x in m.modules()):
+        return False
+    configs = [c for c in (getattr(m, "config", None), getattr(getattr(m, "base_model", None), "config", None)) if c]
+    for c in configs:
+        c = c.get_text_config() if hasattr(c, "get_text_config") else c
+        if any(isinstance(getattr(c, k, None), (int, float)) and getattr(c, k) > 0 for k in _RANDOM_IN_TRAIN):
+            return False
+    return True
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -192,9 +216,16 @@ def reward_scores(reward_model, seq: torch.Tensor, mask: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, prompt_ids: torch.Tensor,
-                    prompt_mask: torch.Tensor, params: GenerationParams, group_size: int = 1) -> tuple[Experience, dict]:
+                    prompt_mask: torch.Tensor, params: GenerationParams, group_size: int = 1,
+                    train_forward: bool = False, entropy_grad: bool = False) -> tuple[Experience, dict]:
     """Generate, drop too-short answers, score with the reward model, and collect actor/reference log-probs and
-    critic values. Returns (experience, timings); see the placeholder note below."""
+    critic values. Returns (experience, timings); see the placeholder note below.
+
+    ``train_forward`` (on-policy: the batch is trained on once, as one micro-batch, by models whose train-mode
+    forward is deterministic): the actor's and critic's forwards run in train mode with autograd and are kept in
+    ``exp.graph``; the old log-probs and values are their detached copies, and train_micro_batch backpropagates
+    through them instead of repeating both forwards on unchanged weights (the ratio is then exactly 1, as it is
+    mathematically at that point). ``entropy_grad``: the entropy is part of the actor loss."""
     t0 = time.time()
     seq, mask = generate_answers(actor, strategy, tokenizer, prompt_ids, prompt_mask, params)
     gen_time = time.time() - t0
@@ -213,14 +244,18 @@ def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, promp
     seq, mask = seq[keep], mask[keep]
     t1 = time.time()
     was = [unwrap(m).training for m in (actor, critic) if m is not None]
-    unwrap(actor).eval()
-    if critic is not None:
-        unwrap(critic).eval()
+    for m in (actor, critic):
+        if m is not None:
+            unwrap(m).train(train_forward)
     start = prompt_len - 1
-    logprobs = full_width(answer_logprobs(actor, seq, mask, start)[0], start)
+    with torch.set_grad_enabled(train_forward):  # (views of graph tensors must be taken inside, too)
+        lp, ent = answer_logprobs(actor, seq, mask, start, entropy=train_forward, entropy_grad=entropy_grad)
+        v = critic(seq, attention_mask=mask)[:, :-1] if critic is not None else None
+        v_answer = v[:, start:] if v is not None else None
+    logprobs = full_width(lp.detach(), start)
+    values = v.detach().float() if v is not None else None
     ref_logprobs = full_width(answer_logprobs(ref, seq, mask, start)[0], start)
     score = reward_scores(reward_model, seq, mask)
-    values = critic(seq, attention_mask=mask)[:, :-1].float() if critic is not None else None
     for m, w in zip([m for m in (actor, critic) if m is not None], was):
         unwrap(m).train(w)
     timings["inference_s"] = time.time() - t1
@@ -231,6 +266,8 @@ def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, promp
                      ref_logprobs=ref_logprobs, reward_score=score, prompt_len=prompt_len, values=values)
     exp.info["response_length"] = mask[:, prompt_len:].sum(1).float()
     exp.info["placeholder"] = empty
+    if train_forward:
+        exp.graph = (lp, ent, v_answer)
     return exp, timings
 
 
@@ -287,9 +324,12 @@ def train_micro_batch(exp: Experience, actor, critic, strategy, policy_loss: rm.
     ``max_ratio``) is decided jointly over all ranks, which then all skip backward and step together."""
     start = exp.start
     mask = exp.action_mask[:, start:]
-    # the entropy is only logged unless it is part of the loss: no graph through it then
-    logprobs, entropy = answer_logprobs(actor, exp.seq, exp.attention_mask, start, entropy=True,
-                                        entropy_grad=policy_loss.entropy_coef != 0)
+    graph, exp.graph = exp.graph, None  # the experience pass's own forward, when it was kept (used once)
+    if graph is not None:
+        logprobs, entropy, values = graph
+    else:  # the entropy is only logged unless it is part of the loss: no graph through it then
+        logprobs, entropy = answer_logprobs(actor, exp.seq, exp.attention_mask, start, entropy=True,
+                                            entropy_grad=policy_loss.entropy_coef != 0)
     if algo == "ppo":
         out = policy_loss(logprobs, exp.logprobs[:, start:], exp.advantages, mask, entropy)
     else:
@@ -300,7 +340,8 @@ def train_micro_batch(exp: Experience, actor, critic, strategy, policy_loss: rm.
     vf_clip = torch.zeros(())
     value_error = torch.zeros(())
     if critic is not None:
-        values = critic(exp.seq, attention_mask=exp.attention_mask)[:, :-1][:, start:]
+        if graph is None:
+            values = critic(exp.seq, attention_mask=exp.attention_mask)[:, :-1][:, start:]
         v_loss, vf_clip = value_loss(values, exp.values[:, start:], exp.returns, mask)
         value_error = rm.masked_mean((values.detach().float() - exp.returns) ** 2, mask)
     reason = ""
