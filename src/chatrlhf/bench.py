@@ -218,14 +218,29 @@ def matmul_peak(dtype: str, min_time: float = 0.3, trials: int = 2, n: int | Non
 
 
 def with_local_peak(run, dtype: str) -> dict:
-    """Run one measured process between two matmul-peak probes. Shared VMs drift (here: 170 -> 207 GFLOP/s within
-    one bench run, SFT MFU 57-70% across runs of the same code), so utilization is computed against the peak of
-    the moment: the mean of the probes just before and just after the process."""
+    """Run one measured process between two matmul-peak probes (``peak_probes``). Shared VMs drift (here: 151 to
+    253 GFLOP/s within one bench run), so the run probes often and compares against the highest probe it saw
+    (:func:`run_limits`)."""
     before = matmul_peak(dtype)
     r = run()
-    after = matmul_peak(dtype)
-    r["peak_flops"], r["peak_probes"] = (before + after) / 2, [before, after]
+    r["peak_probes"] = [before, matmul_peak(dtype)]
     return r
+
+
+def run_limits(limits: dict, results: list[dict], limits_end: dict | None, dtype: str) -> dict:
+    """The limits the ratios use: the highest matmul probe of the whole run (start, around every measured process,
+    end) and the higher of the two bandwidth probes. Figures come from each process's fastest step, i.e. the
+    machine at its fastest; so does this, so drift can only lower a ratio, never inflate it."""
+    out = dict(limits)
+    key = f"matmul_{dtype}_flops"
+    probes = [x for r in results for x in r.get("peak_probes", [])]
+    probes += [lim[key] for lim in (limits, limits_end or {}) if lim.get(key)]
+    if probes:
+        out[key] = max(probes)
+    bws = [lim["read_bw_bytes_per_s"] for lim in (limits, limits_end or {}) if lim.get("read_bw_bytes_per_s")]
+    if bws:
+        out["read_bw_bytes_per_s"] = max(bws)
+    return out
 
 
 # ================================================================================================ FLOP counting
@@ -247,19 +262,22 @@ def model_shape(model_dir: str | Path) -> dict:
             "vocab": tc.vocab_size, "heads": tc.num_attention_heads}
 
 
-def fwd_flops(shape: dict, batch: int, seq: int, head: str = "lm") -> float:
+def fwd_flops(shape: dict, batch: int, seq: int, head: str = "lm", head_tokens: int | None = None) -> float:
     """Forward FLOPs of ``batch`` sequences of ``seq`` tokens: 2 x matmul params per token (lm head for "lm", a
     1-wide value head for "value") + attention scores and weighted sum (4 s^2 h per layer per sequence, as
-    DeepSpeed-Chat's F counts it)."""
-    mm = shape["matmul_params_lm"] if head == "lm" else shape["matmul_params_body"] + shape["hidden"]
-    return 2.0 * mm * batch * seq + 4.0 * batch * seq * seq * shape["hidden"] * shape["layers"]
+    DeepSpeed-Chat's F counts it). ``head_tokens``: positions per sequence whose logits are needed (default all):
+    the lm head is counted there only (required FLOPs, as MFU counts them)."""
+    body = 2.0 * shape["matmul_params_body"] * batch * seq + 4.0 * batch * seq * seq * shape["hidden"] * shape["layers"]
+    if head != "lm":
+        return body + 2.0 * shape["hidden"] * batch * seq
+    return body + 2.0 * shape["lm_head_params"] * batch * (seq if head_tokens is None else head_tokens)
 
 
 def generation_flops(shape: dict, batch: int, prompt: int, response: int) -> float:
-    """Prefill of the prompt + (response - 1) KV-cached decode steps: 2 x params per token plus attention over
-    the cached positions."""
+    """Prefill of the prompt (lm head on its last position) + (response - 1) KV-cached decode steps: 2 x params per
+    token plus attention over the cached positions."""
     h, l, mm = shape["hidden"], shape["layers"], shape["matmul_params_lm"]
-    f = fwd_flops(shape, batch, prompt)
+    f = fwd_flops(shape, batch, prompt, head_tokens=1)  # prefill: logits of the last position only
     for t in range(1, response):
         f += 2.0 * mm * batch + 4.0 * batch * (prompt + t) * h * l
     return f
@@ -642,16 +660,17 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
         return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
     # ---- SFT / RM
+    # SFT trains on the answer: the lm head is needed for the R positions predicting its tokens
     for task, seqs, head in (("sft", B, "lm"), ("reward", 2 * B, "value")):
         ours, trl = res.get(("ours", task)), res.get(("trl", task))
         if ours is None and trl is None:
             continue
-        flops = 3.0 * fwd_flops(shape, seqs, S, head)
+        flops = 3.0 * fwd_flops(shape, seqs, S, head, head_tokens=R)
         r: dict[str, Any] = {"flops_per_step": flops, "tokens_per_step": seqs * S}
         for side, x in (("ours", ours), ("trl", trl)):
             if x and x.get("ok") and x.get("step_times"):
                 t, med = _step_times(x)
-                pk = x.get("peak_flops") or peak
+                pk = peak
                 r[side] = {"step_s": t, "step_s_median": med, "tokens_per_s": seqs * S / t, "flops_per_s": flops / t,
                            "peak_flops": pk, "mfu": (flops / t / pk) if pk else None,
                            "mfu_median": (flops / med / pk) if pk else None, "steps": len(x["step_times"])}
@@ -671,18 +690,19 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
             continue
         gen = generation_flops(shape, B, P, R)
         n_fwd_lm, n_fwd_v = (2, 2) if task == "ppo" else (2, 1)  # experience: actor+ref (+critic) + reward
-        exp = n_fwd_lm * fwd_flops(shape, B, S, "lm") + n_fwd_v * fwd_flops(shape, B, S, "value")
-        train = 3.0 * fwd_flops(shape, B, S, "lm") + (3.0 * fwd_flops(shape, B, S, "value") if task == "ppo" else 0)
+        lm = fwd_flops(shape, B, S, "lm", head_tokens=R)  # actor/reference log-probs of the R answer tokens
+        exp = n_fwd_lm * lm + n_fwd_v * fwd_flops(shape, B, S, "value")
+        train = 3.0 * lm + (3.0 * fwd_flops(shape, B, S, "value") if task == "ppo" else 0)
         total = gen + exp + train
         # what our step skips when it trains through the experience pass's actor (and critic) forward
-        reused = fwd_flops(shape, B, S, "lm") + (fwd_flops(shape, B, S, "value") if task == "ppo" else 0)
+        reused = lm + (fwd_flops(shape, B, S, "value") if task == "ppo" else 0)
         floor = total / peak if peak else None
         r = {"flops_per_step": total, "flops_split": {"generation": gen, "experience": exp, "training": train},
              "floor_s": floor, "samples_per_step": B}
         for side, x in (("ours", ours), ("trl", trl)):
             if x and x.get("ok") and x.get("step_times"):
                 t, med = _step_times(x)
-                pk = x.get("peak_flops") or peak
+                pk = peak
                 fl = total / pk if pk else None
                 d = {"step_s": t, "step_s_median": med, "samples_per_s": B / t, "floor_s": fl, "peak_flops": pk,
                      "floor_ratio": (t / fl) if fl else None, "floor_ratio_median": (med / fl) if fl else None,
@@ -729,7 +749,7 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
                      "bytes_per_step": decode_bytes_per_step(shape, B, ctx, dbytes),
                      "bound_tokens_per_s": bound_tps, "bound_step_ms": bound_step * 1e3 if bound_step else None,
                      "bw_fraction": (toks / dec_s / bound_tps) if bound_tps else None,
-                     "flops_per_s": (generation_flops(shape, B, P, R) - fwd_flops(shape, B, P)) / dec_s}
+                     "flops_per_s": (generation_flops(shape, B, P, R) - fwd_flops(shape, B, P, head_tokens=1)) / dec_s}
             elif key == "decode":
                 r = {"error": d.get("error")}
             else:
@@ -776,19 +796,24 @@ def render_md(report: dict) -> str:
              f"- dtype used: **{report['dtype']}** (auto: bf16 only where the device does it natively)",
              ""]
     if lim:
-        end = report.get("limits_end") or {}
+        end, used = report.get("limits_end") or {}, report.get("limits_used") or lim
+        probes = [x for sres in report["sizes"].values() for r in (sres.get("raw") or {}).values()
+                  if isinstance(r, dict) for x in r.get("peak_probes", [])]
 
-        def at_end(key: str, scale: float, unit: str) -> str:
-            return f" | {end[key] / scale:.1f} {unit}" if key in end else (" | —" if end else "")
+        def row(name: str, key: str, scale: float, unit: str, extra: str = "") -> str:
+            cells = [f"{d[key] / scale:.1f} {unit}" if key in d else "—" for d in (lim, end, used)]
+            return f"| {name} | {cells[0]} | {cells[1]} | {extra or '—'} | **{cells[2]}** |"
 
-        lines += ["| limit | measured (used for ratios) |" + (" at the end of the run (drift check) |" if end else ""),
-                  "|---|---|" + ("---|" if end else ""),
-                  f"| matmul fp32 ({lim['matmul_n']}³) | {lim['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s"
-                  f"{at_end('matmul_fp32_flops', 1e9, 'GFLOP/s')} |",
-                  f"| matmul bf16 ({lim['matmul_n']}³) | {lim['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s"
-                  f"{at_end('matmul_bf16_flops', 1e9, 'GFLOP/s')} |",
-                  f"| memory read (sum over {lim['read_bw_tensor_bytes'] >> 20} MiB) | "
-                  f"{lim['read_bw_bytes_per_s'] / 1e9:.1f} GB/s{at_end('read_bw_bytes_per_s', 1e9, 'GB/s')} |", ""]
+        rng = (f"{min(probes) / 1e9:.0f}-{max(probes) / 1e9:.0f} GFLOP/s ({len(probes)} probes)" if probes else "")
+        dt = report["dtype"]
+        lines += ["| limit | start of run | end of run | around each measured process | used for ratios (highest) |",
+                  "|---|---|---|---|---|",
+                  row(f"matmul fp32 ({lim['matmul_n']}³)", "matmul_fp32_flops", 1e9, "GFLOP/s",
+                      rng if dt == "fp32" else ""),
+                  row(f"matmul bf16 ({lim['matmul_n']}³)", "matmul_bf16_flops", 1e9, "GFLOP/s",
+                      rng if dt == "bf16" else ""),
+                  row(f"memory read (sum over {lim['read_bw_tensor_bytes'] >> 20} MiB)", "read_bw_bytes_per_s", 1e9,
+                      "GB/s"), ""]
     c = report["config"]
     lines += [f"Settings: batch {c['batch']}, prompt {c['prompt_len']}, response exactly {c['response_len']} tokens; "
               f"GRPO group {c['group_size']}; warmup {report['warmup']}, then {report['steps']} timed train / "
@@ -862,21 +887,23 @@ def render_md(report: dict) -> str:
               "- FLOPs per forward of B sequences of s tokens = 2 × (matmul parameters, lm head included) × B × s + "
               "4 × B × s² × h × layers (attention), the same terms as DeepSpeed-Chat's "
               "F = 24 k B s l h² (1 + s/(6h) + V/(16 l h)) but with the model's real layer shapes (llama: SwiGLU, tied "
-              "embeddings). Training = 3 × forward. MFU = achieved FLOP/s ÷ matmul peak of the dtype used, shown as "
-              "\"MFU of peak\": the peak is probed (2048³ matmuls) just before and just after each measured process and "
-              "averaged, because this shared machine drifts (the limits table shows the start and end of the run).",
+              "embeddings), the lm head counted only where its logits are needed (required FLOPs, the same count for ours and "
+              "TRL): SFT and PPO actor/reference log-probs on the R answer predictions, generation's prefill on its last "
+              "position. Training = 3 × forward. MFU = achieved FLOP/s ÷ matmul peak of the dtype used, shown as "
+              "\"MFU of peak\". The peak is the highest 2048³ matmul probe of the run: probes at its start and end and just "
+              "before and after each measured process (this shared machine drifts, see the limits table).",
               "- PPO floor = (generation: prefill + 31 KV-cached decode steps at 2 × params per token + attention; "
               "experience forwards: actor, reference, critic, reward; training: 3 × forward of actor and critic) ÷ "
-              "that process's matmul peak (ours: the floor column; TRL: its step/floor). GRPO: no critic.",
+              "the run's matmul peak (ours: the floor column; TRL: its step/floor). GRPO: no critic.",
               "- Decode: time(generate 32 tokens) − time(generate 1 token), best of repeats; bound = batch × bandwidth ÷ "
               "(matmul weight bytes + KV-cache bytes per step). PPO/GRPO generate with the hybrid engine (default).",
               "- Step/floor of work done: our PPO/GRPO steps train through the experience pass's actor (and critic) "
               "forward (`--reuse_experience_forward`, on by default for on-policy steps), so they run one actor "
               "(and one critic) forward fewer than the floor counts; this column divides by the FLOPs actually "
               "performed. The target and verdict use the floor as defined (the standard step).",
-              "- Step times: the fastest of the timed steps, for ours and TRL alike (the median in brackets). The limits "
-              "are best-of probes and noise on a shared machine only adds time, so best step against best probe "
-              "compares like with like; verdicts use it.",
+              "- Step times: the fastest of the timed steps, for ours and TRL alike (the median in brackets), against the "
+              "highest peak and bandwidth probed in the run: both are the machine at its fastest, so drift can only "
+              "lower a ratio (the median column shows the typical step against the same limits); verdicts use it.",
               "- Targets: mid PPO ≤ 1.4× floor; tiny PPO ≥ 6× TRL PPO; mid SFT/RM MFU ≥ 70%; mid decode ≥ 70% of bound.",
               ""]
     return "\n".join(lines)
@@ -946,6 +973,18 @@ def main(argv: list[str] | None = None) -> int:
               f"GFLOP/s, read {lim['read_bw_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     trl_versions: dict[str, str] = {}
     local_peaks = "limits" in tasks
+    results: dict[str, tuple[dict, dict]] = {}  # size -> (built, res)
+
+    def analyse_all() -> None:
+        """(Re-)derive every size's rows from the run's limits so far: the peak can rise with each probe."""
+        everything = [r for _, res in results.values() for r in res.values()]
+        lim = run_limits(report["limits"], everything, report.get("limits_end"), dtype) if "limits" in report else {}
+        report["limits_used"] = lim
+        for sz, (b, res) in results.items():
+            report["sizes"][sz] = {"shape": b["shape"], "model_dir": b["model_dir"],
+                                   "rows": analyse(sz, b, res, lim, cfg, dtype),
+                                   "raw": {f"{k[0]}_{k[1]}": v for k, v in res.items()}}
+
     for size in cfg.size_list:
         print(f"bench: [{size}] building model and data...", flush=True)
         try:
@@ -969,15 +1008,14 @@ def main(argv: list[str] | None = None) -> int:
                 v = res[("trl", task)].get("versions", {}).get("trl")
                 if v:
                     trl_versions[f"trl ({task})"] = v
-        rows = analyse(size, built, res, report.get("limits") or {}, cfg, dtype)
-        report["sizes"][size] = {"shape": built["shape"], "model_dir": built["model_dir"], "rows": rows,
-                                 "raw": {f"{k[0]}_{k[1]}": v for k, v in res.items()}}
+        results[size] = (built, res)
+        analyse_all()
         _write(out, report, trl_versions)  # after each size: partial results survive an interrupted run
     if "limits" in tasks and cfg.size_list:
-        # Shared VMs drift: the same code measured 70% and 58% MFU an hour apart here. Measuring again at the end
-        # shows how far the machine moved during the run; ratios keep using the limits measured first.
+        # Shared VMs drift: measured again at the end, these probes join the others (the highest is used).
         print("bench: measuring the limits again (drift check)...", flush=True)
         report["limits_end"] = measure_limits(cfg.quick)
+        analyse_all()
     _write(out, report, trl_versions)
     print(f"bench: wrote {out / 'results.md'} and {out / 'results.json'}", flush=True)
     return 0

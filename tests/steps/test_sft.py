@@ -70,3 +70,34 @@ def test_resume_gives_same_next_losses(base_args, tmp_path):
     a, b = train_losses(full), train_losses(part)
     for s in range(1, 9):
         assert abs(a[s] - b[s]) < 1e-5, (s, a, b)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_answer_logits_skip_the_prompt_and_give_the_same_loss(tiny_model_factory, family):
+    """The lm head runs only from the position before the batch's first labelled token; loss and gradients equal
+    the full-logits ones (right-padded rows, different prompt lengths, a row with no labels at all)."""
+    from chatrlhf.models.loading import load_causal_lm
+    from chatrlhf.steps.sft import answer_logits, labelled_span, lm_loss
+
+    labels = torch.full((3, 12), -100)
+    labels[0, 7:10] = 5
+    labels[1, 5:12] = 6
+    assert labelled_span(labels) == 12 - 5 + 1
+    assert labelled_span(torch.full((2, 4), -100)) == 4
+    assert labelled_span(torch.ones(2, 4, dtype=torch.long)) == 4
+
+    torch.manual_seed(0)
+    model = load_causal_lm(str(tiny_model_factory(family, hidden=64, layers=2, vocab=512)))
+    ids = torch.randint(4, 500, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0
+    labels = torch.where(labels == -100, labels, ids)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    logits, lab = answer_logits(model, batch)
+    assert logits.shape[1] == 8 and lab.shape[1] == 8
+    part = lm_loss(logits, lab)
+    (g_part,) = torch.autograd.grad(part, model.get_output_embeddings().weight)
+    full = lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+    (g_full,) = torch.autograd.grad(full, model.get_output_embeddings().weight)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_part, g_full, rtol=1e-4, atol=1e-6)

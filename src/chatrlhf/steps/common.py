@@ -4,6 +4,7 @@ line, RNG state as JSON, resume discovery, done.json)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -557,3 +558,19 @@ def unwrap_model(engine):
     from chatrlhf.engine import unwrap
 
     return unwrap(engine)
+
+
+_FORWARD_ARGS: dict[type, set[str]] = {}
+
+
+def forward_args(model) -> set[str]:
+    """Parameter names of the (unwrapped) model's forward, cached per class: which optional inputs
+    (``position_ids``, ``logits_to_keep``) it takes."""
+    m = unwrap_model(model)
+    cls = type(m)
+    if cls not in _FORWARD_ARGS:
+        try:
+            _FORWARD_ARGS[cls] = set(inspect.signature(m.forward).parameters)
+        except (TypeError, ValueError):
+            _FORWARD_ARGS[cls] = set()
+    return _FORWARD_ARGS[cls]

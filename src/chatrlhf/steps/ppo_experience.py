@@ -12,13 +12,13 @@ Sequence layout (DeepSpeed-Chat's): ``seq = [left-padded prompt (P) | answer, ri
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from chatrlhf import rlhf_math as rm
+from chatrlhf.steps import common as C
 
 
 def unwrap(model):
@@ -88,23 +88,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-_FORWARD_ARGS: dict[type, set[str]] = {}
-
-
-def _forward_args(model) -> set[str]:
-    cls = type(unwrap(model))
-    if cls not in _FORWARD_ARGS:
-        try:
-            _FORWARD_ARGS[cls] = set(inspect.signature(unwrap(model).forward).parameters)
-        except (TypeError, ValueError):
-            _FORWARD_ARGS[cls] = set()
-    return _FORWARD_ARGS[cls]
-
-
 def lm_forward(model, seq: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0):
     """Causal-LM forward with mask-derived position ids when the model takes them; returns logits [B, L, V], or
     only the last ``logits_to_keep`` positions [B, K, V] (the lm head and softmax then skip the prompt)."""
-    args = _forward_args(model)
+    args = C.forward_args(model)
     kw = {"position_ids": position_ids_from_mask(attention_mask)} if "position_ids" in args else {}
     logits = model(input_ids=seq, attention_mask=attention_mask, use_cache=False,
                    **({"logits_to_keep": logits_to_keep} if logits_to_keep and "logits_to_keep" in args else {}),

@@ -39,6 +39,30 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = False, redu
                            reduction=reduction)
 
 
+def labelled_span(labels: torch.Tensor) -> int:
+    """How many trailing positions the loss reads logits from: from the one before the batch's earliest labelled
+    token to the end (the prompt's logits are never used when only answers are trained)."""
+    S = labels.shape[1]
+    has = labels != -100
+    rows = has.any(1)
+    if not bool(rows.any()):
+        return S
+    first = int(has[rows].float().argmax(1).min())
+    return min(S, S - first + 1)
+
+
+def answer_logits(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) over the labelled span only: the lm head, and its [B, S, V] logits and their gradient, skip
+    the prompt (about half of an SFT step's head work and logits memory with DeepSpeed-Chat-like prompt/answer
+    lengths). Models whose forward has no ``logits_to_keep`` get full logits."""
+    labels = batch["labels"]
+    keep = labelled_span(labels) if "logits_to_keep" in C.forward_args(engine) else labels.shape[1]
+    kw = {"logits_to_keep": keep} if keep < labels.shape[1] else {}
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    **kw).logits
+    return logits, labels[:, labels.shape[1] - logits.shape[1]:]
+
+
 @torch.no_grad()
 def evaluate(engine, loader, strategy, cfg: SFTConfig) -> dict:
     """Token-weighted eval loss over all ranks and its perplexity."""
@@ -46,8 +70,8 @@ def evaluate(engine, loader, strategy, cfg: SFTConfig) -> dict:
     total, count = 0.0, 0
     for batch in C.limited(loader, cfg.eval_iters):
         batch = C.to_device(batch, strategy.device)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        total += float(lm_loss(logits, batch["labels"], fp32=True, reduction="sum"))
+        logits, labels = answer_logits(engine, batch)
+        total += float(lm_loss(logits, labels, fp32=True, reduction="sum"))
         count += int((batch["labels"][:, 1:] != -100).sum())
     engine.train()
     total = float(strategy.all_reduce_sum(total))
@@ -76,8 +100,8 @@ def run_sft(cfg: SFTConfig) -> dict:
                f"perplexity {first_eval['perplexity']:.2f}")
 
     def compute_loss(batch):
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return lm_loss(logits, batch["labels"], fp32=cfg.compute_fp32_loss), {}
+        logits, labels = answer_logits(engine, batch)
+        return lm_loss(logits, labels, fp32=cfg.compute_fp32_loss), {}
 
     last = C.train_loop(STEP, cfg, strategy, engine, train_dl, total_steps, prog, writer, compute_loss,
                         lambda: evaluate(engine, eval_dl, strategy, cfg), save_checkpoint, C.model_dims(engine))
