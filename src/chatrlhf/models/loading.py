@@ -21,7 +21,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 # Config fields that hold a dropout probability in some family; the override touches only those present.
 DROPOUT_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attention_probs_dropout_prob",
-                  "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
+                  "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
+                  "classifier_dropout", "embed_dropout", "ffn_dropout")
 # Attributes naming a hard position limit (learned absolute position embeddings).
 _MAX_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 PROBE_TEXT = " Human: Reverse the word: cat Assistant: tac 1234 ÄÖ ok!\n"

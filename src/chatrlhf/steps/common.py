@@ -108,15 +108,6 @@ def build_strategy(cfg: TrainConfig, zero_stage: int | None = None, micro_batch:
     return s
 
 
-def set_dropout(config, p: float) -> None:
-    """Every dropout-like probability a transformers config may carry."""
-    for k in ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attention_probs_dropout_prob",
-              "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
-              "classifier_dropout", "embed_dropout", "ffn_dropout"):
-        if hasattr(config, k) and isinstance(getattr(config, k), (int, float)) and not isinstance(getattr(config, k), bool):
-            setattr(config, k, p)
-
-
 def dropout_value(cfg: TrainConfig) -> float | None:
     return 0.0 if cfg.disable_dropout else cfg.dropout
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from chatrlhf import rlhf_math as rm
+from chatrlhf.models.loading import DROPOUT_FIELDS
 from chatrlhf.steps import common as C
 
 
@@ -63,10 +64,8 @@ class Experience:
         return Experience(**kw)
 
 
-# config fields that make a train-mode forward random (dropout, MoE router noise)
-_RANDOM_IN_TRAIN = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attention_probs_dropout_prob",
-                    "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
-                    "classifier_dropout", "embed_dropout", "ffn_dropout", "layerdrop", "router_jitter_noise")
+# config fields that make a train-mode forward random: dropout, layer drop, MoE router noise
+_RANDOM_IN_TRAIN = DROPOUT_FIELDS + ("layerdrop", "router_jitter_noise")
 
 
 def train_forward_is_deterministic(model) -> bool:
@@ -78,7 +77,8 @@ def train_forward_is_deterministic(model) -> bool:
     configs = [c for c in (getattr(m, "config", None), getattr(getattr(m, "base_model", None), "config", None)) if c]
     for c in configs:
         c = c.get_text_config() if hasattr(c, "get_text_config") else c
-        if any(isinstance(getattr(c, k, None), (int, float)) and getattr(c, k) > 0 for k in _RANDOM_IN_TRAIN):
+        vals = [getattr(c, k, None) for k in _RANDOM_IN_TRAIN]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in vals):
             return False
     return True
 
