@@ -59,7 +59,8 @@ class PPOConfig(TrainConfig, DataConfig):
         "On-policy steps (--ppo_epochs 1, one micro-batch per step, no dropout in actor/critic): run the "
         "experience pass's actor and critic forwards with autograd and train through them, instead of repeating "
         "both forwards on unchanged weights (DeepSpeed-Chat repeats them; same gradients). "
-        "--no_reuse_experience_forward repeats them.", True)
+        "--no_reuse_experience_forward repeats them, and frees their activations before the reference and reward "
+        "forwards (a slightly lower peak).", True)
     max_answer_seq_len: int = _h("Most new tokens generated per answer (answers stop at EOS before that).", 256)
     actor_learning_rate: float = _h("Actor learning rate.", 9.65e-6)
     critic_learning_rate: float = _h("Critic learning rate.", 5e-6)
