@@ -217,7 +217,7 @@ def matmul_peak(dtype: str, min_time: float = 0.3, trials: int = 2, n: int | Non
     return _best_rate(lambda: torch.matmul(a, b, out=c), 2.0 * n**3, min_time, trials, acc)
 
 
-def with_local_peak(run, dtype: str) -> dict:
+def with_peak_probes(run, dtype: str) -> dict:
     """Run one measured process between two matmul-peak probes (``peak_probes``). Shared VMs drift (here: 151 to
     253 GFLOP/s within one bench run), so the run probes often and compares against the highest probe it saw
     (:func:`run_limits`)."""
@@ -623,9 +623,9 @@ def _median(xs: list[float]) -> float | None:
 
 
 def _step_times(x: dict) -> tuple[float, float]:
-    """(best, median) of a process's timed steps. Ratios and verdicts use the best: the limits they are compared
-    with are best-of probes too, and on a shared machine noise only ever adds time (this VM's steps of one run
-    spread by up to 1.5x). The median is reported beside it."""
+    """(best, median) of a process's timed steps. Ratios and verdicts use the best, against the run's highest
+    probes (:func:`run_limits`): on a shared machine noise only ever adds time (this VM's steps of one run spread
+    by up to 1.5x). The median is reported beside it."""
     return min(x["step_times"]), statistics.median(x["step_times"])
 
 
@@ -670,10 +670,9 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
         for side, x in (("ours", ours), ("trl", trl)):
             if x and x.get("ok") and x.get("step_times"):
                 t, med = _step_times(x)
-                pk = peak
                 r[side] = {"step_s": t, "step_s_median": med, "tokens_per_s": seqs * S / t, "flops_per_s": flops / t,
-                           "peak_flops": pk, "mfu": (flops / t / pk) if pk else None,
-                           "mfu_median": (flops / med / pk) if pk else None, "steps": len(x["step_times"])}
+                           "peak_flops": peak, "mfu": (flops / t / peak) if peak else None,
+                           "mfu_median": (flops / med / peak) if peak else None, "steps": len(x["step_times"])}
             elif x:
                 r[side] = {"error": x.get("error", "no steps")}
         o, t_ = r.get("ours", {}), r.get("trl", {})
@@ -702,13 +701,12 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
         for side, x in (("ours", ours), ("trl", trl)):
             if x and x.get("ok") and x.get("step_times"):
                 t, med = _step_times(x)
-                pk = peak
-                fl = total / pk if pk else None
-                d = {"step_s": t, "step_s_median": med, "samples_per_s": B / t, "floor_s": fl, "peak_flops": pk,
+                fl = total / peak if peak else None
+                d = {"step_s": t, "step_s_median": med, "samples_per_s": B / t, "floor_s": fl, "peak_flops": peak,
                      "floor_ratio": (t / fl) if fl else None, "floor_ratio_median": (med / fl) if fl else None,
                      "steps": len(x["step_times"])}
-                if side == "ours" and (x.get("summary") or {}).get("reused_experience_forward") and pk:
-                    d["work_floor_s"] = (total - reused) / pk  # the FLOPs this step actually performs
+                if side == "ours" and (x.get("summary") or {}).get("reused_experience_forward") and peak:
+                    d["work_floor_s"] = (total - reused) / peak  # the FLOPs this step actually performs
                     d["work_floor_ratio"] = t / d["work_floor_s"]
                 if side == "ours":
                     d["split"] = _split(x.get("throughput", []))
@@ -997,12 +995,12 @@ def main(argv: list[str] | None = None) -> int:
             if task not in tasks:
                 continue
             print(f"bench: [{size}] {task}: ours...", flush=True)
-            res[("ours", task)] = with_local_peak(lambda: run_ours(task, size, built, cfg, dtype, threads), dtype) \
+            res[("ours", task)] = with_peak_probes(lambda: run_ours(task, size, built, cfg, dtype, threads), dtype) \
                 if local_peaks else run_ours(task, size, built, cfg, dtype, threads)
             _say(size, task, "ours", res[("ours", task)])
             if not cfg.skip_trl and task != "decode":
                 print(f"bench: [{size}] {task}: TRL...", flush=True)
-                res[("trl", task)] = with_local_peak(lambda: run_trl(task, size, built, cfg, dtype, threads), dtype) \
+                res[("trl", task)] = with_peak_probes(lambda: run_trl(task, size, built, cfg, dtype, threads), dtype) \
                     if local_peaks else run_trl(task, size, built, cfg, dtype, threads)
                 _say(size, task, "trl", res[("trl", task)])
                 v = res[("trl", task)].get("versions", {}).get("trl")

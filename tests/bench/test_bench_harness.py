@@ -128,7 +128,7 @@ def test_best_step_drives_figures_and_median_is_reported(tmp_path):
 
 
 def test_matmul_peak_probe_and_wrapper():
-    r = bench.with_local_peak(lambda: {"ok": True}, "fp32")
+    r = bench.with_peak_probes(lambda: {"ok": True}, "fp32")
     assert r["ok"] and len(r["peak_probes"]) == 2 and all(p > 1e8 for p in r["peak_probes"])
 
 
