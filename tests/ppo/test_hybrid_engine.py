@@ -49,10 +49,13 @@ def family_model(request, tiny_model_factory):
     return tiny_model_factory(family, hidden=64, layers=2, vocab=512)
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "in-place"])
-def test_greedy_tokens_equal_generate(family_model, fuse):
+@pytest.mark.parametrize("fuse,native", [(True, None), (True, False), (False, False)],
+                         ids=["native", "fused", "in-place"])
+def test_greedy_tokens_equal_generate(family_model, fuse, native):
     model, tok, ids, mask = _load(family_model)
-    dec = HybridDecoder(model, rows=ids.shape[0], pack=fuse)
+    dec = HybridDecoder(model, rows=ids.shape[0], pack=fuse, native=native)
+    # llama-likes on CPU fp32 decode in decode.c by default; OPT has no native step
+    assert (dec.native is not None) == (native is None and model.config.model_type == "llama")
     ours = dec.generate(ids, mask, 24, tok.pad_token_id, tok.eos_token_id, min_new_tokens=24, do_sample=False)
     ref = _hf_greedy(model, tok, ids, mask, 24, tok.eos_token_id, min_new=24)
     assert ours.shape == ref.shape == (3, ids.shape[1] + 24)
@@ -189,3 +192,61 @@ def test_folded_rms_norm_matches_llama_rms_norm():
         x = torch.randn(8, 3, 64) * scale
         torch.testing.assert_close(norm(x) * norm.fold_scale, mod(x), rtol=1e-5, atol=1e-6)
     assert not _Norm(mod, fold=False).fold
+
+
+@pytest.mark.parametrize("rows,kv", [(1, 4), (11, 2)], ids=["1-row", "11-rows-gqa"])
+def test_native_decode_step_equals_torch_step(tiny_model_factory, monkeypatch, rows, kv):
+    """decode.c's step against the torch step on the same decoder state, logits compared at every position: one
+    row (seven zero rows of padding in its GEMM block) and 11 rows (two blocks) with 4 query heads on 2 K/V heads."""
+    from chatrlhf.engine.native import NativeStep
+
+    base = tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
+    model, tok, ids, mask = _load(base if kv == 4 else _variant(base, f"gqa{kv}", num_key_value_heads=kv))
+    idx = torch.arange(rows) % ids.shape[0]
+    ids, mask = ids[idx], mask[idx]
+    nat = HybridDecoder(model, rows=rows)
+    ref = HybridDecoder(model, rows=rows, native=False)
+    assert nat.native is not None and ref.native is None
+    seen = {"native": [], "torch": []}
+
+    def recorder(name, fn):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            seen[name].append(out.clone())
+            return out
+        return wrapped
+
+    monkeypatch.setattr(NativeStep, "__call__", recorder("native", NativeStep.__call__))
+    ref._forward = recorder("torch", ref._forward)
+    a = nat.generate(ids, mask, 10, tok.pad_token_id, None, do_sample=False)
+    b = ref.generate(ids, mask, 10, tok.pad_token_id, None, do_sample=False)
+    assert torch.equal(a, b)
+    steps = seen["torch"][1:]  # the first call is the prefill, which both run in torch
+    assert len(seen["native"]) == len(steps) == 9
+    for x, y in zip(seen["native"], steps):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_native_decode_can_be_turned_off(tiny_model_factory, monkeypatch):
+    from chatrlhf.engine import native
+
+    model, tok, ids, mask = _load(tiny_model_factory("llama", hidden=64, layers=2, vocab=512))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_why_not", None)
+    monkeypatch.setenv("CHATRLHF_NATIVE_DECODE", "0")
+    assert HybridDecoder(model, rows=3).native is None
+    assert "CHATRLHF_NATIVE_DECODE=0" in native.reason()
+
+
+def test_native_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
+    """A missing compiler leaves the torch path with a reason (and the reason names what failed)."""
+    from chatrlhf.engine import native
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_why_not", None)
+    monkeypatch.setenv("CHATRLHF_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert native.load() is None
+    assert "no-such-cc" in native.reason() or "compiler" in native.reason()
+    assert not list(tmp_path.glob("*.so"))

@@ -28,6 +28,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from chatrlhf.engine.native import NativeStep
+
 logger = logging.getLogger("chatrlhf.hybrid")
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -111,6 +113,29 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                           pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)
 
 
+def native_lib(model):
+    """The native decode step's library when it can run ``model`` (llama-style, SwiGLU, no biases, CPU fp32 with
+    folded norms), else None; the reason it cannot is logged once."""
+    from chatrlhf.engine import native
+
+    cfg = model.config
+    why = None
+    if cfg.model_type not in LLAMA_LIKE:
+        why = f"model type {cfg.model_type}"
+    elif getattr(cfg, "hidden_act", "silu") != "silu":
+        why = f"activation {cfg.hidden_act}"
+    elif getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False) or cfg.model_type == "qwen2":
+        why = "biased projections"
+    elif (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) > 512:
+        why = "head_dim > 512"
+    lib = None if why else native.load()
+    why = why or (native.reason() if lib is None else None)
+    if why and why not in _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED.add(why)
+        logger.info("hybrid engine: native decode step off (%s); decoding with torch ops", why)
+    return lib
+
+
 def _stack(model):
     """The decoder stack holding ``layers`` (``model.model`` for llama-likes, ``model.model.decoder`` for OPT)."""
     inner = model.model
@@ -128,7 +153,8 @@ class _Proj:
 
     PACK_MIN_ELEMENTS = 1 << 16  # below this, packing does not pay for itself
 
-    def __init__(self, linears, rows: int, fuse: bool, in_scale: torch.Tensor | None = None):
+    def __init__(self, linears, rows: int, fuse: bool, in_scale: torch.Tensor | None = None,
+                 mkl_pack: bool = True):
         parts = [_parts(m) for m in linears]
         self.sizes = [w.shape[0] for w, _ in parts]
         self.fused = fuse
@@ -141,7 +167,7 @@ class _Proj:
             if any(b is not None for _, b in parts):
                 self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
             self.rows = rows
-            if self.weight.numel() >= self.PACK_MIN_ELEMENTS:
+            if mkl_pack and self.weight.numel() >= self.PACK_MIN_ELEMENTS:
                 self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows)
         else:
             self.parts = parts
@@ -206,7 +232,7 @@ class HybridDecoder:
     the module's parameters, which ZeRO-3 releases on leaving the context. ``rows``: the batch it will decode
     (packing is specific to it); ``pack``: fuse and pack projections (default: where possible, CPU fp32)."""
 
-    def __init__(self, model, rows: int, pack: bool | None = None):
+    def __init__(self, model, rows: int, pack: bool | None = None, native: bool | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"hybrid decoding does not support this model: {reason}")
@@ -221,6 +247,8 @@ class HybridDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.n_heads
         self.dtype = self.embed.dtype
         pack = _can_pack(self.embed) if pack is None else (pack and _can_pack(self.embed))
+        lib = native_lib(model) if pack and native is not False else None
+        mkl = lib is None  # the native step has its own weight layout; the prefill uses the plain fused matrices
         self.layers = []
         for layer in stack.layers:
             a = layer.self_attn
@@ -233,10 +261,11 @@ class HybridDecoder:
             else:
                 ln1, ln2 = _Norm(layer.input_layernorm, fold=pack), _Norm(layer.post_attention_layernorm, fold=pack)
                 self.layers.append(dict(
-                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack, _scale(ln1)),
-                    o=_Proj([a.o_proj], rows, pack),
-                    up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack, _scale(ln2)),
-                    down=_Proj([layer.mlp.down_proj], rows, pack), ln1=ln1, ln2=ln2, scaling=a.scaling))
+                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack, _scale(ln1), mkl),
+                    o=_Proj([a.o_proj], rows, pack, mkl_pack=mkl),
+                    up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack, _scale(ln2), mkl),
+                    down=_Proj([layer.mlp.down_proj], rows, pack, mkl_pack=mkl), ln1=ln1, ln2=ln2,
+                    scaling=a.scaling))
         from transformers.activations import ACT2FN
 
         if self.kind == "opt":
@@ -248,7 +277,8 @@ class HybridDecoder:
         else:
             self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
             self.final_norm = _Norm(stack.norm, fold=pack)
-        self.head = _Proj([model.get_output_embeddings()], rows, pack, _scale(self.final_norm))
+        self.head = _Proj([model.get_output_embeddings()], rows, pack, _scale(self.final_norm), mkl)
+        self.native = NativeStep(lib, self, rows) if lib is not None else None
 
     # ------------------------------------------------------------------------------------------------ pieces
     @staticmethod
@@ -336,6 +366,8 @@ class HybridDecoder:
         keys = torch.cat([attention_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
         # positions count real tokens (left padding); pads get a harmless 1, as in generate()
         pos = (keys.long().cumsum(1) - 1).masked_fill(~keys, 1)
+        if self.native is not None:
+            self.native.bind(self.cache, S_max)
         rope = None
         if self.kind != "opt":
             cos, sin = self.stack.rotary_emb(self.embed[:1].unsqueeze(0), pos)
@@ -366,6 +398,9 @@ class HybridDecoder:
             if n == max_new_tokens:
                 break
             p = P + t
+            if self.native is not None:  # rope: [B, 1, S_max, hd]; keys: [B, 1, 1, S_max]
+                logits = self.native(nxt, p, rope[0], rope[1], keys)
+                continue
             logits = self._forward(nxt[:, None], p, pos[:, p:p + 1], keys[..., :p + 1],
                                    None if rope is None else (rope[0][:, :, p:p + 1], rope[1][:, :, p:p + 1]))
         self.cache = []

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from chatrlhf.engine.optim import AdamW
 from chatrlhf.errors import UserError
 from chatrlhf.utils import atomic_dir, atomic_write_json
 
@@ -333,10 +334,16 @@ class DeepSpeedStrategy:
             raise UserError("no trainable parameters (check --only_optimize_lora / --lora_module_name)")
         # fused AdamW: one kernel per parameter group instead of ~10 elementwise ops per tensor (about 0.3 s of
         # every PPO step on the mid bench model was unfused Adam); torch has fused kernels for CPU and GPUs.
+        # Clipping is set by ``prepare``, which knows whether DeepSpeed or the optimizer does it (engine/optim.py).
         try:
-            return torch.optim.AdamW(pg, lr=lr, betas=betas, fused=True)
+            return AdamW(pg, lr=lr, betas=betas, fused=True)
         except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-            return torch.optim.AdamW(pg, lr=lr, betas=betas, foreach=False)
+            return AdamW(pg, lr=lr, betas=betas, foreach=False)
+
+    def _optimizer_clips(self, optimizer: torch.optim.Optimizer, stage: int) -> bool:
+        """Where DeepSpeed would clip fp32 gradients itself (ZeRO-0, fp32: a norm and a scale pass per tensor)
+        our AdamW clips inside its update instead; ZeRO 1-3 and bf16/fp16 clip in DeepSpeed's own optimizers."""
+        return isinstance(optimizer, AdamW) and stage == 0 and self.cfg.dtype == "fp32"
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
                 zero_stage: int | None = None, offload: bool | None = None):
@@ -344,11 +351,13 @@ class DeepSpeedStrategy:
         import deepspeed
 
         self._cast_extra_params(model)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=self.ds_config(train=True, zero_stage=zero_stage, offload=offload),
-            dist_init_required=False)
         stage = self.cfg.zero_stage if zero_stage is None else zero_stage
+        config = self.ds_config(train=True, zero_stage=zero_stage, offload=offload)
+        if self._optimizer_clips(optimizer, stage):
+            # 0, not absent: DeepSpeed's default when the key is missing is to clip at 1.0
+            optimizer.max_grad_norm, config["gradient_clipping"] = config.get("gradient_clipping", 0.0), 0.0
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=config, dist_init_required=False)
         if self.world_size == 1 and stage == 0 and hasattr(engine, "enable_backward_allreduce"):
             # One rank has nothing to reduce with; DeepSpeed would still flatten every gradient, all-reduce it
             # over gloo and copy it back on each step (~5% of a mid-size SFT step on CPU). ZeRO 1-3 do their

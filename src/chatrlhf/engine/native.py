@@ -1,0 +1,174 @@
+"""The hybrid engine's native decode step (decode.c): built with the system C compiler on first use, cached.
+
+``NativeStep`` runs one KV-cached decode step of a llama-style model for all rows in a single C call; hybrid.py uses
+it for T = 1 steps on CPU fp32 (the prefill stays in torch). The library is compiled once per source and machine
+into ``~/.cache/chatrlhf/kernels`` (about a second with gcc -O3 -march=native -fopenmp) and linked against the
+OpenMP runtime torch already loaded, so both share one thread pool. No compiler, a failed build, or
+CHATRLHF_NATIVE_DECODE=0: :func:`load` returns None with the reason and the torch path runs instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("chatrlhf.hybrid")
+
+SOURCE = Path(__file__).with_name("decode.c")
+PANEL = 32
+_P = ctypes.POINTER
+_f = ctypes.c_float
+_lib: ctypes.CDLL | None = None
+_why_not: str | None = None
+
+
+class Net(ctypes.Structure):
+    """Mirror of ``Net`` in decode.c."""
+    _fields_ = ([(k, ctypes.c_int) for k in ("rows", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab",
+                                              "layers", "max_len")]
+                + [("scale", _f), ("embed", _P(_f))]
+                + [(k, _P(_P(_f))) for k in ("wqkv", "wo", "wup", "wdown")]
+                + [("floor1", _P(_f)), ("floor2", _P(_f)), ("floor_final", _f)]
+                + [(k, _P(_P(_f))) for k in ("kc", "vc")]
+                + [("whead", _P(_f))]
+                + [(k, _P(_f)) for k in ("x", "h", "qkv", "att", "gu", "act", "logits", "scores")])
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CHATRLHF_KERNEL_DIR") or Path.home() / ".cache" / "chatrlhf" / "kernels")
+
+
+def _build(src: Path, out: Path) -> str | None:
+    """Compile ``src`` into ``out`` (atomically); returns an error message or None."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        return "no C compiler (gcc/cc) on PATH"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        errors = []
+        for arch in (["-march=native"], ["-mcpu=native"], []):  # x86 / arm spellings, then the baseline ISA
+            cmd = [cc, "-O3", *arch, "-fopenmp", "-shared", "-fPIC", "-o", str(so), str(src), "-lm"]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode == 0:
+                os.replace(so, out)
+                return None
+            errors.append(p.stderr.strip().splitlines()[-1:] or [f"exit {p.returncode}"])
+        return f"{cc} failed: {errors[0][0]}"
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, or None (``reason()`` says why)."""
+    global _lib, _why_not
+    if _lib is not None or _why_not is not None:
+        return _lib
+    if os.environ.get("CHATRLHF_NATIVE_DECODE", "1") == "0":
+        _why_not = "disabled by CHATRLHF_NATIVE_DECODE=0"
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + platform.machine().encode() + platform.processor().encode()
+                         + _cpu_model().encode()).hexdigest()[:16]
+    so = _cache_dir() / f"decode-{key}.so"
+    try:
+        if not so.exists():
+            err = _build(SOURCE, so)
+            if err:
+                _why_not = err
+                return None
+        lib = ctypes.CDLL(str(so))
+    except OSError as e:
+        _why_not = f"could not build or load the native decode step: {e}"
+        return None
+    lib.chatrlhf_decode_step.argtypes = [_P(Net), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p]
+    lib.chatrlhf_decode_step.restype = None
+    lib.chatrlhf_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.chatrlhf_pack.restype = None
+    _lib = lib
+    return lib
+
+
+def reason() -> str | None:
+    return _why_not
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.cast(t.data_ptr(), _P(_f))
+
+
+def _ptrs(ts: list[torch.Tensor]):
+    return (_P(_f) * len(ts))(*[_ptr(t) for t in ts])
+
+
+def pack(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> panels [ceil(N/32), K, 32] (decode.c's GEMM layout)."""
+    n, k = weight.shape
+    w = weight.contiguous()
+    out = torch.empty((n + PANEL - 1) // PANEL, k, PANEL, dtype=torch.float32)
+    lib.chatrlhf_pack(w.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+class NativeStep:
+    """One decode step of a HybridDecoder's llama-style layers for ``rows`` rows, writing its KV ``cache``.
+
+    Holds the packed weights (a copy, made once per decoder) and the scratch buffers; ``logits`` is reused by
+    every step, so consume it before the next call."""
+
+    def __init__(self, lib: ctypes.CDLL, dec, rows: int):
+        self.lib = lib
+        H, I = dec.hidden, dec.layers[0]["up"].weight.shape[0] // 2
+        nh, nkv, hd = dec.n_heads, dec.n_kv, dec.head_dim
+        self.rows, self.vocab = rows, dec.head.weight.shape[0]
+        pad = (rows + 7) // 8 * 8  # GEMM inputs: whole blocks of 8 rows, the extra rows stay zero
+        self.keep = [pack(lib, L[k].weight) for L in dec.layers for k in ("qkv", "o", "up", "down")]
+        self.keep.append(pack(lib, dec.head.weight))
+        self.embed = dec.embed.contiguous()
+        self.floors = [torch.stack([L[k].floor for L in dec.layers]).float().contiguous() for k in ("ln1", "ln2")]
+        z = torch.zeros
+        self.buf = dict(x=z(rows, H), h=z(pad, H), qkv=z(rows, (nh + 2 * nkv) * hd), att=z(pad, nh * hd),
+                        gu=z(rows, 2 * I), act=z(pad, I), logits=z(rows, self.vocab))
+        self.H, self.I, self.nh, self.nkv, self.hd, self.dec = H, I, nh, nkv, hd, dec
+        w = self.keep
+        self.lists = {k: _ptrs(w[j::4][:len(dec.layers)]) for j, k in enumerate(("wqkv", "wo", "wup", "wdown"))}
+        self.net = None
+
+    def bind(self, cache: list[tuple[torch.Tensor, torch.Tensor]], max_len: int) -> None:
+        """Point the step at a fresh KV cache [rows, n_kv, max_len, head_dim] per layer (one per generate())."""
+        self.cache = cache
+        self.scores = torch.empty(self.rows * self.nh, max_len)
+        self.kc, self.vc = _ptrs([k for k, _ in cache]), _ptrs([v for _, v in cache])
+        dec, b = self.dec, self.buf
+        self.net = Net(rows=self.rows, hidden=self.H, n_heads=self.nh, n_kv=self.nkv, head_dim=self.hd,
+                       inter=self.I, vocab=self.vocab, layers=len(dec.layers), max_len=max_len,
+                       scale=dec.layers[0]["scaling"], embed=_ptr(self.embed), **self.lists,
+                       floor1=_ptr(self.floors[0]), floor2=_ptr(self.floors[1]),
+                       floor_final=float(dec.final_norm.floor), kc=self.kc, vc=self.vc, whead=_ptr(self.keep[-1]),
+                       scores=_ptr(self.scores), **{k: _ptr(t) for k, t in b.items()})
+
+    def __call__(self, ids: torch.Tensor, p: int, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """ids [rows] at position p; cos/sin [rows, max_len, head_dim]; mask [rows, max_len] -> logits [rows, V]."""
+        ids = ids.contiguous()
+        self.lib.chatrlhf_decode_step(ctypes.byref(self.net), ids.data_ptr(), p, cos.data_ptr(), sin.data_ptr(),
+                                      mask.data_ptr())
+        return self.buf["logits"]
