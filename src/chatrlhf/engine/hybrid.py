@@ -11,6 +11,9 @@ reads the weights of a Hugging Face model in place (after ZeRO-3 gathering and L
 - on CPU in fp32, weights packed once per rollout for MKL's small-batch GEMM (``_mkl_reorder_linear_weight``):
   a decode step multiplies ``batch`` rows by every weight matrix, where plain ``F.linear`` streams the weights at
   5-8 GB/s on the bench's 2-core CPU and packed MKL at 12-15 GB/s (a plain read: 19-21 GB/s);
+- for llama-style models on CPU in fp32, every step after the prefill is one call into decode.c
+  (:mod:`chatrlhf.engine.native`: its own panel-packed GEMMs at 18-20 GB/s and no per-op cost), when a C compiler
+  is there to build it;
 - the processors of ``generate`` in its order (min_new_tokens, temperature, top-k, top-p), then ``argmax`` (greedy:
   the same tokens as ``generate``) or one inverse-CDF draw per row (the same distribution as ``multinomial`` at a
   fraction of its cost); finished rows emit ``pad`` and generation stops when every row has finished, as in
@@ -28,7 +31,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from chatrlhf.engine.native import NativeStep
+from chatrlhf.engine import native as native_step
 
 logger = logging.getLogger("chatrlhf.hybrid")
 
@@ -116,8 +119,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
 def native_lib(model):
     """The native decode step's library when it can run ``model`` (llama-style, SwiGLU, no biases, CPU fp32 with
     folded norms), else None; the reason it cannot is logged once."""
-    from chatrlhf.engine import native
-
     cfg = model.config
     why = None
     if cfg.model_type not in LLAMA_LIKE:
@@ -128,8 +129,8 @@ def native_lib(model):
         why = "biased projections"
     elif (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) > 512:
         why = "head_dim > 512"
-    lib = None if why else native.load()
-    why = why or (native.reason() if lib is None else None)
+    lib = None if why else native_step.load()
+    why = why or (native_step.reason() if lib is None else None)
     if why and why not in _FALLBACK_LOGGED:
         _FALLBACK_LOGGED.add(why)
         logger.info("hybrid engine: native decode step off (%s); decoding with torch ops", why)
@@ -278,7 +279,7 @@ class HybridDecoder:
             self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
             self.final_norm = _Norm(stack.norm, fold=pack)
         self.head = _Proj([model.get_output_embeddings()], rows, pack, _scale(self.final_norm), mkl)
-        self.native = NativeStep(lib, self, rows) if lib is not None else None
+        self.native = native_step.NativeStep(lib, self, rows) if lib is not None else None
 
     # ------------------------------------------------------------------------------------------------ pieces
     @staticmethod
