@@ -168,7 +168,8 @@ class NativeStep:
     def __call__(self, ids: torch.Tensor, p: int, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
         """ids [rows] at position p; cos/sin [rows, max_len, head_dim]; mask [rows, max_len] -> logits [rows, V]."""
-        ids = ids.contiguous()
+        # the C side reads int64 ids and contiguous fp32 rows (no-ops for what HybridDecoder passes)
+        ids, cos, sin, mask = ids.long().contiguous(), cos.contiguous(), sin.contiguous(), mask.contiguous()
         self.lib.chatrlhf_decode_step(ctypes.byref(self.net), ids.data_ptr(), p, cos.data_ptr(), sin.data_ptr(),
                                       mask.data_ptr())
         return self.buf["logits"]
