@@ -140,16 +140,16 @@ class NativeStep:
         nh, nkv, hd = dec.n_heads, dec.n_kv, dec.head_dim
         self.rows, self.vocab = rows, dec.head.weight.shape[0]
         pad = (rows + 7) // 8 * 8  # GEMM inputs: whole blocks of 8 rows, the extra rows stay zero
-        self.keep = [pack(lib, L[k].weight) for L in dec.layers for k in ("qkv", "o", "up", "down")]
-        self.keep.append(pack(lib, dec.head.weight))
+        # packed copies, kept alive here: the Net struct holds only their addresses
+        self.packed = {f"w{k}": [pack(lib, L[k].weight) for L in dec.layers] for k in ("qkv", "o", "up", "down")}
+        self.whead = pack(lib, dec.head.weight)
         self.embed = dec.embed.contiguous()
         self.floors = [torch.stack([L[k].floor for L in dec.layers]).float().contiguous() for k in ("ln1", "ln2")]
         z = torch.zeros
         self.buf = dict(x=z(rows, H), h=z(pad, H), qkv=z(rows, (nh + 2 * nkv) * hd), att=z(pad, nh * hd),
                         gu=z(rows, 2 * I), act=z(pad, I), logits=z(rows, self.vocab))
         self.H, self.I, self.nh, self.nkv, self.hd, self.dec = H, I, nh, nkv, hd, dec
-        w = self.keep
-        self.lists = {k: _ptrs(w[j::4][:len(dec.layers)]) for j, k in enumerate(("wqkv", "wo", "wup", "wdown"))}
+        self.lists = {k: _ptrs(ws) for k, ws in self.packed.items()}
         self.net = None
 
     def bind(self, cache: list[tuple[torch.Tensor, torch.Tensor]], max_len: int) -> None:
@@ -162,7 +162,7 @@ class NativeStep:
                        inter=self.I, vocab=self.vocab, layers=len(dec.layers), max_len=max_len,
                        scale=dec.layers[0]["scaling"], embed=_ptr(self.embed), **self.lists,
                        floor1=_ptr(self.floors[0]), floor2=_ptr(self.floors[1]),
-                       floor_final=float(dec.final_norm.floor), kc=self.kc, vc=self.vc, whead=_ptr(self.keep[-1]),
+                       floor_final=float(dec.final_norm.floor), kc=self.kc, vc=self.vc, whead=_ptr(self.whead),
                        scores=_ptr(self.scores), **{k: _ptr(t) for k, t in b.items()})
 
     def __call__(self, ids: torch.Tensor, p: int, cos: torch.Tensor, sin: torch.Tensor,
