@@ -10,7 +10,7 @@ What one run measures (see bench/README.md):
   experience-forward / training / other split; decode tokens/s against the weight-bandwidth bound;
 - TRL (``trl`` as installed in ``.venv-trl``: SFT, Reward, GRPO; ``trl==1.12.0`` in ``.venv-trl112``: PPO),
   as subprocesses of ``chatrlhf/bench_trl.py`` with those venvs' pythons; the venvs are created on first use;
-- at two sizes: ``tiny`` (hidden 64, 2 layers) and ``mid`` (hidden 512, 8 layers, vocab 8192), llama family,
+- at two sizes: ``tiny`` (hidden 64, 2 layers) and ``mid`` (hidden 768, 8 layers, vocab 8192), llama family,
   built locally by :func:`chatrlhf.models.tiny.build_tiny_model`.
 
 Settings: batch 8, prompt 32 tokens, response exactly 32 tokens (min_new_tokens = max_new_tokens), dtype auto
@@ -41,7 +41,7 @@ TRL_SCRIPT = Path(__file__).resolve().with_name("bench_trl.py")
 # name -> build_tiny_model kwargs (llama: RoPE + SwiGLU + RMSNorm, distinct pad token, tied embeddings)
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=64, layers=2, heads=4, vocab=512),
-    "mid": dict(hidden=512, layers=8, heads=8, vocab=8192),
+    "mid": dict(hidden=768, layers=8, heads=12, vocab=8192),
 }
 
 # Targets (PASS/FAIL column). Applied to the sizes named; other sizes are reported without a verdict.
@@ -233,7 +233,7 @@ def run_limits(limits: dict, results: list[dict], limits_end: dict | None, dtype
     machine at its fastest; so does this, so drift can only lower a ratio, never inflate it."""
     out = dict(limits)
     key = f"matmul_{dtype}_flops"
-    probes = [x for r in results for x in r.get("peak_probes", [])]
+    probes = [x for r in results for x in r.get("peak_probes", []) + r.get("step_peaks", [])]
     probes += [lim[key] for lim in (limits, limits_end or {}) if lim.get(key)]
     if probes:
         out[key] = max(probes)
@@ -365,7 +365,12 @@ def _timed_run(job: dict, fn, cfg_obj) -> dict:
 
     from chatrlhf import metrics as M
 
-    marks: list[float] = []
+    from chatrlhf.bench_trl import StepClock
+
+    acc = _accel()
+    # no probes while profiling: they would join the profile
+    clock = StepClock(job["dtype"], probe=not job.get("profile"), device=acc.device_name(),
+                      sync=None if acc.device_name() == "cpu" else acc.synchronize)
     tput: list[dict] = []
     prof = {"p": None}
     warm = job["warmup"]
@@ -373,12 +378,15 @@ def _timed_run(job: dict, fn, cfg_obj) -> dict:
 
     def log(self, kind, step, **scalars):
         if kind == "train":
-            marks.append(time.perf_counter())
-            if job.get("profile") and len(marks) == warm + 1 and prof["p"] is None:
+            clock.mark()
+            if job.get("profile") and len(clock.ends) == warm + 1 and prof["p"] is None:
                 prof["p"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
                 prof["p"].__enter__()
         if kind == "throughput":
-            tput.append({k: v for k, v in scalars.items() if isinstance(v, (int, float))})
+            rec = {k: v for k, v in scalars.items() if isinstance(v, (int, float))}
+            if "e2e_latency_s" in rec:  # PPO times its round up to this record: the boundary's probe is inside
+                rec["e2e_latency_s"] -= clock.last_probe_s()
+            tput.append(rec)
         return orig(self, kind, step, **scalars)
 
     M.MetricsWriter.log = log
@@ -390,8 +398,9 @@ def _timed_run(job: dict, fn, cfg_obj) -> dict:
         if prof["p"] is not None:
             prof["p"].__exit__(None, None, None)
     wall = time.perf_counter() - t0
-    intervals = [b - a for a, b in zip(marks, marks[1:])]
-    res = {"step_times": intervals[warm:], "warmup_times": intervals[:warm], "throughput": tput[1 + warm:],
+    intervals = clock.step_times()
+    res = {"step_times": intervals[warm:], "warmup_times": intervals[:warm], "step_peaks": clock.step_peaks()[warm:],
+           "throughput": tput[1 + warm:],
            "wall_s": wall, "threads_after": torch.get_num_threads(),
            "summary": {k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))}}
     if prof["p"] is not None:
@@ -610,10 +619,10 @@ def run_trl(task: str, size: str, built: dict, cfg: BenchConfig, dtype: str, thr
     res = _run_json([str(py), str(TRL_SCRIPT), json.dumps(job)], cfg.wdir / "logs" / f"trl_{size}_{task}.log",
                     cfg.timeout, env)
     if res.get("ok"):
-        for key, keep in (("step_times", "step_times"), ("generation_times", "generation_times")):
+        for key in ("step_times", "step_peaks", "generation_times"):
             if key in res:
                 times = res.pop(key)
-                res[f"warmup_{keep}"], res[keep] = times[:cfg.n_warmup], times[cfg.n_warmup:]
+                res[f"warmup_{key}"], res[key] = times[:cfg.n_warmup], times[cfg.n_warmup:]
     return res
 
 
@@ -627,6 +636,15 @@ def _step_times(x: dict) -> tuple[float, float]:
     probes (:func:`run_limits`): on a shared machine noise only ever adds time (this VM's steps of one run spread
     by up to 1.5x). The median is reported beside it."""
     return min(x["step_times"]), statistics.median(x["step_times"])
+
+
+def _beside_steps(x: dict) -> dict:
+    """The matmul peak probed beside the timed steps (lowest, highest): whether a process ran in one of the VM's
+    slow spells. Shown, not divided by: those spells slow the 2048³ probe and our steps by different factors
+    (reward-model steps barely moved while the probe fell from 259 to 141 GFLOP/s; SFT steps slowed more than the
+    probe), so a step-by-step ratio would be biased either way."""
+    peaks = x.get("step_peaks") or []
+    return {"peak_beside_steps": [min(peaks), max(peaks)]} if peaks else {}
 
 
 def _split(tput: list[dict]) -> dict | None:
@@ -672,7 +690,8 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
                 t, med = _step_times(x)
                 r[side] = {"step_s": t, "step_s_median": med, "tokens_per_s": seqs * S / t, "flops_per_s": flops / t,
                            "peak_flops": peak, "mfu": (flops / t / peak) if peak else None,
-                           "mfu_median": (flops / med / peak) if peak else None, "steps": len(x["step_times"])}
+                           "mfu_median": (flops / med / peak) if peak else None, "steps": len(x["step_times"]),
+                           **_beside_steps(x)}
             elif x:
                 r[side] = {"error": x.get("error", "no steps")}
         o, t_ = r.get("ours", {}), r.get("trl", {})
@@ -704,7 +723,7 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
                 fl = total / peak if peak else None
                 d = {"step_s": t, "step_s_median": med, "samples_per_s": B / t, "floor_s": fl, "peak_flops": peak,
                      "floor_ratio": (t / fl) if fl else None, "floor_ratio_median": (med / fl) if fl else None,
-                     "steps": len(x["step_times"])}
+                     "steps": len(x["step_times"]), **_beside_steps(x)}
                 if side == "ours" and (x.get("summary") or {}).get("reused_experience_forward") and peak:
                     d["work_floor_s"] = (total - reused) / peak  # the FLOPs this step actually performs
                     d["work_floor_ratio"] = t / d["work_floor_s"]
@@ -774,12 +793,18 @@ def _pct(x: Any) -> str:
 
 
 def _mfu(side: dict) -> str:
-    """"57.0% (52.1%) of 170": utilization at the best (median) step and the matmul peak (GFLOP/s) it was
-    measured against."""
+    """"57.0% (52.1%) of 170": utilization at the best (median) step against the run's highest matmul peak
+    (GFLOP/s)."""
     if side.get("mfu") is None:
         return "—"
     u = _pct(side["mfu"]) + (f" ({_pct(side['mfu_median'])})" if side.get("mfu_median") is not None else "")
     return f"{u} of {side['peak_flops'] / 1e9:.0f}" if side.get("peak_flops") else u
+
+
+def _beside(side: dict) -> str:
+    """"141-259": the matmul peak (GFLOP/s) probed beside the timed steps."""
+    lo_hi = side.get("peak_beside_steps")
+    return f"{lo_hi[0] / 1e9:.0f}-{lo_hi[1] / 1e9:.0f}" if lo_hi else "—"
 
 
 def render_md(report: dict) -> str:
@@ -828,23 +853,24 @@ def render_md(report: dict) -> str:
             lines += [f"error: {sres['error']}", ""]
         train = [(k, rows[k]) for k in ("sft", "reward") if k in rows]
         if train:
-            lines += ["| step | ours tokens/s | ours GFLOP/s | ours MFU (median) | TRL tokens/s | TRL MFU (median) | ours/TRL "
-                      "| target | verdict |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["| step | ours tokens/s | ours GFLOP/s | ours MFU (median) | peak beside ours | TRL tokens/s "
+                      "| TRL MFU (median) | peak beside TRL | ours/TRL | target | verdict |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for k, r in train:
                 o, t = r.get("ours", {}), r.get("trl", {})
                 lines.append(
                     f"| {k.upper() if k == 'sft' else 'RM'} | {_f(o.get('tokens_per_s'), '{:.0f}') if 'error' not in o else 'error'} | "
-                    f"{_f(o.get('flops_per_s') and o['flops_per_s'] / 1e9, '{:.1f}')} | {_mfu(o)} | "
+                    f"{_f(o.get('flops_per_s') and o['flops_per_s'] / 1e9, '{:.1f}')} | {_mfu(o)} | {_beside(o)} | "
                     f"{_f(t.get('tokens_per_s'), '{:.0f}') if 'error' not in t else 'error'} | {_mfu(t)} | "
+                    f"{_beside(t)} | "
                     f"{_f(r.get('ours_vs_trl'), '{:.2f}x')} | {r.get('target') or '—'} | {r['verdict']} |")
             lines.append("")
         rl = [(k, rows[k]) for k in ("ppo", "grpo") if k in rows]
         if rl:
             lines += ["| step | ours samples/s | ours step s (median) | gen / exp-fwd / train / other s (medians) | "
-                      "floor s | step/floor (median) | step/floor of work done | "
-                      "TRL samples/s | TRL step/floor | ours/TRL | target | verdict |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "floor s | step/floor (median) | step/floor of work done | peak beside ours | "
+                      "TRL samples/s | TRL step/floor | peak beside TRL | ours/TRL | target | verdict |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for k, r in rl:
                 o, t = r.get("ours", {}), r.get("trl", {})
                 sp = o.get("split") or {}
@@ -856,9 +882,10 @@ def render_md(report: dict) -> str:
                     f"{_f(o.get('step_s'), '{:.2f}')} ({_f(o.get('step_s_median'), '{:.2f}')}) | {split} | "
                     f"{_f(o.get('floor_s') or r.get('floor_s'), '{:.3f}')} | "
                     f"{_f(o.get('floor_ratio'), '{:.2f}x')} ({_f(o.get('floor_ratio_median'), '{:.2f}x')}) | "
-                    f"{_f(o.get('work_floor_ratio'), '{:.2f}x')} | "
+                    f"{_f(o.get('work_floor_ratio'), '{:.2f}x')} | {_beside(o)} | "
                     f"{_f(t.get('samples_per_s'), '{:.2f}') if 'error' not in t else 'error'} "
-                    f"({trl_name}; gen {_f((t.get('split') or {}).get('generation_s'), '{:.2f}')} s) | {_f(t.get('floor_ratio'), '{:.1f}x')} | {_f(r.get('ours_vs_trl'), '{:.2f}x')} | "
+                    f"({trl_name}; gen {_f((t.get('split') or {}).get('generation_s'), '{:.2f}')} s) | "
+                    f"{_f(t.get('floor_ratio'), '{:.1f}x')} | {_beside(t)} | {_f(r.get('ours_vs_trl'), '{:.2f}x')} | "
                     f"{r.get('target') or '—'} | {r['verdict']} |")
             lines.append("")
         if "decode" in rows:
@@ -888,8 +915,10 @@ def render_md(report: dict) -> str:
               "embeddings), the lm head counted only where its logits are needed (required FLOPs, the same count for ours and "
               "TRL): SFT and PPO actor/reference log-probs on the R answer predictions, generation's prefill on its last "
               "position. Training = 3 × forward. MFU = achieved FLOP/s ÷ matmul peak of the dtype used, shown as "
-              "\"MFU of peak\". The peak is the highest 2048³ matmul probe of the run: probes at its start and end and just "
-              "before and after each measured process (this shared machine drifts, see the limits table).",
+              "\"MFU of peak\". The peak is the highest 2048³ matmul probe of the run: at its start and end, just "
+              "before and after each measured process, and at every step boundary (a short probe, excluded from the "
+              "step's time). \"Peak beside\" = the lowest-highest of a process's step-boundary probes: a low figure "
+              "means its steps ran in one of this shared VM's slow spells.",
               "- PPO floor = (generation: prefill + 31 KV-cached decode steps at 2 × params per token + attention; "
               "experience forwards: actor, reference, critic, reward; training: 3 × forward of actor and critic) ÷ "
               "the run's matmul peak (ours: the floor column; TRL: its step/floor). GRPO: no critic.",
@@ -901,7 +930,9 @@ def render_md(report: dict) -> str:
               "performed. The target and verdict use the floor as defined (the standard step).",
               "- Step times: the fastest of the timed steps, for ours and TRL alike (the median in brackets), against the "
               "highest peak and bandwidth probed in the run: both are the machine at its fastest, so drift can only "
-              "lower a ratio (the median column shows the typical step against the same limits); verdicts use it.",
+              "lower a ratio (the median column shows the typical step against the same limits); verdicts use it. "
+              "Steps are not divided by the probe beside them: the VM's slow spells slow that probe and our steps "
+              "by different factors, which would bias such a ratio.",
               "- Targets: mid PPO ≤ 1.4× floor; tiny PPO ≥ 6× TRL PPO; mid SFT/RM MFU ≥ 70%; mid decode ≥ 70% of bound.",
               ""]
     return "\n".join(lines)

@@ -8,7 +8,9 @@ Tasks: ``sft``, ``reward``, ``grpo`` (trl as installed, e.g. 1.16) and ``ppo`` (
 ``trl.experimental.ppo.PPOTrainer``; later releases have no PPO). The last line printed is
 ``BENCH_JSON {...}`` with per-step wall times (the first ``warmup`` steps dropped by the caller), the versions and
 what was checked (response lengths). Step time = the interval between consecutive ``on_step_end`` callbacks, i.e.
-everything the trainer does per optimizer step (data, generation, forwards, backward, optimizer, logging).
+everything the trainer does per optimizer step (data, generation, forwards, backward, optimizer, logging), less
+the short matmul probe :class:`StepClock` runs at each boundary (``step_peaks``: the machine's speed beside each
+step).
 """
 
 from __future__ import annotations
@@ -87,24 +89,86 @@ def _exact_prompt_texts(tok, n_total: int, count: int, rng: random.Random) -> li
     return out
 
 
+class StepClock:
+    """Step boundaries, each followed by a short matmul-peak probe that the next step's time excludes.
+
+    Shared VMs change speed within seconds (this bench's CPU swung between about 130 and 260 GFLOP/s on the same
+    2048^3 matmul): the probes join the run's peak and show whether a step ran in a slow spell;
+    ``step_peaks()[i]`` is the higher of the two probes around step i. Used by both sides of the bench (chatrlhf
+    imports it from here, with its accelerator's device and synchronize; alone it uses CUDA when present, else the
+    CPU)."""
+
+    def __init__(self, dtype: str = "fp32", probe: bool = True, device: str | None = None, sync=None):
+        self.dtype, self.probe, self.device, self.sync = dtype, probe, device, sync
+        self.ends: list[float] = []  # when each boundary was reached
+        self.starts: list[float] = []  # when the next step began (after the probe)
+        self.peaks: list[float] = []  # probe FLOP/s at each boundary
+        self._mm = None
+
+    def mark(self) -> None:
+        self.ends.append(time.perf_counter())
+        if self.probe:
+            self.peaks.append(self._probe())
+        self.starts.append(time.perf_counter())
+
+    def last_probe_s(self) -> float:
+        return self.starts[-1] - self.ends[-1] if self.starts else 0.0
+
+    def step_times(self) -> list[float]:
+        return [e - s for s, e in zip(self.starts, self.ends[1:])]
+
+    def step_peaks(self) -> list[float]:
+        return [max(a, b) for a, b in zip(self.peaks, self.peaks[1:])]
+
+    def _probe(self, trials: int = 3, min_time: float = 0.03) -> float:
+        """Best of ``trials`` timed batches of n^3 matmuls (n = 2048 on CPU, 8192 on GPU; about 0.1-0.2 s)."""
+        import torch
+
+        if self.device is None:
+            cuda = torch.cuda.is_available()
+            self.device, self.sync = ("cuda", torch.cuda.synchronize) if cuda else ("cpu", None)
+        sync = self.sync or (lambda: None)
+        if self._mm is None:
+            dev = self.device
+            n = 2048 if torch.device(dev).type == "cpu" else 8192
+            dt = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+            a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+            c = torch.empty(n, n, device=dev, dtype=dt)
+            torch.matmul(a, b, out=c)
+            sync()
+            t0 = time.perf_counter()
+            torch.matmul(a, b, out=c)
+            sync()
+            self._mm = (a, b, c, n, max(1, int(min_time / max(time.perf_counter() - t0, 1e-6))))
+        a, b, c, n, reps = self._mm
+        best = 0.0
+        for _ in range(trials):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.matmul(a, b, out=c)
+            sync()
+            best = max(best, 2.0 * n**3 * reps / (time.perf_counter() - t0))
+        return best
+
+
 class _Timer:
-    def __init__(self):
+    def __init__(self, dtype: str = "fp32"):
         from transformers import TrainerCallback
 
-        timer = self
+        clock = self.clock = StepClock(dtype)
 
         class CB(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
-                timer.marks.append(time.perf_counter())
+                clock.mark()
 
             def on_step_end(self, args, state, control, **kw):
-                timer.marks.append(time.perf_counter())
+                clock.mark()
 
-        self.marks: list[float] = []
         self.callback = CB()
 
-    def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+    def result(self) -> dict:
+        return {"step_times": self.clock.step_times(), "step_peaks": self.clock.step_peaks()}
 
 
 def run_sft(a: dict, out: str) -> dict:
@@ -122,11 +186,11 @@ def run_sft(a: dict, out: str) -> dict:
         rows.append({"input_ids": ids, "labels": [-100] * P + ids[P:]})
     model = AutoModelForCausalLM.from_pretrained(a["model_dir"], dtype="float32")
     args = SFTConfig(max_length=P + R, packing=False, **_common_args(a, out))
-    timer = _Timer()
+    timer = _Timer(a.get("dtype", "fp32"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[timer.callback])
     trainer.train()
-    return {"step_times": timer.step_times(), "samples_per_step": a["batch"], "tokens_per_step": a["batch"] * (P + R)}
+    return {**timer.result(), "samples_per_step": a["batch"], "tokens_per_step": a["batch"] * (P + R)}
 
 
 def run_reward(a: dict, out: str) -> dict:
@@ -145,12 +209,12 @@ def run_reward(a: dict, out: str) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(a["rm_dir"], num_labels=1, dtype="float32")
     model.config.pad_token_id = tok.pad_token_id
     args = RewardConfig(max_length=P + R, **_common_args(a, out))
-    timer = _Timer()
+    timer = _Timer(a.get("dtype", "fp32"))
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                             callbacks=[timer.callback])
     trainer.train()
     # pairs per step = batch; sequences per step = 2 * batch
-    return {"step_times": timer.step_times(), "samples_per_step": a["batch"],
+    return {**timer.result(), "samples_per_step": a["batch"],
             "tokens_per_step": 2 * a["batch"] * (P + R)}
 
 
@@ -185,12 +249,12 @@ def run_grpo(a: dict, out: str) -> dict:
     model.generate = counting_generate
     args = GRPOConfig(num_generations=G, max_completion_length=R, temperature=1.0, beta=a.get("beta", 0.0),
                       generation_kwargs={"min_new_tokens": R}, **_common_args(a, out))
-    timer = _Timer()
+    timer = _Timer(a.get("dtype", "fp32"))
     trainer = GRPOTrainer(model=model, reward_funcs=rm, reward_processing_classes=rm_tok, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tok,
                           callbacks=[timer.callback])
     trainer.train()
-    return {"step_times": timer.step_times(), "samples_per_step": B, "response_lengths": lengths,
+    return {**timer.result(), "samples_per_step": B, "response_lengths": lengths,
             "generation_times": gen_times}
 
 
@@ -233,11 +297,11 @@ def run_ppo(a: dict, out: str) -> dict:
     args = PPOConfig(total_episodes=n, num_ppo_epochs=1, num_mini_batches=1, local_rollout_forward_batch_size=B,
                      response_length=R, stop_token=None, missing_eos_penalty=None, num_sample_generations=0,
                      kl_coef=0.1, **c)
-    timer = _Timer()
+    timer = _Timer(a.get("dtype", "fp32"))
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_list(rows), callbacks=[timer.callback])
     trainer.train()
-    return {"step_times": timer.step_times(), "samples_per_step": B, "response_lengths": lengths,
+    return {**timer.result(), "samples_per_step": B, "response_lengths": lengths,
             "generation_times": gen_times}
 
 

@@ -3,6 +3,7 @@ data, verdicts and the report. Speed targets live in the benchmark itself, never
 
 import json
 import random
+import time
 
 import pytest
 
@@ -137,3 +138,61 @@ def test_bad_flags():
         bench.main(["--sizes", "huge", "--out", "/nonexistent/never"])
     with pytest.raises(UserError):
         bench.main(["--batch", "6", "--group_size", "4", "--out", "/nonexistent/never"])
+
+
+def test_step_clock_excludes_its_probes_and_pairs_each_step_with_the_probes_beside_it():
+    clock = bench_trl.StepClock("fp32")
+    for pause in (0.0, 0.05, 0.02):
+        time.sleep(pause)
+        clock.mark()
+    times, peaks = clock.step_times(), clock.step_peaks()
+    assert len(clock.peaks) == 3 and all(p > 1e8 for p in clock.peaks)
+    assert clock.last_probe_s() > 0
+    # each probe takes at least a few matmuls, yet only the pauses are counted as steps
+    assert times == pytest.approx([0.05, 0.02], abs=0.015)
+    assert peaks == [max(clock.peaks[0], clock.peaks[1]), max(clock.peaks[1], clock.peaks[2])]
+    off = bench_trl.StepClock("fp32", probe=False)
+    off.mark(), off.mark()
+    assert off.peaks == [] and off.step_peaks() == [] and len(off.step_times()) == 1
+
+
+def test_timed_run_removes_the_probe_from_ppo_round_times(tmp_path):
+    """PPO times its round up to its throughput record, which is logged after the "train" record whose boundary
+    runs the probe: the bench takes the probe out again."""
+    from chatrlhf import metrics as M
+
+    def fake_run(_cfg):
+        w = M.MetricsWriter(tmp_path)
+        for step in range(1, 4):
+            t0 = time.perf_counter()
+            time.sleep(0.01)
+            w.log("train", step, loss=1.0)
+            w.log("throughput", step, e2e_latency_s=time.perf_counter() - t0)
+        return {"steps": 3}
+
+    job = {"dtype": "fp32", "warmup": 0, "run_dir": str(tmp_path / "runs" / "x")}
+    res = bench._timed_run(job, fake_run, None)
+    assert len(res["step_times"]) == len(res["step_peaks"]) == 2
+    assert [r["e2e_latency_s"] for r in res["throughput"]] == pytest.approx([0.01, 0.01], abs=0.008)
+
+
+def test_step_probes_join_the_run_peak_and_are_shown_beside_each_process(tmp_path):
+    """Step-boundary probes count towards the run's highest peak (the verdicts' denominator) and their range is
+    reported per process, so a run whose steps fell into a slow spell says so."""
+    shape = {"params": 10**6, "matmul_params_lm": 10**6, "matmul_params_body": 9 * 10**5, "lm_head_params": 10**5,
+             "layers": 2, "hidden": 64, "vocab": 512, "heads": 4}
+    cfg = bench.BenchConfig(out=str(tmp_path))
+    limits = {"matmul_fp32_flops": 1e11, "read_bw_bytes_per_s": 1e10, "matmul_n": 2048}
+    flops = 3.0 * bench.fwd_flops(shape, 8, 64, "lm", head_tokens=32)
+    t = flops / (0.75 * 1e11)  # 75% of the start-of-run peak
+    res = {("ours", "sft"): {"ok": True, "step_times": [t, t], "step_peaks": [0.6e11, 1.2e11]},
+           ("ours", "ppo"): {"ok": True, "step_times": [1.0, 1.0], "step_peaks": [0.5e11, 0.7e11]}}
+    assert bench.analyse("mid", {"shape": shape}, res, limits, cfg, "fp32")["sft"]["verdict"] == "PASS"
+    lim = bench.run_limits(limits, list(res.values()), None, "fp32")
+    assert lim["matmul_fp32_flops"] == 1.2e11  # a step probe read faster than the start of the run
+    rows = bench.analyse("mid", {"shape": shape}, res, lim, cfg, "fp32")
+    sft = rows["sft"]["ours"]
+    assert sft["mfu"] == pytest.approx(0.75 / 1.2) and rows["sft"]["verdict"] == "FAIL"
+    assert sft["peak_beside_steps"] == [0.6e11, 1.2e11] and bench._beside(sft) == "60-120"
+    assert bench._beside(rows["ppo"]["ours"]) == "50-70"
+    assert bench._beside({}) == "—"
