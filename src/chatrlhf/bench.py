@@ -163,22 +163,9 @@ def cpu_flags() -> list[str]:
 
 def _best_rate(fn, work: float, min_time: float, trials: int, acc) -> float:
     """work / seconds of the fastest of ``trials`` timed batches (each >= min_time): the achievable peak."""
-    fn()
-    _sync(acc)
-    t0 = time.perf_counter()
-    fn()
-    _sync(acc)
-    one = max(time.perf_counter() - t0, 1e-6)
-    reps = max(1, int(min_time / one))
-    best = 0.0
-    for _ in range(trials):
-        _sync(acc)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync(acc)
-        best = max(best, work * reps / (time.perf_counter() - t0))
-    return best
+    from chatrlhf.bench_trl import best_rate
+
+    return best_rate(fn, work, min_time, trials, None if acc.device_name() == "cpu" else acc.synchronize)
 
 
 def measure_limits(quick: bool = False, n: int | None = None, nbytes: int | None = None,

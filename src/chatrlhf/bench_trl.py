@@ -120,36 +120,41 @@ class StepClock:
     def step_peaks(self) -> list[float]:
         return [max(a, b) for a, b in zip(self.peaks, self.peaks[1:])]
 
-    def _probe(self, trials: int = 3, min_time: float = 0.03) -> float:
-        """Best of ``trials`` timed batches of n^3 matmuls (n = 2048 on CPU, 8192 on GPU; about 0.1-0.2 s)."""
+    def _probe(self) -> float:
+        """2048^3 matmuls (8192^3 on GPU), best of 3 batches of >= 30 ms: about 0.1-0.2 s."""
         import torch
 
         if self.device is None:
             cuda = torch.cuda.is_available()
             self.device, self.sync = ("cuda", torch.cuda.synchronize) if cuda else ("cpu", None)
-        sync = self.sync or (lambda: None)
         if self._mm is None:
-            dev = self.device
-            n = 2048 if torch.device(dev).type == "cpu" else 8192
+            n = 2048 if torch.device(self.device).type == "cpu" else 8192
             dt = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-            a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-            c = torch.empty(n, n, device=dev, dtype=dt)
-            torch.matmul(a, b, out=c)
-            sync()
-            t0 = time.perf_counter()
-            torch.matmul(a, b, out=c)
-            sync()
-            self._mm = (a, b, c, n, max(1, int(min_time / max(time.perf_counter() - t0, 1e-6))))
-        a, b, c, n, reps = self._mm
-        best = 0.0
-        for _ in range(trials):
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.matmul(a, b, out=c)
-            sync()
-            best = max(best, 2.0 * n**3 * reps / (time.perf_counter() - t0))
-        return best
+            a, b = (torch.randn(n, n, device=self.device, dtype=dt) for _ in range(2))
+            self._mm = (a, b, torch.empty(n, n, device=self.device, dtype=dt), n)
+        a, b, c, n = self._mm
+        return best_rate(lambda: torch.matmul(a, b, out=c), 2.0 * n**3, 0.03, 3, self.sync)
+
+
+def best_rate(fn, work: float, min_time: float, trials: int, sync=None) -> float:
+    """work / seconds of the fastest of ``trials`` timed batches of ``fn`` (each >= min_time, after one warm-up
+    call): the achievable peak, not an average. ``sync`` waits for an accelerator (None on the CPU)."""
+    sync = sync or (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    reps = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
+    best = 0.0
+    for _ in range(trials):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        best = max(best, work * reps / (time.perf_counter() - t0))
+    return best
 
 
 class _Timer:
