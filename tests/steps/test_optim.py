@@ -170,6 +170,27 @@ def test_zero0_engine_step_matches_reference(clip):
     assert_params_close(unwrap(engine), ref)
 
 
+# ---- global norm ----------------------------------------------------------------------------------------------
+def test_global_norm_matches_float64():
+    """The fp32-CPU dot path agrees with a float64 reference on large, mixed-size gradients; past fp32 range, and
+    on inf/nan, it says so as clip_grad_norm_ does (the optimizer then skips the step)."""
+    from chatrlhf.engine.optim import _global_norm
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3072, 768, generator=g) * 1e-3, torch.randn(768, generator=g), torch.randn(5, 7, generator=g).t()]
+    ref = torch.sqrt(sum((x.double() ** 2).sum() for x in grads))
+    torch.testing.assert_close(_global_norm(grads).double(), ref, rtol=1e-6, atol=0)
+
+    big = [torch.full((1000,), 1e20), torch.ones(10)]
+    p = nn.Parameter(torch.zeros(1000))
+    p.grad = big[0].clone()
+    assert not torch.isfinite(_global_norm(big)) and not torch.isfinite(torch.nn.utils.clip_grad_norm_([p], 1.0))
+    assert not torch.isfinite(_global_norm([torch.ones(4), torch.tensor([float("inf")])]))
+    assert torch.isnan(_global_norm([torch.ones(4), torch.tensor([float("nan")])]))
+    mixed = [torch.ones(4, dtype=torch.bfloat16), torch.ones(9)]  # not all fp32: the grouped path
+    torch.testing.assert_close(_global_norm(mixed), torch.tensor(13.0).sqrt())
+
+
 # ---- malloc tuning ------------------------------------------------------------------------------------------------
 def test_tune_cpu_malloc(monkeypatch):
     from chatrlhf import utils
@@ -187,7 +208,6 @@ def test_tune_cpu_malloc(monkeypatch):
 
 _HEAP_SCRIPT = """
 import ctypes, sys
-import torch
 from chatrlhf.utils import tune_cpu_malloc
 assert tune_cpu_malloc()
 libc = ctypes.CDLL("libc.so.6")
@@ -196,9 +216,12 @@ if sys.argv[1] == "masked":  # what mallopt got when a Python int wider than C i
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc.mallinfo2.restype = MallInfo2
-xs = [torch.ones(6 << 20) for _ in range(8)]  # a step's worth of 24 MiB blocks: under the mmap threshold, on the heap
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(24 << 20) for _ in range(8)]  # a step's worth of 24 MiB blocks: under the mmap threshold
 before = libc.mallinfo2().arena
-del xs
+for b in reversed(blocks):
+    libc.free(b)
 print(before, libc.mallinfo2().arena)
 """
 

@@ -22,11 +22,15 @@ log = logging.getLogger("chatrlhf")
 
 
 def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm over all gradients: one foreach kernel per (device, dtype) group, summed in fp32."""
+    """L2 norm over all gradients, in fp32 (a sum of squares past fp32 range is inf, as in ``clip_grad_norm_``).
+    fp32 CPU gradients: one BLAS ``dot(g, g)`` each, at memory speed (~2x ``_foreach_norm`` there: ~15 ms of a
+    ~1.3 s mid bench SFT step); elsewhere one ``_foreach_norm`` per (device, dtype) group."""
+    dev = grads[0].device
+    if all(g.device.type == "cpu" and g.dtype == torch.float32 for g in grads):
+        return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
     groups: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
-    dev = grads[0].device
     norms = [n.to(dev, torch.float32) for gs in groups.values() for n in torch._foreach_norm(gs, 2)]
     return torch.linalg.vector_norm(torch.stack(norms))
 
