@@ -1,10 +1,13 @@
-"""The hybrid engine's native decode step (decode.c): built with the system C compiler on first use, cached.
+"""Native CPU kernels, built with the system C compiler on first use and cached.
 
-``NativeStep`` runs one KV-cached decode step of a llama-style model for all rows in a single C call; hybrid.py uses
-it for T = 1 steps on CPU fp32 (the prefill stays in torch). The library is compiled once per source and machine
-into ``~/.cache/chatrlhf/kernels`` (about a second with gcc -O3 -march=native -fopenmp) and linked against the
-OpenMP runtime torch already loaded, so both share one thread pool. No compiler, a failed build, or
-CHATRLHF_NATIVE_DECODE=0: :func:`load` returns None with the reason and the torch path runs instead.
+- ``decode`` (decode.c): ``NativeStep`` runs one KV-cached decode step of a llama-style model for all rows in a
+  single C call; hybrid.py uses it for T = 1 steps on CPU fp32 (the prefill stays in torch).
+- ``swiglu`` (swiglu.c): the fused ``silu(g) * u`` forward and backward behind models/fused.py.
+
+Each library is compiled once per source and machine into ``~/.cache/chatrlhf/kernels`` (about a second with gcc
+-O3 -march=native -fopenmp) and linked against the OpenMP runtime torch already loaded, so both share one thread
+pool. No compiler, a failed build, or the kernel's switch (CHATRLHF_NATIVE_DECODE=0, CHATRLHF_NATIVE_SWIGLU=0):
+:func:`load` returns None with the reason and the torch path runs instead.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ SOURCE = Path(__file__).with_name("decode.c")
 PANEL = 32
 _P = ctypes.POINTER
 _f = ctypes.c_float
-_lib: ctypes.CDLL | None = None
+_lib: ctypes.CDLL | None = None  # the decode library (what hybrid.py and its tests look at)
 _why_not: str | None = None
+_libs: dict[str, ctypes.CDLL] = {}  # the other kernels, by name
+_whys: dict[str, str] = {}
 
 
 class Net(ctypes.Structure):
@@ -66,39 +71,62 @@ def _build(src: Path, out: Path) -> str | None:
         return f"{cc} failed: {errors[0][0]}"
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled library, or None (``reason()`` says why)."""
-    global _lib, _why_not
-    if _lib is not None or _why_not is not None:
-        return _lib
-    if os.environ.get("CHATRLHF_NATIVE_DECODE", "1") == "0":
-        _why_not = "disabled by CHATRLHF_NATIVE_DECODE=0"
-        return None
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + platform.machine().encode() + platform.processor().encode()
-                         + _cpu_model().encode()).hexdigest()[:16]
-    so = _cache_dir() / f"decode-{key}.so"
-    try:
-        if not so.exists():
-            err = _build(SOURCE, so)
-            if err:
-                _why_not = err
-                return None
-        lib = ctypes.CDLL(str(so))
-    except OSError as e:
-        _why_not = f"could not build or load the native decode step: {e}"
-        return None
+def _declare_decode(lib: ctypes.CDLL) -> None:
     lib.chatrlhf_decode_step.argtypes = [_P(Net), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_void_p]
-    lib.chatrlhf_decode_step.restype = None
     lib.chatrlhf_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.chatrlhf_pack.restype = None
-    _lib = lib
-    return lib
+    lib.chatrlhf_decode_step.restype = lib.chatrlhf_pack.restype = None
 
 
-def reason() -> str | None:
-    return _why_not
+def _declare_swiglu(lib: ctypes.CDLL) -> None:
+    lib.chatrlhf_swiglu_fwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
+    lib.chatrlhf_swiglu_bwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long]
+    lib.chatrlhf_swiglu_fwd.restype = lib.chatrlhf_swiglu_bwd.restype = None
+
+
+# name -> (source, the environment switch that turns it off, ctypes declarations)
+KERNELS = {"decode": (SOURCE, "CHATRLHF_NATIVE_DECODE", _declare_decode),
+           "swiglu": (Path(__file__).with_name("swiglu.c"), "CHATRLHF_NATIVE_SWIGLU", _declare_swiglu)}
+
+
+def _compile_and_load(name: str) -> tuple[ctypes.CDLL | None, str | None]:
+    src_path, switch, declare = KERNELS[name]
+    if os.environ.get(switch, "1") == "0":
+        return None, f"disabled by {switch}=0"
+    src = src_path.read_bytes()
+    key = hashlib.sha256(src + platform.machine().encode() + platform.processor().encode()
+                         + _cpu_model().encode()).hexdigest()[:16]
+    so = _cache_dir() / f"{name}-{key}.so"
+    try:
+        if not so.exists():
+            err = _build(src_path, so)
+            if err:
+                return None, err
+        lib = ctypes.CDLL(str(so))
+    except OSError as e:
+        return None, f"could not build or load the native {name} kernel: {e}"
+    declare(lib)
+    return lib, None
+
+
+def load(name: str = "decode") -> ctypes.CDLL | None:
+    """The compiled library ``name`` (see ``KERNELS``), or None (``reason(name)`` says why). Tried once."""
+    global _lib, _why_not
+    if name == "decode":
+        if _lib is None and _why_not is None:
+            _lib, _why_not = _compile_and_load(name)
+        return _lib
+    if name not in _libs and name not in _whys:
+        lib, why = _compile_and_load(name)
+        if lib is None:
+            _whys[name] = why or "unknown"
+        else:
+            _libs[name] = lib
+    return _libs.get(name)
+
+
+def reason(name: str = "decode") -> str | None:
+    return _why_not if name == "decode" else _whys.get(name)
 
 
 def _cpu_model() -> str:

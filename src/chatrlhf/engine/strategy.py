@@ -351,6 +351,7 @@ class DeepSpeedStrategy:
         import deepspeed
 
         self._cast_extra_params(model)
+        self._fuse_kernels(model)
         stage = self.cfg.zero_stage if zero_stage is None else zero_stage
         config = self.ds_config(train=True, zero_stage=zero_stage, offload=offload)
         if self._optimizer_clips(optimizer, stage):
@@ -371,6 +372,7 @@ class DeepSpeedStrategy:
         stage = self.cfg.zero_stage if zero_stage is None else zero_stage
         model.requires_grad_(False)
         model.eval()
+        self._fuse_kernels(model)
         if stage == 3:
             import deepspeed
 
@@ -381,6 +383,14 @@ class DeepSpeedStrategy:
             engine.eval()
             return engine
         return model.to(device=self.device, dtype=self.torch_dtype)
+
+    def _fuse_kernels(self, model: nn.Module) -> None:
+        """CPU fp32: SiLU-gated MLPs run their elementwise part in one native pass each way (models/fused.py;
+        same weights and math). GPUs and bf16 keep the model's own forward."""
+        if self.device.type == "cpu" and self.cfg.dtype == "fp32":
+            from chatrlhf.models.fused import fuse_swiglu
+
+            fuse_swiglu(model)
 
     def _cast_extra_params(self, model: nn.Module) -> None:
         # Heads created outside zero.Init (value heads) must share the training dtype (ZeRO-3 + bf16 asserts it).
