@@ -1,6 +1,6 @@
-"""models/fused.py: the native SwiGLU against eager silu(g) * u (values and gradients), which MLPs it takes over,
-that a fused model computes what the original does (logits and every parameter's gradient), its switch, and that
-the strategy fuses CPU fp32 models."""
+"""models/fused.py: the native SwiGLU and RMSNorm against their eager formulas (values and gradients), which
+modules they take over, that a fused model computes what the original does (logits and every parameter's
+gradient), the switch, and that the strategy fuses CPU fp32 models."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from torch import nn
 
 from chatrlhf.engine import native
 from chatrlhf.models import fused
-from chatrlhf.models.fused import SwiGLU, fuse_swiglu
+from chatrlhf.models.fused import RMSNorm, SwiGLU, fuse_cpu_kernels
 
 
 def _eager(g, u):
@@ -18,7 +18,7 @@ def _eager(g, u):
 
 @pytest.mark.parametrize("shape", [(8, 64, 48), (3, 37)], ids=["vector_lanes", "scalar_tail"])
 def test_swiglu_matches_eager(shape):
-    assert native.load("swiglu") is not None, native.reason("swiglu")
+    assert native.load("fused") is not None, native.reason("fused")
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(shape, generator=gen) * 6
     g.view(-1)[:4] = torch.tensor([-120.0, 120.0, -88.5, 0.0])  # exp's clamps and the saturated sigmoid
@@ -44,6 +44,27 @@ def test_swiglu_takes_non_contiguous_inputs():
     assert g.grad.shape == g.shape and u.grad.shape == u.shape
 
 
+def _eager_rmsnorm(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 768), (5, 37)], ids=["model_width", "odd_width"])
+def test_rmsnorm_matches_eager(shape):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen) * 3
+    x[0] = 0.0  # a zero row: the scale is rsqrt(eps)
+    w = torch.randn(shape[-1], generator=gen)
+    dy = torch.randn(shape, generator=gen)
+    outs = {}
+    for name, fn in (("eager", _eager_rmsnorm), ("fused", RMSNorm.apply)):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xx, ww, 1e-6)
+        y.backward(dy)
+        outs[name] = (y.detach(), xx.grad, ww.grad)
+    for what, a, b in zip(("y", "dx", "dw"), outs["eager"], outs["fused"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m, what=what: f"{what}: {m}")
+
+
 def _llama(tiny_model_factory):
     from transformers import AutoModelForCausalLM
 
@@ -65,9 +86,10 @@ def test_fused_model_matches_original(tiny_model_factory):
     logits0, grads0 = _loss_and_grads(model, ids)
     names = [n for n, _ in model.named_parameters()]
 
-    assert fuse_swiglu(model) == 2  # one MLP a layer
-    assert fuse_swiglu(model) == 0  # already fused
-    assert all(m.mlp.forward.__func__ is fused._fused_forward for m in model.model.layers)
+    assert fuse_cpu_kernels(model) == {"mlp": 2, "norm": 5}  # a layer: one MLP, two norms; and the final norm
+    assert fuse_cpu_kernels(model) == {"mlp": 0, "norm": 0}  # already fused
+    assert all(m.mlp.forward.__func__ is fused._fused_mlp_forward for m in model.model.layers)
+    assert model.model.norm.forward.__func__ is fused._fused_norm_forward
     assert [n for n, _ in model.named_parameters()] == names  # same weights, same names (checkpoints unchanged)
     logits1, grads1 = _loss_and_grads(model, ids)
     torch.testing.assert_close(logits1, logits0, rtol=1e-5, atol=1e-5)
@@ -79,25 +101,36 @@ def test_only_standard_silu_mlps_are_fused(tiny_model_factory):
     model = _llama(tiny_model_factory)
     layer0, layer1 = (L.mlp for L in model.model.layers)
     layer0.act_fn = nn.GELU()  # another activation: not SwiGLU
+    norm = model.model.norm
+
+    class Gemma(type(norm)):  # Gemma-style (1 + w) scaling: a different forward
+        def forward(self, hidden_states):
+            v = hidden_states.pow(2).mean(-1, keepdim=True)
+            return (1 + self.weight) * (hidden_states * torch.rsqrt(v + self.variance_epsilon))
+
+    norm.__class__ = Gemma
 
     class Scaled(type(layer1)):  # same layers, a different forward
         def forward(self, x):
             return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
     layer1.__class__ = Scaled
-    assert fuse_swiglu(model) == 0
-    from transformers.models.llama.modeling_llama import LlamaMLP
+    assert fuse_cpu_kernels(model) == {"mlp": 0, "norm": 4}  # the layers' norms only
+    assert norm.forward.__func__ is not fused._fused_norm_forward
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
     assert fused._standard_forward(LlamaMLP.forward) and not fused._standard_forward(Scaled.forward)
+    assert fused._standard_forward(LlamaRMSNorm.forward, fused._NORM_FORMS)
+    assert not fused._standard_forward(Gemma.forward, fused._NORM_FORMS)
 
 
 def test_switch_off_keeps_eager(tiny_model_factory, monkeypatch):
     monkeypatch.setattr(native, "_libs", {})
     monkeypatch.setattr(native, "_whys", {})
-    monkeypatch.setenv("CHATRLHF_NATIVE_SWIGLU", "0")
+    monkeypatch.setenv("CHATRLHF_FUSED_KERNELS", "0")
     model = _llama(tiny_model_factory)
-    assert fuse_swiglu(model) == 0
-    assert "CHATRLHF_NATIVE_SWIGLU=0" in native.reason("swiglu")
+    assert fuse_cpu_kernels(model) == {"mlp": 0, "norm": 0}
+    assert "CHATRLHF_FUSED_KERNELS=0" in native.reason("fused")
     # non-fp32 inputs never reach the kernel, whatever the switch says
     g = torch.randn(4, 8, dtype=torch.bfloat16)
     torch.testing.assert_close(fused.swiglu(g, g), _eager(g, g))
@@ -108,4 +141,5 @@ def test_strategy_fuses_cpu_fp32_models(tiny_model_factory):
 
     strategy = DeepSpeedStrategy(dtype="fp32", zero_stage=0)
     model = strategy.prepare_eval(_llama(tiny_model_factory))
-    assert all(m.mlp.forward.__func__ is fused._fused_forward for m in model.model.layers)
+    assert all(m.mlp.forward.__func__ is fused._fused_mlp_forward for m in model.model.layers)
+    assert all(m.input_layernorm.forward.__func__ is fused._fused_norm_forward for m in model.model.layers)

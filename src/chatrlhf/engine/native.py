@@ -2,11 +2,11 @@
 
 - ``decode`` (decode.c): ``NativeStep`` runs one KV-cached decode step of a llama-style model for all rows in a
   single C call; hybrid.py uses it for T = 1 steps on CPU fp32 (the prefill stays in torch).
-- ``swiglu`` (swiglu.c): the fused ``silu(g) * u`` forward and backward behind models/fused.py.
+- ``fused`` (fused.c): SwiGLU and RMSNorm forward and backward in one pass each, behind models/fused.py.
 
 Each library is compiled once per source and machine into ``~/.cache/chatrlhf/kernels`` (about a second with gcc
 -O3 -march=native -fopenmp) and linked against the OpenMP runtime torch already loaded, so both share one thread
-pool. No compiler, a failed build, or the kernel's switch (CHATRLHF_NATIVE_DECODE=0, CHATRLHF_NATIVE_SWIGLU=0):
+pool. No compiler, a failed build, or the kernel's switch (CHATRLHF_NATIVE_DECODE=0, CHATRLHF_FUSED_KERNELS=0):
 :func:`load` returns None with the reason and the torch path runs instead.
 """
 
@@ -78,15 +78,19 @@ def _declare_decode(lib: ctypes.CDLL) -> None:
     lib.chatrlhf_decode_step.restype = lib.chatrlhf_pack.restype = None
 
 
-def _declare_swiglu(lib: ctypes.CDLL) -> None:
-    lib.chatrlhf_swiglu_fwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
-    lib.chatrlhf_swiglu_bwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long]
-    lib.chatrlhf_swiglu_fwd.restype = lib.chatrlhf_swiglu_bwd.restype = None
+def _declare_fused(lib: ctypes.CDLL) -> None:
+    v, n = ctypes.c_void_p, ctypes.c_long
+    lib.chatrlhf_swiglu_fwd.argtypes = [v] * 3 + [n]
+    lib.chatrlhf_swiglu_bwd.argtypes = [v] * 5 + [n]
+    lib.chatrlhf_rmsnorm_fwd.argtypes = [v] * 4 + [n, n, ctypes.c_float]
+    lib.chatrlhf_rmsnorm_bwd.argtypes = [v] * 6 + [n, n]
+    for f in (lib.chatrlhf_swiglu_fwd, lib.chatrlhf_swiglu_bwd, lib.chatrlhf_rmsnorm_fwd, lib.chatrlhf_rmsnorm_bwd):
+        f.restype = None
 
 
 # name -> (source, the environment switch that turns it off, ctypes declarations)
 KERNELS = {"decode": (SOURCE, "CHATRLHF_NATIVE_DECODE", _declare_decode),
-           "swiglu": (Path(__file__).with_name("swiglu.c"), "CHATRLHF_NATIVE_SWIGLU", _declare_swiglu)}
+           "fused": (Path(__file__).with_name("fused.c"), "CHATRLHF_FUSED_KERNELS", _declare_fused)}
 
 
 def _compile_and_load(name: str) -> tuple[ctypes.CDLL | None, str | None]:

@@ -385,12 +385,12 @@ class DeepSpeedStrategy:
         return model.to(device=self.device, dtype=self.torch_dtype)
 
     def _fuse_kernels(self, model: nn.Module) -> None:
-        """CPU fp32: SiLU-gated MLPs run their elementwise part in one native pass each way (models/fused.py;
-        same weights and math). GPUs and bf16 keep the model's own forward."""
+        """CPU fp32: SiLU-gated MLPs and RMSNorms run in one native pass each way (models/fused.py; same weights
+        and math). GPUs and bf16 keep the model's own forwards."""
         if self.device.type == "cpu" and self.cfg.dtype == "fp32":
-            from chatrlhf.models.fused import fuse_swiglu
+            from chatrlhf.models.fused import fuse_cpu_kernels
 
-            fuse_swiglu(model)
+            fuse_cpu_kernels(model)
 
     def _cast_extra_params(self, model: nn.Module) -> None:
         # Heads created outside zero.Init (value heads) must share the training dtype (ZeRO-3 + bf16 asserts it).

@@ -1,13 +1,14 @@
-"""Fused SwiGLU for CPU training: ``down(silu(gate(x)) * up(x))`` with the elementwise part in one C pass each way.
+"""Fused CPU training kernels for llama-style models: SwiGLU MLPs and RMSNorms, one native pass each way.
 
-transformers' llama-style MLPs (llama, mistral, qwen2, ...: the same ``forward`` in over a hundred model files) run
-silu and mul as two eager ops forward and three backward, each a pass over a [tokens, intermediate] tensor.
-:func:`fuse_swiglu` gives each such MLP a forward that calls :class:`SwiGLU` (engine/swiglu.c via native.py)
-instead: measured on the bench CPU at the mid model's [8, 64, 3072], forward + backward 4.9 -> 2.6 ms a layer
-(~18 ms of a ~1.35 s SFT step), and autograd no longer keeps silu(g) alive. The weights, their names, LoRA
-wrappers and ZeRO hooks are untouched (the projections are still called as modules), so checkpoints are the same;
-inputs that are not fp32 on the CPU, or a missing compiler (CHATRLHF_NATIVE_SWIGLU=0 turns it off), take the eager
-formula.
+transformers' llama-style models (llama, mistral, qwen2, ...: the same ``forward``s copied into over a hundred
+model files) run ``silu(gate(x)) * up(x)`` as two eager elementwise ops forward and three backward, and each RMSNorm
+as ~6 ops forward and ~12 backward, every one a pass over the activations. :func:`fuse_cpu_kernels` gives such
+modules a forward that calls :class:`SwiGLU` / :class:`RMSNorm` (engine/fused.c via native.py) instead. Measured on
+the bench CPU at the mid model's shapes: SwiGLU forward + backward 4.9 -> 2.6 ms a layer ([8, 64, 3072]); autograd
+no longer keeps silu(g) alive. Modules are recognised by their forward's source (a module that does anything else
+keeps its own); weights, their names, LoRA wrappers and ZeRO hooks are untouched (the projections are still called
+as modules), so checkpoints are the same. Inputs that are not fp32 on the CPU, or a missing compiler
+(CHATRLHF_FUSED_KERNELS=0 turns it off), take the eager formula.
 """
 
 from __future__ import annotations
@@ -26,18 +27,25 @@ from chatrlhf.engine import native
 
 logger = logging.getLogger("chatrlhf.fused")
 
-_known: dict[type, bool] = {}  # MLP class -> its forward is the standard SwiGLU one
+_known: dict[tuple[type, str], bool] = {}  # (module class, kind) -> its forward is the standard one
+
+
+def _lib():
+    return native.load("fused")
+
+
+def _fp32_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
 
 
 class SwiGLU(torch.autograd.Function):
-    """silu(g) * u for contiguous fp32 CPU tensors; saves only g and u (eager autograd also keeps silu(g))."""
+    """silu(g) * u for fp32 CPU tensors; saves only g and u (eager autograd also keeps silu(g))."""
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        lib = native.load("swiglu")
         g, u = g.contiguous(), u.contiguous()
         h = torch.empty_like(g)
-        lib.chatrlhf_swiglu_fwd(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel())
+        _lib().chatrlhf_swiglu_fwd(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel())
         ctx.save_for_backward(g, u)
         return h
 
@@ -46,44 +54,82 @@ class SwiGLU(torch.autograd.Function):
         g, u = ctx.saved_tensors
         dh = dh.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
-        native.load("swiglu").chatrlhf_swiglu_bwd(dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(),
-                                                  du.data_ptr(), g.numel())
+        _lib().chatrlhf_swiglu_bwd(dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), g.numel())
         return dg, du
+
+
+class RMSNorm(torch.autograd.Function):
+    """w * (x * rsqrt(mean(x^2, -1) + eps)) for fp32 CPU tensors; saves x, w and the per-row scale."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        x, w = x.contiguous(), w.contiguous()
+        h = x.shape[-1]
+        rows = x.numel() // h
+        y, r = torch.empty_like(x), torch.empty(rows, dtype=torch.float32)
+        _lib().chatrlhf_rmsnorm_fwd(x.data_ptr(), w.data_ptr(), y.data_ptr(), r.data_ptr(), rows, h, eps)
+        ctx.save_for_backward(x, w, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, r = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx, dw = torch.empty_like(x), torch.empty_like(w)
+        _lib().chatrlhf_rmsnorm_bwd(dy.data_ptr(), x.data_ptr(), w.data_ptr(), r.data_ptr(), dx.data_ptr(),
+                                    dw.data_ptr(), r.numel(), x.shape[-1])
+        return dx, (dw if ctx.needs_input_grad[1] else None), None
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u: fused where it can be (fp32 CPU, same shapes, kernels built), the eager formula elsewhere."""
-    if (g.device.type == "cpu" and g.dtype == u.dtype == torch.float32 and g.shape == u.shape
-            and native.load("swiglu") is not None):
+    if _fp32_cpu(g, u) and g.shape == u.shape and _lib() is not None:
         return SwiGLU.apply(g, u)
     return F.silu(g) * u
 
 
-def _fused_forward(self, x):
+def _fused_mlp_forward(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def _standard_forward(fn) -> bool:
-    """True when ``fn`` is ``def forward(self, x): return self.down_proj(self.act_fn(self.gate_proj(x)) *
-    self.up_proj(x))``, directly or through one local name (how transformers writes it), whatever ``x`` is called.
-    Read from the source, so a model whose MLP does anything else keeps its own forward."""
+def _fused_norm_forward(self, hidden_states):
+    w = self.weight
+    if (_fp32_cpu(hidden_states, w) and hidden_states.numel() and w.shape == hidden_states.shape[-1:]
+            and _lib() is not None):
+        return RMSNorm.apply(hidden_states, w, float(self.variance_epsilon))
+    return type(self).forward(self, hidden_states)
+
+
+def _body(fn) -> list[str] | None:
+    """``fn``'s statements (docstring dropped) as normalised source, with its arguments renamed a0, a1, ...; None
+    when the source cannot be read."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
-        return False
+        return None
     f = tree.body[0] if tree.body else None
-    if not isinstance(f, ast.FunctionDef) or len(f.args.args) != 2 or f.args.vararg or f.args.kwarg:
-        return False
-    x = f.args.args[1].arg
-    body = [b for b in f.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]  # docstring
-    want = f"self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))"
-    if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
-        return ast.unparse(body[0].value) == want
-    if (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
-            and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
-            and isinstance(body[1].value, ast.Name)):
-        return body[1].value.id == body[0].targets[0].id and ast.unparse(body[0].value) == want
-    return False
+    if not isinstance(f, ast.FunctionDef) or f.args.vararg or f.args.kwarg or f.args.kwonlyargs:
+        return None
+    names = {a.arg: f"a{i}" for i, a in enumerate(f.args.args)}
+    for node in ast.walk(f):
+        if isinstance(node, ast.Name) and node.id in names:
+            node.id = names[node.id]
+    body = [b for b in f.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
+    return [ast.unparse(b) for b in body]
+
+
+# The forwards transformers writes for llama-style MLPs and RMSNorms (self = a0, the input = a1).
+_MLP_FORMS = (["return a0.down_proj(a0.act_fn(a0.gate_proj(a1)) * a0.up_proj(a1))"],
+              ["down_proj = a0.down_proj(a0.act_fn(a0.gate_proj(a1)) * a0.up_proj(a1))", "return down_proj"])
+_NORM_FORMS = (["input_dtype = a1.dtype", "a1 = a1.to(torch.float32)",
+                "variance = a1.pow(2).mean(-1, keepdim=True)",
+                "a1 = a1 * torch.rsqrt(variance + a0.variance_epsilon)",
+                "return a0.weight * a1.to(input_dtype)"],)
+
+
+def _standard_forward(fn, forms=_MLP_FORMS) -> bool:
+    """True when ``fn`` is, statement for statement, one of ``forms`` (whatever its arguments are called)."""
+    return _body(fn) in [list(f) for f in forms]
 
 
 def _is_silu(act: object) -> bool:
@@ -96,24 +142,34 @@ def _is_silu(act: object) -> bool:
     return type(act) is SiLUActivation
 
 
-def _is_standard_swiglu(module: nn.Module) -> bool:
+def _standard(module: nn.Module, kind: str) -> bool:
     cls = type(module)
-    if cls not in _known:
-        _known[cls] = _standard_forward(cls.forward)
-    return _known[cls] and _is_silu(getattr(module, "act_fn", None))
+    if (cls, kind) not in _known:
+        _known[(cls, kind)] = _standard_forward(cls.forward, _MLP_FORMS if kind == "mlp" else _NORM_FORMS)
+    if not _known[(cls, kind)]:
+        return False
+    if kind == "mlp":
+        return _is_silu(getattr(module, "act_fn", None))
+    return isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.ndim == 1
 
 
-def fuse_swiglu(model: nn.Module) -> int:
-    """Give every standard SiLU-gated MLP in ``model`` the fused forward; returns how many were changed (0 when
-    the kernels cannot be built, with the reason logged once)."""
-    mlps = [m for m in model.modules() if _is_standard_swiglu(m) and m.forward.__func__ is not _fused_forward]
-    if not mlps:
-        return 0
-    if native.load("swiglu") is None:
-        if not getattr(fuse_swiglu, "_warned", False):
-            logger.info("fused SwiGLU off: %s", native.reason("swiglu"))
-            fuse_swiglu._warned = True
-        return 0
-    for m in mlps:
-        m.forward = types.MethodType(_fused_forward, m)
-    return len(mlps)
+def fuse_cpu_kernels(model: nn.Module) -> dict[str, int]:
+    """Give every standard SiLU-gated MLP and RMSNorm in ``model`` the fused forward; returns how many of each
+    were changed (none when the kernels cannot be built, with the reason logged once)."""
+    todo = {kind: [m for m in model.modules() if _standard(m, kind) and not _is_fused(m)] for kind in ("mlp", "norm")}
+    if not any(todo.values()):
+        return {"mlp": 0, "norm": 0}
+    if _lib() is None:
+        if not getattr(fuse_cpu_kernels, "_warned", False):
+            logger.info("fused CPU kernels off: %s", native.reason("fused"))
+            fuse_cpu_kernels._warned = True
+        return {"mlp": 0, "norm": 0}
+    for kind, fwd in (("mlp", _fused_mlp_forward), ("norm", _fused_norm_forward)):
+        for m in todo[kind]:
+            m.forward = types.MethodType(fwd, m)
+    return {kind: len(ms) for kind, ms in todo.items()}
+
+
+def _is_fused(m: nn.Module) -> bool:
+    f = getattr(m.forward, "__func__", None)
+    return f is _fused_mlp_forward or f is _fused_norm_forward
