@@ -231,8 +231,8 @@ def test_native_decode_can_be_turned_off(tiny_model_factory, monkeypatch):
     from chatrlhf.engine import native
 
     model, tok, ids, mask = _load(tiny_model_factory("llama", hidden=64, layers=2, vocab=512))
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_why_not", None)
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setattr(native, "_whys", {})
     monkeypatch.setenv("CHATRLHF_NATIVE_DECODE", "0")
     assert HybridDecoder(model, rows=3).native is None
     assert "CHATRLHF_NATIVE_DECODE=0" in native.reason()
@@ -242,8 +242,8 @@ def test_native_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
     """A missing compiler leaves the torch path with a reason (and the reason names what failed)."""
     from chatrlhf.engine import native
 
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_why_not", None)
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setattr(native, "_whys", {})
     monkeypatch.setenv("CHATRLHF_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(native.shutil, "which", lambda name: None)

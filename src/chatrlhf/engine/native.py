@@ -2,7 +2,8 @@
 
 - ``decode`` (decode.c): ``NativeStep`` runs one KV-cached decode step of a llama-style model for all rows in a
   single C call; hybrid.py uses it for T = 1 steps on CPU fp32 (the prefill stays in torch).
-- ``fused`` (fused.c): SwiGLU and RMSNorm forward and backward in one pass each, behind models/fused.py.
+- ``fused`` (fused.c): SwiGLU, RMSNorm and rotary embedding forward and backward in one pass each, behind
+  models/fused.py.
 
 Each library is compiled once per source and machine into ``~/.cache/chatrlhf/kernels`` (about a second with gcc
 -O3 -march=native -fopenmp) and linked against the OpenMP runtime torch already loaded, so both share one thread
@@ -30,10 +31,8 @@ SOURCE = Path(__file__).with_name("decode.c")
 PANEL = 32
 _P = ctypes.POINTER
 _f = ctypes.c_float
-_lib: ctypes.CDLL | None = None  # the decode library (what hybrid.py and its tests look at)
-_why_not: str | None = None
-_libs: dict[str, ctypes.CDLL] = {}  # the other kernels, by name
-_whys: dict[str, str] = {}
+_libs: dict[str, ctypes.CDLL] = {}  # the built kernels, by name
+_whys: dict[str, str] = {}  # why a kernel is not there, by name
 
 
 class Net(ctypes.Structure):
@@ -79,13 +78,15 @@ def _declare_decode(lib: ctypes.CDLL) -> None:
 
 
 def _declare_fused(lib: ctypes.CDLL) -> None:
-    v, n = ctypes.c_void_p, ctypes.c_long
+    v, n, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
     lib.chatrlhf_swiglu_fwd.argtypes = [v] * 3 + [n]
     lib.chatrlhf_swiglu_bwd.argtypes = [v] * 5 + [n]
-    lib.chatrlhf_rmsnorm_fwd.argtypes = [v] * 4 + [n, n, ctypes.c_float]
+    lib.chatrlhf_rmsnorm_fwd.argtypes = [v] * 4 + [n, n, f32]
     lib.chatrlhf_rmsnorm_bwd.argtypes = [v] * 6 + [n, n]
-    for f in (lib.chatrlhf_swiglu_fwd, lib.chatrlhf_swiglu_bwd, lib.chatrlhf_rmsnorm_fwd, lib.chatrlhf_rmsnorm_bwd):
-        f.restype = None
+    lib.chatrlhf_rope.argtypes = [v, n, n, n, v, v, n, n, v, n, n, n, n, n, n, n, ctypes.c_int]
+    for fn in (lib.chatrlhf_swiglu_fwd, lib.chatrlhf_swiglu_bwd, lib.chatrlhf_rmsnorm_fwd, lib.chatrlhf_rope):
+        fn.restype = None
+    lib.chatrlhf_rmsnorm_bwd.restype = ctypes.c_int  # -1: out of memory for its per-thread sums
 
 
 # name -> (source, the environment switch that turns it off, ctypes declarations)
@@ -115,11 +116,6 @@ def _compile_and_load(name: str) -> tuple[ctypes.CDLL | None, str | None]:
 
 def load(name: str = "decode") -> ctypes.CDLL | None:
     """The compiled library ``name`` (see ``KERNELS``), or None (``reason(name)`` says why). Tried once."""
-    global _lib, _why_not
-    if name == "decode":
-        if _lib is None and _why_not is None:
-            _lib, _why_not = _compile_and_load(name)
-        return _lib
     if name not in _libs and name not in _whys:
         lib, why = _compile_and_load(name)
         if lib is None:
@@ -130,7 +126,7 @@ def load(name: str = "decode") -> ctypes.CDLL | None:
 
 
 def reason(name: str = "decode") -> str | None:
-    return _why_not if name == "decode" else _whys.get(name)
+    return _whys.get(name)
 
 
 def _cpu_model() -> str:

@@ -1,4 +1,5 @@
-"""Fused CPU training kernels for llama-style models: SwiGLU MLPs and RMSNorms, one native pass each way.
+"""Fused CPU training kernels for llama-style models: SwiGLU MLPs, RMSNorms and rotary embeddings, one native pass
+each way.
 
 transformers' llama-style models (llama, mistral, qwen2, ...: the same ``forward``s copied into over a hundred
 model files) run ``silu(gate(x)) * up(x)`` as two eager elementwise ops forward and three backward, and each RMSNorm
@@ -9,6 +10,13 @@ no longer keeps silu(g) alive. Modules are recognised by their forward's source 
 keeps its own); weights, their names, LoRA wrappers and ZeRO hooks are untouched (the projections are still called
 as modules), so checkpoints are the same. Inputs that are not fp32 on the CPU, or a missing compiler
 (CHATRLHF_FUSED_KERNELS=0 turns it off), take the eager formula.
+
+RoPE (``rotate_half`` slices, neg, cat, two muls and an add on q and k, ~8 more ops backward) lives in a module-level
+``apply_rotary_pos_emb`` that the attention forward looks up in its module's globals, not in a submodule; an
+attention module gets a copy of its class's forward (transformers' own code object) over a copy of those globals in
+which that name is :class:`RoPE`'s wrapper. Nothing in transformers is patched, models not fused keep the eager
+formula, and the projections, KV cache and attention function are untouched. A mid SFT step (8 x 64 tokens, 8
+layers) is ~22 ms faster with it (paired A/B median).
 """
 
 from __future__ import annotations
@@ -36,6 +44,15 @@ def _lib():
 
 def _fp32_cpu(*ts: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"{what}: the native kernel could not allocate its per-thread buffers")
+
+
+def _unit_d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class SwiGLU(torch.autograd.Function):
@@ -76,9 +93,46 @@ class RMSNorm(torch.autograd.Function):
         x, w, r = ctx.saved_tensors
         dy = dy.contiguous()
         dx, dw = torch.empty_like(x), torch.empty_like(w)
-        _lib().chatrlhf_rmsnorm_bwd(dy.data_ptr(), x.data_ptr(), w.data_ptr(), r.data_ptr(), dx.data_ptr(),
-                                    dw.data_ptr(), r.numel(), x.shape[-1])
+        _check(_lib().chatrlhf_rmsnorm_bwd(dy.data_ptr(), x.data_ptr(), w.data_ptr(), r.data_ptr(), dx.data_ptr(),
+                                           dw.data_ptr(), r.numel(), x.shape[-1]), "RMSNorm backward")
         return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+class RoPE(torch.autograd.Function):
+    """The llama rotary embedding ``x * cos + rotate_half(x) * sin`` for fp32 CPU x [B, H, S, D] and cos / sin
+    [B or 1, S, D], one pass each way (eager: ~6 ops forward, ~8 backward). Output and gradient keep x's layout
+    (transformers' [B, S, H, D] projection memory seen as [B, H, S, D]), so neither side needs a copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = _unit_d(x)
+        B, H, S, D = x.shape
+        cos, sin = cos.expand(B, S, D).contiguous(), sin.expand(B, S, D).contiguous()
+        ctx.bshd = not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+        y = _bhsd_like(x.shape, ctx.bshd)
+        _rope(x, cos, sin, y, backward=False)
+        ctx.save_for_backward(cos, sin)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        dy = _unit_d(dy)
+        dx = _bhsd_like(dy.shape, ctx.bshd)
+        _rope(dy, cos, sin, dx, backward=True)
+        return dx, None, None
+
+
+def _bhsd_like(shape, bshd: bool) -> torch.Tensor:
+    B, H, S, D = shape
+    return torch.empty(B, S, H, D).transpose(1, 2) if bshd else torch.empty(B, H, S, D)
+
+
+def _rope(x, cos, sin, y, backward: bool) -> None:
+    B, H, S, D = x.shape
+    _lib().chatrlhf_rope(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
+                         cos.stride(0), cos.stride(1), y.data_ptr(), y.stride(0), y.stride(1), y.stride(2),
+                         B, H, S, D, int(backward))
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -154,22 +208,70 @@ def _standard(module: nn.Module, kind: str) -> bool:
 
 
 def fuse_cpu_kernels(model: nn.Module) -> dict[str, int]:
-    """Give every standard SiLU-gated MLP and RMSNorm in ``model`` the fused forward; returns how many of each
-    were changed (none when the kernels cannot be built, with the reason logged once)."""
+    """Give every standard SiLU-gated MLP, RMSNorm and rotary attention in ``model`` the fused forward; returns how
+    many of each were changed (none when the kernels cannot be built, with the reason logged once)."""
     todo = {kind: [m for m in model.modules() if _standard(m, kind) and not _is_fused(m)] for kind in ("mlp", "norm")}
+    todo["attn"] = [m for m in model.modules()
+                    if not _is_fused(m) and _fused_attention_forward(type(m)) is not None]
     if not any(todo.values()):
-        return {"mlp": 0, "norm": 0}
+        return {kind: 0 for kind in todo}
     if _lib() is None:
         if not getattr(fuse_cpu_kernels, "_warned", False):
             logger.info("fused CPU kernels off: %s", native.reason("fused"))
             fuse_cpu_kernels._warned = True
-        return {"mlp": 0, "norm": 0}
+        return {kind: 0 for kind in todo}
     for kind, fwd in (("mlp", _fused_mlp_forward), ("norm", _fused_norm_forward)):
         for m in todo[kind]:
             m.forward = types.MethodType(fwd, m)
+    for m in todo["attn"]:
+        m.forward = types.MethodType(_fused_attention_forward(type(m)), m)
     return {kind: len(ms) for kind, ms in todo.items()}
 
 
 def _is_fused(m: nn.Module) -> bool:
     f = getattr(m.forward, "__func__", None)
-    return f is _fused_mlp_forward or f is _fused_norm_forward
+    return f is not None and (f is _fused_mlp_forward or f is _fused_norm_forward
+                              or f is _attn_forwards.get(type(m)))
+
+
+# ---- attention: the fused RoPE, swapped into the attention forward's own globals ------------------------------
+
+def _fused_rope(eager):
+    """``apply_rotary_pos_emb`` that runs :class:`RoPE` where it can and ``eager`` (the model's own) elsewhere."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if (unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+                and cos.shape[1:] == q.shape[2:] == k.shape[2:] and cos.shape[0] in (1, q.shape[0])
+                and q.shape[0] == k.shape[0] and q.shape[-1] % 2 == 0 and _fp32_cpu(q, k, cos, sin)
+                and not (cos.requires_grad or sin.requires_grad) and _lib() is not None):
+            return RoPE.apply(q, cos, sin), RoPE.apply(k, cos, sin)
+        return eager(q, k, cos, sin, unsqueeze_dim)
+
+    return apply_rotary_pos_emb
+
+
+_ROPE_FORMS = (["a2 = a2.unsqueeze(a4)", "a3 = a3.unsqueeze(a4)", "q_embed = a0 * a2 + rotate_half(a0) * a3",
+                "k_embed = a1 * a2 + rotate_half(a1) * a3", "return (q_embed, k_embed)"],)
+_ROTATE_FORMS = (["x1 = a0[..., :a0.shape[-1] // 2]", "x2 = a0[..., a0.shape[-1] // 2:]",
+                  "return torch.cat((-x2, x1), dim=-1)"],)
+_attn_forwards: dict[type, types.FunctionType | None] = {}
+
+
+def _fused_attention_forward(cls: type) -> types.FunctionType | None:
+    """``cls.forward`` re-made over a copy of its module's globals in which ``apply_rotary_pos_emb`` is the fused
+    RoPE: the rest of the forward (projections, KV cache, attention, output) is transformers' own, and nothing
+    outside the modules given it changes. None when the forward does not call ``apply_rotary_pos_emb``, or that (or
+    its ``rotate_half``) is not the llama formula."""
+    if cls in _attn_forwards:
+        return _attn_forwards[cls]
+    fn, new = cls.__dict__.get("forward"), None
+    g = getattr(fn, "__globals__", {})
+    rope, rot = g.get("apply_rotary_pos_emb"), g.get("rotate_half")
+    if (isinstance(fn, types.FunctionType) and not hasattr(fn, "__wrapped__")
+            and "apply_rotary_pos_emb" in fn.__code__.co_names and rope is not None and rot is not None
+            and _standard_forward(rope, _ROPE_FORMS) and _standard_forward(rot, _ROTATE_FORMS)):
+        new = types.FunctionType(fn.__code__, dict(g, apply_rotary_pos_emb=_fused_rope(rope)), fn.__name__,
+                                 fn.__defaults__, fn.__closure__)
+        new.__kwdefaults__, new.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    _attn_forwards[cls] = new
+    return new
