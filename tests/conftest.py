@@ -48,3 +48,11 @@ def tiny_model_dir(tiny_model_factory):
     """The standard test actor / reward-model base: OPT family, hidden 64, 2 layers, vocab 512, tokenizer trained
     on the built-in task corpus (leading BOS == pad, so num_padding_at_beginning == 1)."""
     return tiny_model_factory("opt", hidden=64, layers=2, vocab=512)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory):
+    """Path choices (engine/calibrate.py) are measured afresh per test session, not read from the user's cache;
+    subprocesses inherit the same cache, so one run and its resumed rerun take the same paths."""
+    os.environ["CHATRLHF_CACHE_DIR"] = str(tmp_path_factory.mktemp("chatrlhf_cache"))
+    yield

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from chatrlhf.metrics import read_metrics
 
 from .conftest import cli_env, run_cli
@@ -18,6 +20,7 @@ def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_demo_quick_all_steps_then_rerun_skips_finished_steps(tmp_path):
     out = tmp_path / "demo"
     r = run_cli(["demo", "--quick", "--output_dir", str(out)], cwd=tmp_path)
@@ -75,6 +78,7 @@ def test_demo_quick_all_steps_then_rerun_skips_finished_steps(tmp_path):
     assert after == before
 
 
+@pytest.mark.slow
 def test_killed_train_resumes_step1_from_its_checkpoint(quick_assets, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "chatrlhf", "train", "--actor-model", quick_assets["actor"], "--reward-model",

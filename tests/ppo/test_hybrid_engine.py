@@ -250,3 +250,40 @@ def test_native_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
     assert native.load() is None
     assert "no-such-cc" in native.reason() or "compiler" in native.reason()
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_decode_path_is_the_measured_fastest(family_model, monkeypatch, tmp_path):
+    """generate() chooses among the decoders that can run the model by timing them side by side on this CPU:
+    the choice is the fastest measured (recorded with every candidate's time), cached for the next process, and
+    every path — chosen, forced or cached — gives generate()'s greedy tokens."""
+    from chatrlhf.engine import calibrate, hybrid
+
+    monkeypatch.setenv("CHATRLHF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "_decided", {})
+    model, tok, ids, mask = _load(family_model)
+    llama = model.config.model_type == "llama"
+    assert hybrid.candidate_paths(model) == (["native"] if llama else []) + ["packed", "generate"]
+    ref = _hf_greedy(model, tok, ids, mask, 12, tok.eos_token_id)
+
+    def run():
+        return hybrid.generate(model, ids, mask, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id)
+
+    assert torch.equal(run(), ref)
+    (d,) = calibrate.decisions()
+    assert d["part"] == "decode" and d["how"] == "measured" and d["shape"]["rows"] == 3
+    assert set(d["seconds"]) == set(hybrid.candidate_paths(model))
+    assert d["choice"] == min(d["seconds"], key=d["seconds"].get)
+    monkeypatch.setattr(calibrate, "_decided", {})  # a new process: the cached choice, not a new measurement
+    assert torch.equal(run(), ref)
+    assert [x["how"] for x in calibrate.decisions()] == ["cached"]
+    for path in hybrid.candidate_paths(model):
+        monkeypatch.setenv("CHATRLHF_PATH_DECODE", path)
+        assert torch.equal(run(), ref), path
+
+
+def test_unsupported_model_has_only_generate(tiny_model_factory):
+    gpt_neox = load_causal_lm(str(tiny_model_factory("gpt_neox", hidden=64, layers=2, vocab=512)))
+    from chatrlhf.engine import hybrid
+
+    assert hybrid.candidate_paths(gpt_neox) == ["generate"]

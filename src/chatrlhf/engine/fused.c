@@ -124,34 +124,3 @@ int chatrlhf_rmsnorm_bwd(const float *dy, const float *x, const float *w, const 
     free(part);
     return 0;
 }
-
-/* Rotary position embedding (the llama formula), forward and its transpose for backward, in one pass:
-     forward  y[i] = c[i] x[i] + s[i] rot(x)[i],  rot(x) = (-x[D/2:], x[:D/2])
-     backward dx[i] = c[i] dy[i] + (i < D/2 ? s[i + D/2] dy[i + D/2] : -s[i - D/2] dy[i - D/2])
-   x / y are [B, H, S, D] with any b, h, s strides (transformers' views of [B, S, H, D] projections) and unit
-   stride along D; cos / sin are [B, S, D] (b stride 0 when shared). Eager torch makes ~6 passes forward and ~8
-   backward (slices, neg, cat, two muls, add) for the same. */
-void chatrlhf_rope(const float *x, long xb, long xh, long xs, const float *c, const float *s, long cb, long cs,
-                   float *y, long yb, long yh, long ys, long B, long H, long S, long D, int backward) {
-    long half = D / 2;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (long b = 0; b < B; b++)
-        for (long t = 0; t < S; t++) {
-            const float *ct = c + b * cb + t * cs, *st = s + b * cb + t * cs;
-            for (long h = 0; h < H; h++) {
-                const float *xi = x + b * xb + h * xh + t * xs;
-                float *yi = y + b * yb + h * yh + t * ys;
-                if (!backward) {
-#pragma omp simd
-                    for (long i = 0; i < half; i++) yi[i] = ct[i] * xi[i] - st[i] * xi[i + half];
-#pragma omp simd
-                    for (long i = half; i < D; i++) yi[i] = ct[i] * xi[i] + st[i] * xi[i - half];
-                } else {
-#pragma omp simd
-                    for (long i = 0; i < half; i++) yi[i] = ct[i] * xi[i] + st[i + half] * xi[i + half];
-#pragma omp simd
-                    for (long i = half; i < D; i++) yi[i] = ct[i] * xi[i] - st[i - half] * xi[i - half];
-                }
-            }
-        }
-}

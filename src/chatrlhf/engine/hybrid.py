@@ -31,6 +31,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from chatrlhf.engine import calibrate
 from chatrlhf.engine import native as native_step
 
 logger = logging.getLogger("chatrlhf.hybrid")
@@ -96,24 +97,71 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
              pad_token_id: int, eos_token_id, min_new_tokens: int = 0, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_return_sequences: int = 1,
              hybrid: bool = True) -> torch.Tensor:
-    """``model.generate`` for left-padded prompts through :class:`HybridDecoder` when ``hybrid`` and the model is
-    supported, else transformers' ``generate`` (the reason logged once). Returns [B * n, P + new]."""
+    """``model.generate`` for left-padded prompts, through the decoder that is fastest for this model, batch and
+    machine (:func:`decode_path`: :class:`HybridDecoder` with the native step, with packed torch ops, or
+    transformers' ``generate``) when ``hybrid``; else ``generate``. Returns [B * n, P + new]."""
     if num_return_sequences > 1:  # what generate() does internally: row i's samples are adjacent
         input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
         attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
-    reason = unsupported_reason(model) if hybrid else "disabled"
-    if reason is None:
-        return HybridDecoder(model, rows=input_ids.shape[0]).generate(
-            input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, min_new_tokens=min_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
-    if hybrid and reason not in _FALLBACK_LOGGED:
-        _FALLBACK_LOGGED.add(reason)
-        logger.warning("hybrid engine: %s; generating with transformers' generate", reason)
+    path = decode_path(model, input_ids, attention_mask, max_new_tokens, pad_token_id) if hybrid else "generate"
+    return _run_path(path, model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                     pad_token_id=pad_token_id, eos_token_id=eos_token_id, min_new_tokens=min_new_tokens,
+                     do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
+
+
+def _run_path(path: str, model, input_ids, attention_mask, *, max_new_tokens, pad_token_id, eos_token_id,
+              min_new_tokens=0, do_sample=False, temperature=1.0, top_p=1.0, top_k=0) -> torch.Tensor:
+    if path != "generate":
+        dec = HybridDecoder(model, rows=input_ids.shape[0], pack=path != "torch", native=path == "native")
+        return dec.generate(input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id,
+                            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_p=top_p, top_k=top_k)
     kw = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else \
         dict(temperature=None, top_p=None, top_k=None)
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                           min_new_tokens=min_new_tokens or None, do_sample=do_sample, use_cache=True,
                           pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)
+
+
+CALIBRATION_TOKENS = 16  # new tokens per timed candidate when choosing a decode path
+
+
+def candidate_paths(model) -> list[str]:
+    """The decoders that can run ``model`` here, fastest-in-theory first: ``native`` (CPU fp32 llama-style, a C
+    compiler), ``packed`` (CPU fp32: fused projections, MKL-packed weights), ``torch`` (HybridDecoder on plain
+    weights: accelerators, bf16), and always ``generate``. Why a model has no hybrid path is logged once."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        if reason not in _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED.add(reason)
+            logger.warning("hybrid engine: %s; generating with transformers' generate", reason)
+        return ["generate"]
+    if not _can_pack(_stack(model).embed_tokens.weight):
+        return ["torch", "generate"]
+    return (["native"] if native_lib(model) is not None else []) + ["packed", "generate"]
+
+
+def decode_path(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                pad_token_id: int) -> str:
+    """The fastest of :func:`candidate_paths` for this model's shape, this batch size and prompt length (rounded up
+    to a power of two) on this machine: each candidate greedily decodes ``CALIBRATION_TOKENS`` tokens of this very
+    batch, side by side, once per processor, release and shape (engine/calibrate.py caches it)."""
+    paths = candidate_paths(model)
+    if len(paths) == 1:
+        return paths[0]
+    cfg = model.config
+    B, P = input_ids.shape
+    shape = {"model_type": cfg.model_type, "dtype": str(_stack(model).embed_tokens.weight.dtype),
+             "device": input_ids.device.type, "rows": B, "prompt": 1 << max(P - 1, 0).bit_length(),
+             **{k: getattr(cfg, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "num_key_value_heads", "intermediate_size", "ffn_dim",
+                                                   "vocab_size")}}
+    n = min(max_new_tokens, CALIBRATION_TOKENS)
+    runs = {p: (lambda p=p: _run_path(p, model, input_ids, attention_mask, max_new_tokens=n,
+                                      pad_token_id=pad_token_id, eos_token_id=None, min_new_tokens=n))
+            for p in paths}
+    return calibrate.choose("decode", shape, runs, reps=2, device=input_ids.device,
+                            describe=f"{cfg.model_type} h{cfg.hidden_size} x{cfg.num_hidden_layers}, {B} rows")
 
 
 def native_lib(model):

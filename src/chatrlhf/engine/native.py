@@ -2,8 +2,10 @@
 
 - ``decode`` (decode.c): ``NativeStep`` runs one KV-cached decode step of a llama-style model for all rows in a
   single C call; hybrid.py uses it for T = 1 steps on CPU fp32 (the prefill stays in torch).
-- ``fused`` (fused.c): SwiGLU, RMSNorm and rotary embedding forward and backward in one pass each, behind
-  models/fused.py.
+- ``fused`` (fused.c): SwiGLU and RMSNorm forward and backward in one pass each, behind models/fused.py.
+
+Whether a built kernel is used at all is measured, not assumed: engine/calibrate.py times it against the torch path
+on the machine at hand (the same C code was 3-15x faster than torch on one processor and 6x slower on another).
 
 Each library is compiled once per source and machine into ``~/.cache/chatrlhf/kernels`` (about a second with gcc
 -O3 -march=native -fopenmp) and linked against the OpenMP runtime torch already loaded, so both share one thread
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("chatrlhf.hybrid")
+logger = logging.getLogger("chatrlhf.native")
 
 SOURCE = Path(__file__).with_name("decode.c")
 PANEL = 32
@@ -83,8 +85,7 @@ def _declare_fused(lib: ctypes.CDLL) -> None:
     lib.chatrlhf_swiglu_bwd.argtypes = [v] * 5 + [n]
     lib.chatrlhf_rmsnorm_fwd.argtypes = [v] * 4 + [n, n, f32]
     lib.chatrlhf_rmsnorm_bwd.argtypes = [v] * 6 + [n, n]
-    lib.chatrlhf_rope.argtypes = [v, n, n, n, v, v, n, n, v, n, n, n, n, n, n, n, ctypes.c_int]
-    for fn in (lib.chatrlhf_swiglu_fwd, lib.chatrlhf_swiglu_bwd, lib.chatrlhf_rmsnorm_fwd, lib.chatrlhf_rope):
+    for fn in (lib.chatrlhf_swiglu_fwd, lib.chatrlhf_swiglu_bwd, lib.chatrlhf_rmsnorm_fwd):
         fn.restype = None
     lib.chatrlhf_rmsnorm_bwd.restype = ctypes.c_int  # -1: out of memory for its per-thread sums
 
