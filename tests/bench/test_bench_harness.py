@@ -89,19 +89,30 @@ def test_analyse_verdicts_and_report(tmp_path):
     assert probed["sft"]["ours"]["mfu"] == pytest.approx(tiny["sft"]["ours"]["mfu"] / 2)
     assert probed["sft"]["trl"]["mfu"] == pytest.approx(tiny["sft"]["trl"]["mfu"] / 2)
     assert "of 200" in bench._mfu(probed["sft"]["ours"])
-    mid = bench.analyse("mid", built, _fake_results(10.0, 1.0), limits, cfg, "fp32")
-    assert mid["sft"]["verdict"] == "FAIL" and mid["ppo"]["verdict"] == "FAIL" and mid["decode"]["verdict"] == "FAIL"
+    assert tiny["decode"]["vs_generate"] == pytest.approx(2.0) and tiny["decode"]["verdict"] == "PASS"
+    mid_res = _fake_results(10.0, 1.0)
+    mid_res[("plain", "sft")] = {"ok": True, "step_times": [5.0]}  # the plain torch path twice as fast: FAIL
+    mid_res[("ours", "decode")]["paths"] = [{"part": "decode", "shape": {"rows": 8, "prompt": 32}, "choice": "native",
+                                             "how": "measured", "seconds": {"native": 0.4, "generate": 0.6}}]
+    mid = bench.analyse("mid", built, mid_res, limits, cfg, "fp32")
+    assert mid["sft"]["ours_vs_plain"] == pytest.approx(0.5)
+    assert mid["sft"]["verdict"] == "FAIL; FAIL" and mid["reward"]["verdict"] == "FAIL"  # MFU; vs plain
+    assert mid["ppo"]["verdict"] == "FAIL; FAIL"  # floor; slower than TRL
+    assert mid["decode"]["verdict"] == "PASS; FAIL"  # faster than generate(); far from the bandwidth bound
     # the generate() baseline is reported beside the hybrid engine, without a verdict of its own
     assert mid["decode_generate"]["decode_step_ms"] == pytest.approx(2 * mid["decode"]["decode_step_ms"])
     assert mid["decode_generate"]["verdict"] == "-"
     report = {"date": "now", "argv": [], "config": bench.dataclasses.asdict(cfg), "dtype": "fp32", "warmup": 1,
               "steps": 3, "rl_steps": 3, "machine": bench._machine(1), "versions": {"torch": "x"}, "limits": limits,
               "limits_end": {**limits, "matmul_fp32_flops": 0.5e11},
-              "sizes": {"tiny": {"shape": shape, "rows": tiny, "raw": {}}, "mid": {"shape": shape, "rows": mid}}}
+              "sizes": {"tiny": {"shape": shape, "rows": tiny, "raw": {}},
+                        "mid": {"shape": shape, "rows": mid, "raw": {f"{k[0]}_{k[1]}": v for k, v in mid_res.items()}}}}
     bench._write(tmp_path, report, {"trl (ppo)": "1.12.0"})
     md = (tmp_path / "results.md").read_text()
     assert "| PPO |" in md and "PASS" in md and "FAIL" in md and "GFLOP/s" in md
-    assert "hybrid engine (default)" in md and "transformers generate" in md
+    assert "default (the measured-fastest decoder)" in md and "transformers generate" in md
+    assert "- ours decode: decode (rows 8, prompt 32) → **native** (measured: native 400 ms, generate 600 ms)" in md
+    assert "0.50x" in md  # ours/plain
     assert "| matmul fp32 (2048³) | 100.0 GFLOP/s | 50.0 GFLOP/s |" in md  # the drift check beside the limits
     assert json.loads((tmp_path / "results.json").read_text())["versions"]["trl (ppo)"] == "1.12.0"
 

@@ -385,7 +385,7 @@ class DeepSpeedStrategy:
         return model.to(device=self.device, dtype=self.torch_dtype)
 
     def _fuse_kernels(self, model: nn.Module) -> None:
-        """CPU fp32: SiLU-gated MLPs, RMSNorms and rotary embeddings run in one native pass each way
+        """CPU fp32: SiLU-gated MLPs and RMSNorms run in one native pass each way where that measured faster
         (models/fused.py; same weights and math). GPUs and bf16 keep the model's own forwards."""
         if self.device.type == "cpu" and self.cfg.dtype == "fp32":
             from chatrlhf.models.fused import fuse_cpu_kernels
