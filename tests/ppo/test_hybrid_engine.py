@@ -287,3 +287,18 @@ def test_unsupported_model_has_only_generate(tiny_model_factory):
     from chatrlhf.engine import hybrid
 
     assert hybrid.candidate_paths(gpt_neox) == ["generate"]
+
+
+def test_bf16_packed_decoder_gives_generate_tokens(family_model, monkeypatch):
+    """bf16 on CPU: the projections pre-packed by oneDNN for the batch give generate()'s greedy tokens (a left-padded
+    row included), and the packed path is one of the measured candidates."""
+    from chatrlhf.engine import hybrid
+
+    monkeypatch.setattr(hybrid._Proj, "PACK_MIN_ELEMENTS", 0)  # tiny matrices: pack them all the same
+    model, tok, ids, mask = _load(family_model)
+    model = model.to(torch.bfloat16)
+    assert hybrid.candidate_paths(model) == ["packed", "generate"]
+    dec = HybridDecoder(model, rows=ids.shape[0], pack=True)
+    assert dec.native is None and dec.layers[0]["qkv"].packed is not None
+    ours = dec.generate(ids, mask, 16, tok.pad_token_id, tok.eos_token_id, min_new_tokens=16, do_sample=False)
+    assert torch.equal(ours, _hf_greedy(model, tok, ids, mask, 16, tok.eos_token_id, min_new=16))
