@@ -7,10 +7,11 @@ events ``data: {...}`` ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /h
 
 Chat messages become DeepSpeed-Chat's multi-round prompt (or the tokenizer's chat template) and replies are cut at
 the next ``Human:`` turn. Robustness: every client mistake (malformed JSON, wrong field types, unknown model,
-over-long prompt, too many tokens asked, empty messages, oversized body, bad key) is a 4xx with an OpenAI-style
-``{"error": {"message", "type", "code", "param"}}`` body, never a 500. Generation runs in worker threads behind a
-bounded admission queue (``--max_concurrency`` running, ``--max_queue`` waiting, more -> 429), so the event loop
-keeps answering (health checks, /v1/models, 429s) while the model works.
+over-long prompt, too many tokens asked, empty messages, oversized or chunked-oversized body, non-JSON content
+type, out-of-range numbers, bad key) is a 4xx with an OpenAI-style ``{"error": {"message", "type", "code", "param"}}``
+body, never a 500, and the connection stays usable. Generation runs in worker threads behind a bounded admission
+queue (``--max_concurrency`` running, ``--max_queue`` waiting, more -> 429), so the event loop keeps answering
+(health checks, /v1/models, 429s) while the model works. Browser clients need ``--cors_origins`` (off by default).
 """
 
 
@@ -47,6 +48,12 @@ class ServeConfig:
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body accepted (413 beyond)."})
     dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on accelerators), fp32, bf16, fp16."})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level: debug, info, warning, error."})
+    cors_origins: str = field(default="", metadata={
+        "help": "Comma-separated origins allowed to call the API from a browser (e.g. http://localhost:3000; * for "
+                "any). Empty (default): no CORS headers, so browsers on other origins are refused."})
+
+    def origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in (self.cors_origins or "").split(",") if o.strip()]
 
     def validate(self) -> None:
         if not self.path:
@@ -57,6 +64,13 @@ class ServeConfig:
             raise UserError(f"--port must be in 1..65535, got {self.port}")
         if self.default_max_tokens < 1 or self.max_tokens_limit < self.default_max_tokens:
             raise UserError("need 1 <= --default_max_tokens <= --max_tokens_limit")
+        if self.max_body_bytes < 1:
+            raise UserError(f"--max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        for o in self.origins():
+            # an origin is scheme://host[:port] with no path; a typo here would silently never match
+            scheme, sep, rest = o.partition("://")
+            if o != "*" and (scheme not in ("http", "https") or not sep or not rest or "/" in rest):
+                raise UserError(f"--cors_origins: {o!r} is not an origin like http://localhost:3000 (or *)")
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -79,20 +93,38 @@ def _error_response(err: APIError, headers: dict | None = None):
 
 
 # -------------------------------------------------------------------------------------------- request schemas
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range torch.manual_seed accepts
+GREEDY_BELOW = 1e-6  # temperatures this small overflow logits/temperature to inf; they mean greedy anyway
+
+
+def _utf8_text(v: str) -> str:
+    # JSON may escape lone surrogates ("\ud800"); they are not text and the tokenizer cannot encode them
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (contains an unpaired surrogate escape)") from None
+    return v
+
+
 def _schemas():
     """Pydantic request models (built lazily so importing this module stays light)."""
-    from pydantic import BaseModel, ConfigDict, Field
+    from typing import Annotated
+
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+    Text = Annotated[str, AfterValidator(_utf8_text)]
 
     class _Base(BaseModel):
-        model_config = ConfigDict(extra="ignore")  # unknown OpenAI options (logit_bias, user, ...) are accepted
+        # unknown OpenAI options (logit_bias, user, ...) are accepted; inf/NaN never pass as a number
+        model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     class TextPart(_Base):
         type: Literal["text"]
-        text: str
+        text: Text
 
     class Message(_Base):
         role: Literal["system", "user", "assistant", "developer"]
-        content: Union[str, list[TextPart], None] = None
+        content: Union[Text, list[TextPart], None] = None
 
     class StreamOptions(_Base):
         include_usage: bool = False
@@ -105,24 +137,47 @@ def _schemas():
         n: int = Field(default=1, ge=1)
         stream: bool = False
         stream_options: Optional[StreamOptions] = None
-        stop: Union[str, list[str], None] = None
-        seed: Optional[int] = None
+        stop: Union[Text, list[Text], None] = None
+        seed: Optional[int] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
 
     class ChatRequest(Sampling):
         messages: list[Message]
         max_completion_tokens: Optional[int] = Field(default=None, ge=1)
 
     class CompletionRequest(Sampling):
-        prompt: Union[str, list[str]]
+        prompt: Union[Text, list[Text]]
         max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for completions
 
     return ChatRequest, CompletionRequest
 
 
 def _validation_message(e) -> tuple[str, str | None]:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err.get("loc", ()))
-    return (f"invalid value for '{loc}': {err.get('msg')}" if loc else str(err.get("msg"))), (loc or None)
+    """One line naming the field, from pydantic's errors. A union field (``content``: text or a list of parts)
+    reports one error per branch, under branch labels like ``list[TextPart]``: the labels are dropped, and the
+    branch that got furthest (deepest location, then a value error over a type mismatch) is the one reported."""
+    def clean(loc) -> tuple:
+        return tuple(x for x in loc if isinstance(x, int) or (x.isidentifier() and x not in _BRANCH_LABELS))
+
+    errs = [(clean(x.get("loc", ())), x) for x in e.errors()]
+    first = errs[0][0]
+    same = [(loc, x) for loc, x in errs if loc[:len(first)] == first]
+    depth = max(len(loc) for loc, _ in same)
+    deepest = [(loc, x) for loc, x in same if len(loc) == depth]
+    loc = deepest[0][0]
+    picked = [x for at, x in deepest if at == loc]
+    picked = [x for x in picked if not x["type"].endswith("_type")] or picked
+    msgs = list(dict.fromkeys(str(x["msg"]).removeprefix("Value error, ") for x in picked))
+    msg = msgs[0] + "".join(" or " + m.removeprefix("Input should be ") for m in msgs[1:])
+    name = ".".join(str(x) for x in loc)
+    return (f"invalid value for '{name}': {msg}" if name else msg), (name or None)
+
+
+_BRANCH_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}  # pydantic's names for union branches
+
+
+def _clip(s: str, n: int = 80) -> str:
+    """A client-supplied string, shortened for an error message."""
+    return s if len(s) <= n else s[:n] + "..."
 
 
 # ------------------------------------------------------------------------------------------------- admission
@@ -151,6 +206,34 @@ class Admission:
         self.pending -= 1
 
 
+class _AnswerUnhandled:
+    """ASGI middleware: an unhandled exception becomes a JSON 500 and the connection stays open. Starlette's
+    ServerErrorMiddleware re-raises after answering, and uvicorn then drops the client's keep-alive connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            logger.exception("internal error on %s", scope.get("path"))
+            if started:  # half a response is out: nothing valid can follow, so the connection has to end
+                raise
+            err = APIError(500, "internal server error", type="server_error", code="internal_error")
+            await _error_response(err)(scope, receive, send)
+
+
 # ------------------------------------------------------------------------------------------------------- app
 def create_app(cfg: ServeConfig, model, tokenizer):
     """The FastAPI app serving ``model``/``tokenizer`` (already loaded, e.g. by ``load_for_inference``)."""
@@ -161,11 +244,17 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     from starlette.background import BackgroundTask
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.requests import ClientDisconnect
 
     from chatrlhf.generation import (HUMAN_MARKER, SamplingParams, StreamResult, context_length,
                                      generate, messages_to_prompt, stream_generate)
 
     ChatRequest, CompletionRequest = _schemas()
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # no jinja2, no chat templates
+        TemplateError = ValueError
     model_name = cfg.model_name or Path(cfg.path or "model").resolve().name
     ctx_len = context_length(model, tokenizer)
     admission = Admission(cfg.max_concurrency, cfg.max_queue)
@@ -173,6 +262,10 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     app = FastAPI(title="chatrlhf", version="1", docs_url=None, redoc_url=None)
     app.state.admission = admission
     app.state.model_name = model_name
+    app.add_middleware(_AnswerUnhandled)
+    if cfg.origins():  # added last = outermost, so error responses carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.origins(), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], allow_credentials=False)
 
     # ---- errors: always OpenAI-shaped JSON
     @app.exception_handler(APIError)
@@ -191,7 +284,7 @@ def create_app(cfg: ServeConfig, model, tokenizer):
         return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request, exc):  # a bug, not a client error: log it, still answer in JSON
+    async def _unexpected(request, exc):  # last resort behind _AnswerUnhandled: still answer in JSON
         logger.exception("internal error on %s", request.url.path)
         return _error_response(APIError(500, "internal server error", type="server_error", code="internal_error"))
 
@@ -206,27 +299,60 @@ def create_app(cfg: ServeConfig, model, tokenizer):
         if not secrets.compare_digest(token.strip().encode(), cfg.api_key.encode()):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
-    async def read_json(request: Request, schema):
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit. A declared Content-Length is checked up
+        front; a chunked body declares nothing, so bytes are counted as they arrive and never more than the limit
+        is held (uvicorn pauses the socket while this side is not reading)."""
+        limit = cfg.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-            raise APIError(413, f"request body larger than {cfg.max_body_bytes} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > cfg.max_body_bytes:
-            raise APIError(413, f"request body larger than {cfg.max_body_bytes} bytes", code="request_too_large")
+        too_large = f"request body larger than {limit} bytes"
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, too_large, code="request_too_large")
+        buf = bytearray()
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            async for chunk in request.stream():
+                if len(buf) + len(chunk) > limit:
+                    raise APIError(413, too_large, code="request_too_large")
+                buf += chunk
+        except ClientDisconnect:
+            raise APIError(400, "client disconnected while sending the body", code="client_disconnected") from None
+        return bytes(buf)
+
+    async def read_json(request: Request, schema):
+        ctype = request.headers.get("content-type")
+        media = (ctype or "").split(";")[0].strip().lower()
+        # no Content-Type is taken as JSON (bare clients); anything else, form posts included, is refused
+        if ctype is not None and media != "application/json" and not media.endswith("+json"):
+            raise APIError(415, f"Content-Type must be application/json, got '{_clip(ctype)}'",
+                           code="unsupported_media_type", param="Content-Type")
+        raw = await read_body(request)
+        if not raw.strip():
+            raise APIError(400, "request body is empty; send a JSON object", code="invalid_json")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"request body is not UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start}",
+                           code="invalid_json") from None
+        try:
+            data = json.loads(text)  # NaN/Infinity parse; the schemas refuse them, naming the field
+        except RecursionError:  # the recursive parser hit Python's depth limit (~1000 levels)
+            raise APIError(400, "request body is not valid JSON: nested too deeply", code="invalid_json") from None
+        except json.JSONDecodeError as e:
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        except ValueError:  # Python refuses integers of more than 4300 digits
+            raise APIError(400, "request body is not valid JSON: a number has too many digits",
+                           code="invalid_json") from None
         if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data))
+            raise APIError(400, f"request body must be a JSON object, not {kind or 'a number'}", code="invalid_json")
         try:
             req = schema.model_validate(data)
         except ValidationError as e:
             msg, param = _validation_message(e)
             raise APIError(400, msg, param=param, code="invalid_value") from None
         if req.model is not None and req.model != model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
-                           code="model_not_found", param="model")
+            raise APIError(404, f"the model '{_clip(req.model)}' does not exist; this server serves "
+                                f"'{model_name}'", code="model_not_found", param="model")
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
         return req
@@ -234,26 +360,29 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     def stops(req) -> tuple[str, ...]:
         s = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(s) > 4:
-            raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
+            raise APIError(400, f"stop: at most 4 stop sequences are allowed, got {len(s)}", param="stop",
+                           code="invalid_value")
         return tuple(x for x in s if x)
 
-    def plan(prompt: str, req, requested: int | None, stop: tuple[str, ...]) -> tuple[SamplingParams, int]:
+    def plan(prompt: str, req, requested: int | None, stop: tuple[str, ...], prompt_param: str,
+             tokens_param: str = "max_tokens") -> tuple[SamplingParams, int]:
         n_prompt = len(tokenizer(prompt)["input_ids"])
         if n_prompt >= ctx_len:
             raise APIError(400, f"this model's maximum context length is {ctx_len} tokens; the prompt has "
-                                f"{n_prompt}", param="messages", code="context_length_exceeded")
+                                f"{n_prompt}", param=prompt_param, code="context_length_exceeded")
         if requested is not None:
             if requested > cfg.max_tokens_limit:
-                raise APIError(400, f"max_tokens is {requested}; this server allows at most {cfg.max_tokens_limit}",
-                               param="max_tokens", code="invalid_value")
+                raise APIError(400, f"{tokens_param} is {_clip(str(requested), 24)}; this server allows at most "
+                                    f"{cfg.max_tokens_limit}", param=tokens_param, code="invalid_value")
             if n_prompt + requested > ctx_len:
                 raise APIError(400, f"this model's maximum context length is {ctx_len} tokens; you requested "
                                     f"{n_prompt + requested} ({n_prompt} in the prompt, {requested} for the "
-                                    "completion)", param="max_tokens", code="context_length_exceeded")
+                                    f"completion: {tokens_param})", param=tokens_param,
+                               code="context_length_exceeded")
             max_new = requested
         else:
             max_new = min(cfg.default_max_tokens, ctx_len - n_prompt)
-        greedy = req.temperature == 0
+        greedy = req.temperature < GREEDY_BELOW
         params = SamplingParams(max_new_tokens=max_new, method="greedy" if greedy else "sample",
                                 temperature=req.temperature if not greedy else 1.0, top_p=req.top_p,
                                 stop=stop, seed=req.seed)
@@ -355,9 +484,11 @@ def create_app(cfg: ServeConfig, model, tokenizer):
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         try:
             prompt = messages_to_prompt(msgs, tokenizer)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from None
-        params, n_prompt = plan(prompt, req, req.max_completion_tokens or req.max_tokens, (HUMAN_MARKER,) + stops(req))
+        except (ValueError, TemplateError) as e:  # our checks, or a chat template's raise_exception()
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+        tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params, n_prompt = plan(prompt, req, req.max_completion_tokens or req.max_tokens,
+                                (HUMAN_MARKER,) + stops(req), "messages", tokens_param)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             def chunk(text, finish):
@@ -388,7 +519,7 @@ def create_app(cfg: ServeConfig, model, tokenizer):
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
         # A raw completion continues the text as is: no turn cutting, no stripping, only the client's stops.
-        params, n_prompt = plan(prompt, req, req.max_tokens, stops(req))
+        params, n_prompt = plan(prompt, req, req.max_tokens, stops(req), "prompt")
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             def chunk(text, finish):
