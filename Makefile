@@ -2,6 +2,7 @@
 # install the exact versions in requirements.lock once (a stamp file makes a second run install nothing).
 # `make lock` regenerates the lock from pyproject.toml's ranges; `make test-latest` tries the newest releases.
 PYTHON ?= python3
+SHELL  := /bin/bash
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -36,12 +37,16 @@ $(STAMP): pyproject.toml constraints.txt $(LOCK)
 
 install: $(STAMP)
 
+# the layering contracts in pyproject.toml ([tool.importlinter])
+lint-imports: $(STAMP)
+	@$(BIN)/lint-imports 2>&1 | grep -E "KEPT|BROKEN|^Contracts|rror" ; test $${PIPESTATUS[0]} -eq 0
+
 # the full suite (CI runs this)
-test: $(STAMP)
+test: lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # the quick gate for the inner loop: everything not marked slow (< 90 s on a 2-core CPU)
-test-fast: $(STAMP)
+test-fast: lint-imports
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # the fast gate against the newest releases pyproject.toml allows, in a throw-away venv (torch stays on the CPU pin)
