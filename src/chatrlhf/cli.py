@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nchatrlhf {name}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        # argparse's --help (0) and usage errors (2) of subcommands with their own parsers: an exit code, so
+        # main(argv) always returns one (callers and tests run the CLI in-process).
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return int(rc or 0)
 
 

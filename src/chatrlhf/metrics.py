@@ -64,8 +64,35 @@ class MetricsWriter:
             self._tb = None
 
 
+def cut_metrics(output_dir: str | Path, step: int) -> int:
+    """Keep only the records up to ``step`` in OUTPUT/metrics.jsonl (-1: none): a run resumed from the checkpoint of
+    ``step`` logs the steps after it again. Rewritten atomically (a kill leaves the old file or the new one); a torn
+    last line goes too. Returns how many lines were dropped."""
+    from chatrlhf.utils import atomic_write_text
+
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ok = int(rec.get("step", 0)) <= step
+        except (ValueError, TypeError, AttributeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+    return dropped
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read a metrics.jsonl; a resumed run may have logged a step twice, the later record wins."""
+    """Read a metrics.jsonl; a step logged twice (a file from before resumes cut it back) keeps its later record."""
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"

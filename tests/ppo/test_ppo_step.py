@@ -93,10 +93,14 @@ def test_guard_skips_and_stops_with_reason(ppo_cfg, tiny_model_dir):
 
 def test_short_answers_are_dropped_and_whole_batch_skipped(ppo_cfg):
     # max_answer_seq_len 1: every answer has at most one real token -> every batch is skipped, run ends cleanly
+    # ... and, with no optimizer step taken, the step is not marked done (the pipeline must not carry the untrained
+    # actor forward): a UserError naming the reason, no done.json
+    from chatrlhf.errors import UserError
+
     cfg = ppo_cfg(max_answer_seq_len=1, max_steps=-1, num_train_epochs=1, per_device_generation_batch_size=32)
-    out = run_ppo(cfg)
-    assert out["steps"] == 0 and "no trainable experience" in out["stopped_reason"]
-    assert (Path(cfg.output_dir) / "done.json").exists()
+    with pytest.raises(UserError, match="no optimizer step was taken.*no trainable experience"):
+        run_ppo(cfg)
+    assert not (Path(cfg.output_dir) / "done.json").exists()
 
 
 def test_tokenizer_mismatch_is_a_clear_error(ppo_cfg, tiny_model_factory, tmp_path):

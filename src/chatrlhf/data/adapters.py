@@ -24,6 +24,10 @@ from chatrlhf.template import format_prompt
 
 # Split names a local or hub source may use for evaluation data, in order of preference.
 EVAL_SPLIT_ALIASES = ("eval", "test", "validation", "valid", "dev")
+# Longest text a row field may hold. Real prompts and answers are far shorter (training keeps at most a few
+# thousand tokens of them); a field this long is a broken export (a whole file in one cell) and would only be
+# tokenized to be thrown away.
+MAX_FIELD_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ def get_text(raw: Mapping[str, Any], path: str, allow_empty: bool = False) -> st
         raise FieldError(path, f"must be a string, got {type(value).__name__}")
     if not value.strip() and not allow_empty:
         raise FieldError(path, "is empty")
+    if len(value) > MAX_FIELD_CHARS:
+        raise FieldError(path, f"is {len(value):,} characters long, more than the {MAX_FIELD_CHARS:,} a field may "
+                               "hold (a broken export?)")
     return value
 
 

@@ -23,8 +23,14 @@ from chatrlhf.errors import UserError
 USAGE = "chatrlhf data inspect [--name NAME] PATH [PATH ...] [--json] [--tokenizer DIR] [--data_split S] [-n N]"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # one line naming the flag, not usage text and a SystemExit
+        raise UserError(f"{' '.join(message.split())}; usage: {USAGE}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="chatrlhf data inspect", usage=USAGE, description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="chatrlhf data inspect", usage=USAGE, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="dataset names: " + ", ".join(ADAPTERS))
     p.add_argument("paths", nargs="+", metavar="PATH", help="local file/dir, NAME=PATH, or a hub dataset name")

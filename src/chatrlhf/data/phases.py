@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from chatrlhf.config import Check, check_fields, check_output_dir
 from chatrlhf.data.adapters import Row, derived_seed, split_indices
 from chatrlhf.data.sources import fingerprint, open_source
 from chatrlhf.errors import DataError, ModelError
@@ -48,13 +50,16 @@ class DataConfig:
         "help": "Comma-separated shares of each dataset given to steps 1, 2 and 3 (e.g. 2,4,4 or 10,0,0)."})
     sft_only_data_path: list[str] = field(default_factory=list, metadata={
         "help": "Datasets used only in step 1 (SFT), entirely."})
-    data_output_path: str = field(default="/tmp/chatrlhf_data_cache", metadata={
-        "help": "Cache of tokenized phase data. Must be node-local storage (each node builds its own)."})
+    data_output_path: str = field(default="", metadata={
+        "help": "Cache of tokenized phase data. Default: OUTPUT/data_cache, private to the run (in a per-node subdir "
+                "when the ranks span several nodes, so nodes never race on a shared disk). A dir given here must "
+                "be node-local and trusted: whatever it holds is read back as training data."})
     max_seq_len: int = field(default=512, metadata={
-        "help": "Token limit of prompt + answer in steps 1 and 2 (longer texts are truncated)."})
+        "help": "Token limit of prompt + answer in steps 1 and 2 (longer texts are truncated).", "check": Check(ge=1)})
     max_prompt_seq_len: int = field(default=256, metadata={
-        "help": "Token limit of a step-3 prompt; longer prompts are dropped (and counted)."})
-    seed: int = field(default=1234, metadata={"help": "Seed of the data splits and shuffles."})
+        "help": "Token limit of a step-3 prompt; longer prompts are dropped (and counted).", "check": Check(ge=1)})
+    seed: int = field(default=1234, metadata={"help": "Seed of the data splits and shuffles.",
+                                              "check": Check(ge=0, le=2**32 - 1)})
     reload: bool = field(default=False, metadata={"help": "Rebuild the tokenized data cache even if it exists."})
     train_on_prompt: bool = field(default=False, metadata={
         "help": "Step 1: also train on prompt tokens (by default their labels are -100)."})
@@ -65,17 +70,16 @@ class DataConfig:
                 "a plain pair counts as k=2)."})
     kwise_k: int = field(default=0, metadata={
         "help": "k for --kwise: 0 = all rows must have the same number of answers; K >= 2 keeps each ranking's top K "
-                "(rows with fewer answers are errors)."})
+                "(rows with fewer answers are errors).", "check": Check(ge=2, special=(0,))})
 
     def validate(self) -> None:
+        """Every field's type and rule (declared with the field), then the data-specific checks."""
+        check_fields(self)
         parse_data_split(self.data_split)
         if not self.data_path and not self.sft_only_data_path:
             raise DataError("--data_path is empty")
-        for name in ("max_seq_len", "max_prompt_seq_len"):
-            if getattr(self, name) < 1:
-                raise DataError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.kwise_k != 0 and self.kwise_k < 2:
-            raise DataError(f"--kwise_k must be 0 (infer) or at least 2, got {self.kwise_k}")
+        if self.data_output_path:  # empty: a default chosen by the step
+            check_output_dir(self.data_output_path, "--data_output_path")
 
 
 def parse_data_split(text: str) -> list[float]:
@@ -145,7 +149,24 @@ def plan_phase_rows(phase: int, cfg: DataConfig, memo: dict | None = None) -> Ph
         if stats["sft_only_rows_ignored"]:
             logger.info("phase 2: %d row(s) without a rejected answer (SFT-only) are not used",
                         stats["sft_only_rows_ignored"])
+        train, evl = _distinct_pairs(train, cfg, stats), _distinct_pairs(evl, cfg, stats)
     return PhaseRows(train, evl, stats)
+
+
+def _distinct_pairs(rows: list[Row], cfg: DataConfig, stats: Counter) -> list[Row]:
+    """Phase 2: a pair whose chosen and rejected answers are the same text has no preference to learn. It is a data
+    error naming the row (skipped and counted with --skip_bad_rows), not something to blame on --max_seq_len."""
+    out = []
+    for r in rows:
+        if r.answers is None and r.chosen == r.rejected:
+            if not cfg.skip_bad_rows:
+                file, rowno = r.source or (None, None)
+                raise DataError("is the same text as 'chosen': a preference pair needs two different answers "
+                                "(--skip_bad_rows skips such rows)", file=file, row=rowno, field="rejected")
+            stats["skipped_chosen_equals_rejected"] += 1
+            continue
+        out.append(r)
+    return out
 
 
 def _share(rows: list[Row | None], weights: Sequence[float], phase: int, seed: int, split: str) -> list[Row]:
@@ -223,24 +244,32 @@ def _chunks(rows: list[Row], size: int = 1000) -> Iterator[list[Row]]:
         yield rows[i:i + size]
 
 
-def tokenize_phase(phase: int, rows: list[Row], cfg: DataConfig, enc: Encoder) -> tuple[dict[str, list], Counter]:
-    """Columns of tokenized items and counts of dropped/truncated rows."""
+def tokenize_phase(phase: int, rows: list[Row], cfg: DataConfig, enc: Encoder,
+                   firsts: dict[str, Row] | None = None) -> tuple[dict[str, list], Counter]:
+    """Columns of tokenized items and counts of dropped/truncated rows; ``firsts`` (a dict) receives the first
+    row dropped for each reason, so a message can point at one."""
+    firsts = {} if firsts is None else firsts
     if phase == 1:
-        return _tokenize_sft(rows, cfg, enc)
+        return _tokenize_sft(rows, cfg, enc, firsts)
     if phase == 2:
-        return _tokenize_kwise(rows, cfg, enc) if cfg.kwise else _tokenize_pairs(rows, cfg, enc)
-    return _tokenize_prompts(rows, cfg, enc)
+        return _tokenize_kwise(rows, cfg, enc, firsts) if cfg.kwise else _tokenize_pairs(rows, cfg, enc, firsts)
+    return _tokenize_prompts(rows, cfg, enc, firsts)
 
 
-def _tokenize_sft(rows, cfg, enc):
+def _drop(stats: Counter, firsts: dict[str, Row], reason: str, row: Row) -> None:
+    stats[reason] += 1
+    firsts.setdefault(reason, row)
+
+
+def _tokenize_sft(rows, cfg, enc, firsts):
     cols: dict[str, list] = {"input_ids": [], "labels": []}
     stats: Counter = Counter()
     for chunk in _chunks(rows):
-        for ids, n_prompt in enc.answer_ids([r.prompt for r in chunk], [r.chosen for r in chunk]):
+        for row, (ids, n_prompt) in zip(chunk, enc.answer_ids([r.prompt for r in chunk], [r.chosen for r in chunk])):
             stats["truncated"] += len(ids) > cfg.max_seq_len
             ids = ids[:cfg.max_seq_len]
             if n_prompt >= len(ids) and not cfg.train_on_prompt:
-                stats["dropped_prompt_fills_max_seq_len"] += 1  # no answer token left to learn from
+                _drop(stats, firsts, "dropped_prompt_fills_max_seq_len", row)  # no answer token left to learn from
                 continue
             labels = list(ids) if cfg.train_on_prompt else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
             cols["input_ids"].append(ids)
@@ -248,18 +277,18 @@ def _tokenize_sft(rows, cfg, enc):
     return cols, stats
 
 
-def _tokenize_pairs(rows, cfg, enc):
+def _tokenize_pairs(rows, cfg, enc, firsts):
     cols: dict[str, list] = {"chosen_input_ids": [], "rejected_input_ids": []}
     stats: Counter = Counter()
     for chunk in _chunks(rows):
         prompts = [r.prompt for r in chunk]
         chosen = enc.answer_ids(prompts, [r.chosen for r in chunk])
         rejected = enc.answer_ids(prompts, [r.rejected for r in chunk])
-        for (c, _), (r, _) in zip(chosen, rejected):
+        for row, (c, _), (r, _) in zip(chunk, chosen, rejected):
             stats["truncated"] += len(c) > cfg.max_seq_len or len(r) > cfg.max_seq_len
             c, r = c[:cfg.max_seq_len], r[:cfg.max_seq_len]
-            if c == r:
-                stats["dropped_identical_after_truncation"] += 1  # no preference signal left
+            if c == r:  # the texts differ (identical pairs are refused in plan_phase_rows): truncation ate it
+                _drop(stats, firsts, "dropped_identical_after_truncation", row)  # no preference signal left
                 continue
             cols["chosen_input_ids"].append(c)
             cols["rejected_input_ids"].append(r)
@@ -275,7 +304,7 @@ def _ranking(row: Row, k: int) -> tuple[str, ...]:
     return answers[:k] if k else answers
 
 
-def _tokenize_kwise(rows, cfg, enc):
+def _tokenize_kwise(rows, cfg, enc, firsts):
     k = cfg.kwise_k
     if not k and rows:
         sizes = Counter(len(r.answers or (0, 0)) for r in rows)
@@ -291,22 +320,25 @@ def _tokenize_kwise(rows, cfg, enc):
     for row in rows:
         answers = _ranking(row, k)
         stats["rankings_cut_to_k"] += len(row.answers or ()) > k
+        if len(set(answers)) < len(answers):
+            _drop(stats, firsts, "dropped_identical_answers", row)  # a tie cannot be ranked
+            continue
         seqs = [ids[:cfg.max_seq_len] for ids, _ in enc.answer_ids([row.prompt] * len(answers), list(answers))]
         if len({tuple(s) for s in seqs}) < len(seqs):
-            stats["dropped_identical_after_truncation"] += 1
+            _drop(stats, firsts, "dropped_identical_after_truncation", row)
             continue
         cols["input_ids_list"].append(seqs)
     stats["k"] = k
     return cols, stats
 
 
-def _tokenize_prompts(rows, cfg, enc):
+def _tokenize_prompts(rows, cfg, enc, firsts):
     cols: dict[str, list] = {"prompt_input_ids": []}
     stats: Counter = Counter()
     for chunk in _chunks(rows):
-        for ids in enc.prompt_ids([r.prompt for r in chunk]):
+        for row, ids in zip(chunk, enc.prompt_ids([r.prompt for r in chunk])):
             if len(ids) > cfg.max_prompt_seq_len:
-                stats["dropped_prompt_too_long"] += 1
+                _drop(stats, firsts, "dropped_prompt_too_long", row)
                 continue
             cols["prompt_input_ids"].append(ids)
     return cols, stats
@@ -378,11 +410,30 @@ def cache_key(phase: int, cfg: DataConfig, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def data_cache_root(cfg: DataConfig) -> Path:
+    """--data_output_path, or by default a cache of this run's own: OUTPUT/data_cache (a shared /tmp dir would let
+    another user plant data), per node when the ranks span several nodes; without an output dir (a bare DataConfig)
+    a per-user cache."""
+    if cfg.data_output_path:
+        return Path(cfg.data_output_path)
+    out = getattr(cfg, "output_dir", "")
+    root = Path(out) / "data_cache" if out else Path.home() / ".cache" / "chatrlhf" / "data_cache"
+    env = os.environ
+    world = env.get("WORLD_SIZE", "")
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or ""  # torchrun / the deepspeed launcher
+    nodes = env.get("CROSS_SIZE", "")
+    if (world.isdigit() and local.isdigit() and int(world) > int(local)) or (nodes.isdigit() and int(nodes) > 1):
+        import socket
+
+        root = root / f"node-{socket.gethostname()}"
+    return root
+
+
 def build_phase_datasets(phase: int, data_cfg: DataConfig, tokenizer: Any) -> tuple[PhaseDataset, PhaseDataset]:
     """(train, eval) datasets of ``phase`` (1 SFT, 2 reward, 3 PPO prompts), built once per node and cached."""
     _check_phase(phase)
     data_cfg.validate()
-    cache_dir = Path(data_cfg.data_output_path) / f"phase{phase}_{cache_key(phase, data_cfg, tokenizer)[:24]}"
+    cache_dir = data_cache_root(data_cfg) / f"phase{phase}_{cache_key(phase, data_cfg, tokenizer)[:24]}"
     hit = _build_once(cache_dir, data_cfg.reload, lambda out: _build(phase, data_cfg, tokenizer, out))
     meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
     info = {**meta, "cache_dir": str(cache_dir), "cache_hit": hit}
@@ -426,10 +477,11 @@ def _build(phase: int, cfg: DataConfig, tokenizer: Any, out: Path) -> None:
     meta: dict[str, Any] = {"phase": phase, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                             "data_path": list(cfg.data_path), "stats": dict(planned.stats)}
     for split, rows in (("train", planned.train), ("eval", planned.eval)):
-        cols, stats = tokenize_phase(phase, rows, cfg, enc)
+        firsts: dict[str, Row] = {}
+        cols, stats = tokenize_phase(phase, rows, cfg, enc, firsts)
         n = len(next(iter(cols.values())))
         if split == "train" and n == 0:
-            raise DataError(_empty_message(phase, len(rows), stats, planned, cfg))
+            raise DataError(_empty_message(phase, len(rows), stats, planned, cfg, firsts))
         if split == "eval" and n == 0:
             logger.warning("phase %d: the eval split is empty (%d rows before filtering)", phase, len(rows))
         if n:  # datasets cannot reload a 0-row save (no shards); an empty split is just its meta entry
@@ -438,17 +490,38 @@ def _build(phase: int, cfg: DataConfig, tokenizer: Any, out: Path) -> None:
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _empty_message(phase: int, n_rows: int, stats: Counter, planned: PhaseRows, cfg: DataConfig) -> str:
+# Why rows were dropped -> what to do about it (the message names the cause, not a generic length hint).
+_DROP_HINTS = {
+    "dropped_prompt_fills_max_seq_len": "raise --max_seq_len: the prompt alone fills it, leaving no answer token",
+    "dropped_identical_after_truncation": "raise --max_seq_len: chosen and rejected only differ after it",
+    "dropped_identical_answers": "each ranking needs distinct answers",
+    "dropped_prompt_too_long": "raise --max_prompt_seq_len",
+}
+
+
+def _empty_message(phase: int, n_rows: int, stats: Counter, planned: PhaseRows, cfg: DataConfig,
+                   firsts: dict[str, Row] | None = None) -> str:
+    data = ", ".join(cfg.data_path + (cfg.sft_only_data_path if phase == 1 else []))
     if n_rows == 0:
-        if planned.stats.get("sft_only_rows_ignored"):
+        skipped = sum(v for k, v in planned.stats.items() if k.startswith("skipped_"))
+        if skipped:
+            why = (f"all {skipped} usable-looking rows of {data} were skipped as bad (--skip_bad_rows); run "
+                   f"`chatrlhf data inspect` on it without --skip_bad_rows to see the first one")
+        elif planned.stats.get("sft_only_rows_ignored"):
             why = (f"its {planned.stats['sft_only_rows_ignored']} rows have no rejected answer (SFT-only data cannot "
                    "train a reward model)")
         else:
-            why = f"--data_split {cfg.data_split} gives step {phase} no rows of {', '.join(cfg.data_path)}"
+            why = f"--data_split {cfg.data_split} gives step {phase} no rows of {data}"
         return f"phase {phase}: no training data: {why}"
-    reasons = ", ".join(f"{v} {k}" for k, v in stats.items() if v and k != "k")
-    hint = {1: "raise --max_seq_len", 2: "raise --max_seq_len", 3: "raise --max_prompt_seq_len"}[phase]
-    return f"phase {phase}: all {n_rows} training rows were filtered out ({reasons}); {hint}"
+    counts = [(k, v) for k, v in stats.items() if v and k.startswith("dropped_")]
+    reasons = ", ".join(f"{v} {k}" for k, v in counts)
+    main = max(counts, key=lambda kv: kv[1])[0] if counts else ""
+    first = (firsts or {}).get(main)
+    where = f"; data {data}"
+    if first is not None and first.source is not None:
+        where = f"; first: {first.source[0]}, row {first.source[1]}"
+    hint = _DROP_HINTS.get(main, "check the data with `chatrlhf data inspect`")
+    return f"phase {phase}: all {n_rows} training rows were filtered out ({reasons}{where}); {hint}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ class Source:
                 raise FieldError("", f"expected an object, got {type(raw).__name__}")
             row = self.adapter.map(raw)
         except FieldError as e:
-            err = DataError(f"{e.message} (dataset {self.adapter.name})", file=file, row=rowno, field=e.field or None)
+            err = DataError(f"{e.message} (dataset {self.adapter.name}; --skip_bad_rows skips such rows)", file=file,
+                            row=rowno, field=e.field or None)
             if skip:
                 logger.debug("skipping: %s", err)
                 return None
@@ -312,7 +313,7 @@ def _read_file(path: Path) -> RawSplit:
     text = _read_text(path)
     if suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_object)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # anything else is a broken file; "Extra data" means JSON lines
                 raise DataError(f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})",
@@ -357,7 +358,7 @@ def _parse_json_lines(path: Path, text: str) -> tuple[list[Any], list[int]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(json.loads(line, object_pairs_hook=_object))
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON line: {e.msg} (column {e.colno})", file=str(path), row=lineno) from None
         lines.append(lineno)
@@ -365,27 +366,49 @@ def _parse_json_lines(path: Path, text: str) -> tuple[list[Any], list[int]]:
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
+_NOT_UTF8 = "contains bytes that are not valid UTF-8 (is the file UTF-8 encoded?)"
+_TWICE = "appears twice in this object (JSON would silently keep only the last value); remove one"
+
+
+class _Twice(dict):
+    """A JSON object that named a key more than once (``twice``: those keys); reported with its row by
+    _check_rows instead of silently keeping the last value as json.loads does."""
+
+    twice: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    seen: set[str] = set()
+    twice = [k for k, _ in pairs if k in seen or seen.add(k)]
+    marked = _Twice(out)
+    marked.twice = twice
+    return marked
 
 
 def _check_rows(path: Path, rows: list[Any], lines: list[int] | None) -> None:
-    """Every row an object; no text holding bytes that were not valid UTF-8."""
+    """Every row an object; no key given twice; no text holding bytes that were not valid UTF-8."""
     for i, raw in enumerate(rows):
         rowno = lines[i] if lines else i + 1
         if not isinstance(raw, dict):
             raise DataError(f"expected a JSON object, got {type(raw).__name__}", file=str(path), row=rowno)
         bad = _find_bad_text(raw, "")
         if bad is not None:
-            raise DataError("contains bytes that are not valid UTF-8 (is the file UTF-8 encoded?)",
-                            file=str(path), row=rowno, field=bad)
+            raise DataError(bad[1], file=str(path), row=rowno, field=bad[0])
 
 
-def _find_bad_text(value: Any, where: str) -> str | None:
+def _find_bad_text(value: Any, where: str) -> tuple[str, str] | None:
+    """(field path, what is wrong) of the first text with non-UTF-8 bytes or key given twice, else None."""
     if isinstance(value, str):
-        return where or "?" if _SURROGATE.search(value) else None
+        return (where or "?", _NOT_UTF8) if _SURROGATE.search(value) else None
     if isinstance(value, dict):
+        if isinstance(value, _Twice):
+            return (f"{where}.{value.twice[0]}" if where else value.twice[0], _TWICE)
         for k in value:
             if _SURROGATE.search(str(k)):
-                return f"{where}.{k}" if where else str(k)
+                return (f"{where}.{k}" if where else str(k), _NOT_UTF8)
         items = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
     elif isinstance(value, list):
         items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
@@ -437,8 +460,8 @@ def _detect_by_content(split: RawSplit, location: str) -> str:
         prompt, chosen = raw.get("prompt"), raw.get("chosen")
         if isinstance(chosen, str) and chosen.lstrip().startswith("Assistant:"):
             return "yitingxie/rlhf-reward-datasets"
-        if not isinstance(prompt, str):
-            continue  # reported with its row number when mapped
+        if not isinstance(prompt, str) or not prompt.strip():
+            continue  # a missing, wrongly typed or empty prompt is reported with its row and field when mapped
         verdict = prompt.rstrip().endswith("Assistant:")
         if first is None:
             first = verdict

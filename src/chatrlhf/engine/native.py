@@ -7,10 +7,12 @@
 Whether a built kernel is used at all is measured, not assumed: engine/calibrate.py times it against the torch path
 on the machine at hand (the same C code was 3-15x faster than torch on one processor and 6x slower on another).
 
-Each library is compiled once per source and machine into ``~/.cache/chatrlhf/kernels`` (about a second with gcc
--O3 -march=native -fopenmp) and linked against the OpenMP runtime torch already loaded, so both share one thread
-pool. No compiler, a failed build, or the kernel's switch (CHATRLHF_NATIVE_DECODE=0, CHATRLHF_FUSED_KERNELS=0):
-:func:`load` returns None with the reason and the torch path runs instead.
+Each library is compiled once per source, compiler, flags and machine (their hash is in the file name) into
+``~/.cache/chatrlhf/kernels`` (about a second with gcc -O3 -march=native -fopenmp) and linked against the OpenMP
+runtime torch already loaded, so both share one thread pool. A cached library is loaded only when it and its dir are
+this user's and writable by nobody else; otherwise a private copy is built for the process. No compiler, a failed
+build, or the kernel's switch (CHATRLHF_NATIVE_DECODE=0, CHATRLHF_FUSED_KERNELS=0): :func:`load` returns None with the
+reason and the torch path runs instead.
 """
 
 from __future__ import annotations
@@ -53,19 +55,62 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("CHATRLHF_KERNEL_DIR") or Path.home() / ".cache" / "chatrlhf" / "kernels")
 
 
-def _build(src: Path, out: Path) -> str | None:
-    """Compile ``src`` into ``out`` (atomically); returns an error message or None."""
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+# Tried in order: x86 / arm spellings of the host ISA, then the baseline ISA. Part of the cache key.
+ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
+BASE_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        p = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        return f"{os.path.realpath(shutil.which(cc) or cc)} {p.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        return cc
+
+
+def _kernel_key(src: bytes, cc: str) -> str:
+    """What a built library depends on: source, compiler (path and version), flags and processor."""
+    parts = [src, repr((BASE_FLAGS, ARCH_FLAGS)).encode(), _compiler_version(cc).encode(),
+             platform.machine().encode(), platform.processor().encode(), _cpu_model().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _unsafe(path: Path) -> str | None:
+    """Why a cached library or its dir must not be trusted (None: it may be): a symlink, another owner, or writable
+    by group/others (whoever can write it can put code there that dlopen would run)."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _build(src: Path, out: Path, cc: str | None = None) -> str | None:
+    """Compile ``src`` into ``out`` (atomically, mode 0755 whatever the umask); returns an error message or None."""
+    cc = cc or _compiler()
     if not cc:
         return "no C compiler (gcc/cc) on PATH"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
         errors = []
-        for arch in (["-march=native"], ["-mcpu=native"], []):  # x86 / arm spellings, then the baseline ISA
-            cmd = [cc, "-O3", *arch, "-fopenmp", "-shared", "-fPIC", "-o", str(so), str(src), "-lm"]
+        for arch in ARCH_FLAGS:
+            cmd = [cc, *BASE_FLAGS[:1], *arch, *BASE_FLAGS[1:], "-o", str(so), str(src), "-lm"]
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode == 0:
+                os.chmod(so, 0o755)
                 os.replace(so, out)
                 return None
             errors.append(p.stderr.strip().splitlines()[-1:] or [f"exit {p.returncode}"])
@@ -99,18 +144,30 @@ def _compile_and_load(name: str) -> tuple[ctypes.CDLL | None, str | None]:
     src_path, switch, declare = KERNELS[name]
     if os.environ.get(switch, "1") == "0":
         return None, f"disabled by {switch}=0"
-    src = src_path.read_bytes()
-    key = hashlib.sha256(src + platform.machine().encode() + platform.processor().encode()
-                         + _cpu_model().encode()).hexdigest()[:16]
-    so = _cache_dir() / f"{name}-{key}.so"
+    cc = _compiler()
+    if not cc:
+        return None, "no C compiler (gcc/cc) on PATH"
+    cache = _cache_dir()
+    so = cache / f"{name}-{_kernel_key(src_path.read_bytes(), cc)}.so"
+    private = None
     try:
+        why = _unsafe(cache) or _unsafe(so)
+        if why:
+            # dlopen runs the library's code: load nothing from a place others could have written to
+            private = Path(tempfile.mkdtemp(prefix="chatrlhf-kernels-"))
+            logger.info("native %s kernel: not using the cache (%s); building a private copy in %s", name, why,
+                        private)
+            so = private / so.name
         if not so.exists():
-            err = _build(src_path, so)
+            err = _build(src_path, so, cc)
             if err:
                 return None, err
         lib = ctypes.CDLL(str(so))
     except OSError as e:
         return None, f"could not build or load the native {name} kernel: {e}"
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)  # a loaded library stays mapped after its file is gone
     declare(lib)
     return lib, None
 

@@ -71,6 +71,7 @@ class StrategyConfig:
     gradient_accumulation_steps: int = 1
     seed: int = 1234
     offload_params: bool | None = None  # ZeRO-3 parameter offload; defaults to `offload`
+    use_liger_kernel: bool = False  # Liger-Kernel's Triton kernels on the models it prepares (GPUs; engine/liger.py)
 
 
 @dataclass
@@ -157,6 +158,10 @@ class DeepSpeedStrategy:
         self.cfg.dtype = resolve_dtype(self.cfg.dtype)
         if self.cfg.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero_stage must be 0, 1, 2 or 3; got {self.cfg.zero_stage}")
+        if self.cfg.use_liger_kernel:
+            from chatrlhf.engine import liger
+
+            liger.check_available(self.device.type)
         self._hf_ds = None
 
     # ---- distributed -------------------------------------------------------------------------------------
@@ -352,6 +357,7 @@ class DeepSpeedStrategy:
 
         self._cast_extra_params(model)
         self._fuse_kernels(model)
+        self._liger(model)
         stage = self.cfg.zero_stage if zero_stage is None else zero_stage
         config = self.ds_config(train=True, zero_stage=zero_stage, offload=offload)
         if self._optimizer_clips(optimizer, stage):
@@ -373,6 +379,7 @@ class DeepSpeedStrategy:
         model.requires_grad_(False)
         model.eval()
         self._fuse_kernels(model)
+        self._liger(model)
         if stage == 3:
             import deepspeed
 
@@ -391,6 +398,14 @@ class DeepSpeedStrategy:
             from chatrlhf.models.fused import fuse_cpu_kernels
 
             fuse_cpu_kernels(model)
+
+    def _liger(self, model: nn.Module) -> None:
+        """``--use_liger_kernel``: Liger-Kernel's kernels for the model's type (checked when the strategy was made)."""
+        if self.cfg.use_liger_kernel:
+            from chatrlhf.engine import liger
+
+            cfg = getattr(model, "config", None)
+            liger.apply(model, getattr(cfg, "model_type", None) or type(model).__name__)
 
     def _cast_extra_params(self, model: nn.Module) -> None:
         # Heads created outside zero.Init (value heads) must share the training dtype (ZeRO-3 + bf16 asserts it).
@@ -475,7 +490,9 @@ class DeepSpeedStrategy:
     def save_state(self, engines: dict[str, Any], ckpt_root: str | os.PathLike, step: int,
                    client_state: dict | None = None, keep_last: int = 2) -> Path:
         """Resumable state under ckpt_root/step_N/: one DeepSpeed checkpoint per engine (model, optimizer,
-        scheduler) + trainer_state.json (written last: its presence marks a complete checkpoint) + per-rank RNG."""
+        scheduler) + trainer_state.json (written last: its presence marks a complete checkpoint) + per-rank RNG.
+        trainer_state.json also holds the run record registered for ckpt_root (``set_run_record``): what the
+        state was trained with, checked when a later run resumes from it."""
         root = Path(ckpt_root)
         sdir = root / f"step_{step}"
         if self.is_rank0 and sdir.exists():
@@ -488,23 +505,29 @@ class DeepSpeedStrategy:
         atomic_write_json(sdir / f"rng_rank{self.rank}.json", rng_state())
         self.barrier()
         if self.is_rank0:
+            record = _RUN_RECORDS.get(os.path.abspath(root))
             atomic_write_json(sdir / "trainer_state.json", {"step": step, "engines": sorted(engines),
                                                             "world_size": self.world_size,
+                                                            **({"run": record} if record else {}),
                                                             **(client_state or {})})
             done = sorted(latest_checkpoints(root), key=lambda p: int(p.name.split("_")[1]))
             for old in done[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
+            for torn in set(root.glob("step_*")) - set(done):  # a save killed midway (no trainer_state.json)
+                shutil.rmtree(torn, ignore_errors=True)
         self.barrier()
         return sdir
 
     def load_state(self, engines: dict[str, Any], ckpt_dir: str | os.PathLike) -> dict:
         """Restore engines (+ optimizer/scheduler) and this rank's RNG from a ``step_N`` dir; returns the
-        trainer state (step, epoch, batch position, ...)."""
+        trainer state (step, epoch, batch position, ...). Every .pt file there is checked with torch's weights-only
+        unpickler first (``verify_checkpoint_files``): DeepSpeed itself unpickles them in full."""
         sdir = Path(ckpt_dir)
-        state = json.loads((sdir / "trainer_state.json").read_text())
+        state = read_trainer_state(sdir)
         if state.get("world_size", self.world_size) != self.world_size and self.cfg.zero_stage >= 1:
             raise UserError(f"{sdir}: saved with {state['world_size']} ranks, resuming with {self.world_size}; "
                             "ZeRO partitioned state needs the same number of ranks (or --resume never)")
+        verify_checkpoint_files(sdir)
         for name, eng in engines.items():
             path, _ = eng.load_checkpoint(str(sdir), tag=name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
@@ -514,8 +537,117 @@ class DeepSpeedStrategy:
 
         rng = sdir / f"rng_rank{self.rank}.json"
         if rng.exists():
-            set_rng_state(json.loads(rng.read_text()))
+            try:
+                rng_state = json.loads(rng.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(f"{rng}: unreadable ({e}); the checkpoint is damaged (or use --resume never)") \
+                    from None
+            set_rng_state(rng_state)
         return state
+
+
+# ---- checkpoint safety -------------------------------------------------------------------------------------------
+# Run records by checkpoint root: steps register what they train with (steps/common.resolve_resume) and save_state
+# writes it into each checkpoint's trainer_state.json, so every step (PPO included) records it without passing it.
+_RUN_RECORDS: dict[str, dict] = {}
+
+
+def set_run_record(ckpt_root: str | os.PathLike, record: dict | None) -> None:
+    """``record`` goes into every checkpoint saved under ``ckpt_root`` from now on (None: no record)."""
+    key = os.path.abspath(ckpt_root)
+    if record is None:
+        _RUN_RECORDS.pop(key, None)
+    else:
+        _RUN_RECORDS[key] = record
+
+
+def read_trainer_state(sdir: str | os.PathLike) -> dict:
+    path = Path(sdir) / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); the checkpoint is damaged (remove it, or --resume never)") \
+            from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a trainer state (a JSON object); remove the checkpoint or use --resume never")
+    return state
+
+
+# What DeepSpeed's checkpoint files hold beyond what torch's weights-only unpickler allows by default (tensors,
+# dtypes, torch.Size, OrderedDict, set, ...), found by saving real checkpoints at ZeRO 0-3 in fp32 and bf16
+# (tests/steps/test_resume_safety.py saves and checks each; ZeRO-0 needs none). Only names: while a file is checked
+# they stand for an inert placeholder, so checking imports and runs nothing of DeepSpeed. All are plain records
+# (attributes only, no code on construction); keep it that way.
+DEEPSPEED_CHECKPOINT_GLOBALS: tuple[str, ...] = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # ZeRO 1-3: the optimizer state's stage (an int enum)
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # ZeRO 1-3: the (static) loss scaler object
+    "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO 1-2: (numel, start) of each parameter's slice
+    # fp16 (GPU only, not testable on CPU) with ZeRO 1-3 keeps its dynamic scaler in the same slot (read from
+    # DeepSpeed's stage_1_and_2/stage3 state_dict)
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+class _Inert:
+    """Stands in for an allow-listed global while a file is checked: takes any arguments and state, does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def verify_checkpoint_files(sdir: str | os.PathLike) -> None:
+    """Every .pt file under a checkpoint dir must unpickle with torch's weights-only loader (tensors, plain
+    containers and DEEPSPEED_CHECKPOINT_GLOBALS): DeepSpeed loads them with ``weights_only=False``, where a planted
+    pickle would run code. A file that needs anything else is refused, naming the file and the global."""
+    allowed = [(_Inert, name) for name in DEEPSPEED_CHECKPOINT_GLOBALS]
+    for f in sorted(Path(sdir).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means DeepSpeed must not unpickle this file
+            raise UserError(_refusal(f, e)) from None
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    import pickle
+    import re
+
+    text = str(err).strip()
+    if isinstance(err, pickle.UnpicklingError):
+        m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"unrecognized function (\S+)", text) \
+            or re.search(r"but got (<class '[^']+'>|\S+)", text)
+        if m:
+            why = f"unpickling it needs {m.group(1)}, which is not one of the plain types a DeepSpeed checkpoint holds"
+        else:
+            detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()
+            why = f"it is not a plain tensor pickle ({detail[0] if detail else 'unpickling failed'})"
+        return (f"{path}: refused to load: {why} (the file could run code). Remove this checkpoint or start fresh "
+                "with --resume never")
+    detail = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    return (f"{path}: not a readable checkpoint file ({detail}); remove this checkpoint or start fresh with "
+            "--resume never")
+
+
+def remove_stale_staging(out_dir: str | os.PathLike) -> list[Path]:
+    """Leftovers of a writer killed mid-save in ``out_dir``: ``.staging-*`` (_publish_dir), ``.tmp-*``/``.old-*``
+    (utils.atomic_dir) dirs and ``.*.tmp`` files (utils.atomic_write_text). Only one run writes an output dir, so at
+    its start (or before its next save) any of them is stale. Returns what was removed."""
+    out = Path(out_dir)
+    removed: list[Path] = []
+    if not out.is_dir():
+        return removed
+    for p in out.iterdir():
+        n = p.name
+        if p.is_dir() and not p.is_symlink() and n.startswith((".staging-", ".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.is_file() and n.startswith(".") and n.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 MODEL_FILE_PREFIXES = ("model", "config.json", "generation_config.json", "tokenizer", "special_tokens_map",
@@ -532,6 +664,8 @@ def _publish_dir(out: Path) -> Iterator[Path]:
         return
     import tempfile
 
+    for stale in out.glob(".staging-*"):  # a save killed earlier; only rank 0 of one run writes here
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
         yield tmp

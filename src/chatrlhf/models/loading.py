@@ -2,6 +2,10 @@
 early with a clear ModelError: a directory that is not a model, a tokenizer with neither pad nor eos, a
 --max_seq_len beyond the model's positions, and an actor and reward model with different tokenizers.
 
+Nothing loaded here can run code: weights are read from safetensors only (a folder holding only a pickled
+``pytorch_model.bin`` is refused, never unpickled), and ``check_model_files`` reads the safetensors headers first,
+so a truncated or corrupt file is one line naming it instead of a traceback from inside the loader.
+
 Local directories are always loaded with ``local_files_only=True`` and from the directory itself (the original
 re-downloaded the tokenizer named by config.json's ``_name_or_path``, which broke local checkpoints).
 """
@@ -18,6 +22,12 @@ from chatrlhf.errors import ModelError
 logger = logging.getLogger("chatrlhf.models")
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Weight files that are Python pickles (torch.load / pickle.load can run code): found, named, never loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Bytes per element of each safetensors dtype (for the header's size arithmetic).
+_ST_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                   "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+_ST_HEADER_LIMIT = 100 << 20  # the safetensors format's own cap on the JSON header
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 # Config fields that hold a dropout probability in some family; the override touches only those present.
 DROPOUT_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attention_probs_dropout_prob",
@@ -34,6 +44,8 @@ def _local_dir(path: str | Path) -> Path | None:
     p = Path(path).expanduser()
     if p.is_dir():
         return p
+    if p.exists():
+        raise ModelError(f"{path}: not a directory (a model is a directory holding config.json and weights)")
     s = str(path)
     if p.exists() or s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s:
         raise ModelError(f"{path}: no such model directory")
@@ -44,6 +56,202 @@ def is_model_dir(path: str | Path) -> bool:
     """True for a local directory holding config.json and model weights (safetensors or bin, sharded or not)."""
     p = Path(path)
     return p.is_dir() and (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHT_FILES)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def safetensors_files(local: Path) -> list[Path]:
+    """The safetensors files holding a model dir's weights: the shards its index names, or model.safetensors."""
+    index = local / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise ModelError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
+        for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                raise ModelError(f"{index}: names {shard!r}, which is not a file in the model directory")
+        missing = [s for s in shards if not (local / s).is_file()]
+        if missing:
+            raise ModelError(f"{index}: names shard(s) that are missing: {', '.join(missing[:3])}"
+                             f"{' ...' if len(missing) > 3 else ''}; copy or download the model again")
+        return [local / s for s in shards]
+    single = local / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} from a safetensors file's header, after checking that the
+    header is well-formed and describes exactly the bytes the file holds (a truncated copy or a corrupt header is
+    a ModelError naming the file; the tensors themselves are not read)."""
+    advice = "re-save the model or copy/download it again"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > min(size - 8, _ST_HEADER_LIMIT):
+                raise ModelError(f"{path}: truncated or corrupt safetensors file (no valid header in its {size} "
+                                 f"bytes); {advice}")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ModelError(f"{path}: corrupt safetensors file (its header is not valid JSON); {advice}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: corrupt safetensors file (its header is not a mapping); {advice}")
+    end = 0
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            ok = 0 <= int(a) <= int(b) and all(int(d) >= 0 for d in shape)
+            if ok and dtype in _ST_DTYPE_BYTES:
+                ok = int(b) - int(a) == numel * _ST_DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ModelError(f"{path}: corrupt safetensors file (bad header entry for tensor {name!r}); {advice}")
+        end = max(end, int(b))
+        tensors[name] = info
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else "corrupt"
+        raise ModelError(f"{path}: {what} safetensors file: its header describes {8 + n + end} bytes, the file has "
+                         f"{size}; {advice}")
+    return tensors
+
+
+def check_model_files(path: str | Path, flag: str = "", trust_remote_code: bool = False) -> Any:
+    """Everything about a local model dir that can be checked without building the model: config.json, weights
+    in safetensors (a folder with only pickles is refused), every safetensors file complete and well-formed.
+    Returns the transformers config (None for a hub name, which cannot be checked offline). ``flag`` (e.g.
+    ``--model_name_or_path``) starts the message."""
+    who = f"{flag} {path}" if flag else str(path)
+    try:
+        local = _local_dir(path)
+    except ModelError as e:
+        raise ModelError(f"{flag} {e}" if flag else str(e)) from None
+    if local is None:
+        return None
+    try:
+        config = _read_config(local, trust_remote_code=trust_remote_code)
+    except ModelError as e:
+        raise ModelError(f"{flag} {e}" if flag else str(e)) from None
+    try:
+        files = safetensors_files(local)
+        for f in files:
+            read_safetensors_header(f)
+    except ModelError as e:
+        raise ModelError(f"{flag} {e}" if flag else str(e)) from None
+    if not files:
+        pickles = sorted(p.name for p in local.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelError(f"{who}: holds only pickled PyTorch weights ({', '.join(pickles[:3])}); chatrlhf never "
+                             "loads pickles (unpickling can run code). Convert them to safetensors where you trust "
+                             "the file (model.save_pretrained(dir, safe_serialization=True)) and pass that dir")
+        present = ", ".join(sorted(p.name for p in local.iterdir())[:8]) or "nothing"
+        raise ModelError(f"{who}: no model weights (expected model.safetensors or model.safetensors.index.json; "
+                         f"found {present})")
+    return config
+
+
+def weight_names(path: str | Path) -> set[str]:
+    """Names of the tensors stored in a local model dir's safetensors files (headers only)."""
+    return {name for f in safetensors_files(Path(path)) for name in read_safetensors_header(f)}
+
+
+def check_weight_shapes(path: str | Path, config, flag: str = "") -> None:
+    """ModelError when a stored tensor's shape differs from what config.json builds (e.g. vocab_size or
+    hidden_size edited, or weights copied from another model): compared against a meta-device skeleton, so no
+    memory is used; tensors the skeleton does not name (value head, renamed legacy keys) are not compared."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # a config without a causal-LM class: the loader will say so
+        return
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    who = f"{flag} {path}" if flag else str(path)
+    for f in safetensors_files(Path(path)):
+        for name, info in read_safetensors_header(f).items():
+            for key in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+                if key in shapes:
+                    if tuple(info["shape"]) != shapes[key]:
+                        raise ModelError(f"{who}: {f.name} stores {name!r} with shape {list(info['shape'])} but "
+                                         f"config.json builds {list(shapes[key])}: config and weights come from "
+                                         "different models (or config.json was edited)")
+                    break
+
+
+def check_vocab(tokenizer, config, path: str | Path) -> None:
+    """ModelError when the tokenizer's own vocabulary (added tokens aside, which get fresh embedding rows) is larger
+    than the model's embedding: the tokenizer belongs to another model, and its extra ids would index rows that
+    were never trained (or past the end of the table)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(cfg, "vocab_size", None)
+    base = getattr(tokenizer, "vocab_size", None)
+    if isinstance(rows, int) and isinstance(base, int) and base > rows:
+        raise ModelError(f"{path}: the tokenizer's vocabulary has {base} tokens but the model's embedding has {rows} "
+                         "rows: tokenizer and weights come from different models; save the model's own tokenizer "
+                         "next to it")
+
+
+def preflight_model(path: str, flag: str, seq_len: int | None = None, seq_flag: str = "--max_seq_len",
+                    value_head: bool = False):
+    """A step's model checks before anything is built or written: the files (check_model_files), the tokenizer
+    loads and fits the embedding, ``seq_len`` fits the positions, and (``value_head``) it is a trained reward
+    model. Each failure is one ModelError naming ``flag`` and the path. Returns the tokenizer (None for a hub
+    name, which is not checked here)."""
+    config = check_model_files(path, flag)
+    if config is None:
+        return None
+    check_weight_shapes(path, config, flag)
+    try:
+        tokenizer = load_tokenizer(path)
+    except ModelError as e:
+        raise ModelError(f"{flag} {e}") from None
+    check_vocab(tokenizer, config, f"{flag} {path}")
+    if seq_len is not None:
+        limit = max_positions(config)
+        if limit is not None and seq_len > limit:
+            raise ModelError(f"{seq_flag} {seq_len} is longer than the model's {limit} positions ({flag} {path}, "
+                             f"{getattr(config, 'model_type', 'model')}); use {limit} or less")
+    if value_head:
+        from chatrlhf.models.reward_model import REWARD_KEY
+
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        if REWARD_KEY not in raw:
+            raise ModelError(f"{flag} {path}: not a trained reward model (its config.json has no {REWARD_KEY!r} "
+                             "block, so its value head would be random); pass the output dir of `chatrlhf reward`")
+        if "v_head.weight" not in weight_names(path):
+            raise ModelError(f"{flag} {path}: reward model without a value head (no v_head.weight in its weights); "
+                             "pass the output dir of `chatrlhf reward`")
+    return tokenizer
+
+
+def check_finite_weights(model, path: str | Path) -> None:
+    """ModelError when a loaded weight holds NaN/Inf: a corrupt file that is still well-formed. ZeRO-3 partitioned
+    parameters (empty here) are skipped."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id") or p.numel() == 0 or p.device.type == "meta":
+            continue
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise ModelError(f"{path}: weight {name!r} holds NaN or Inf values (a corrupt weights file?); copy or "
+                             "download the model again")
 
 
 def load_tokenizer(path: str | Path, padding_side: str = "right", trust_remote_code: bool = False):
@@ -60,8 +268,8 @@ def load_tokenizer(path: str | Path, padding_side: str = "right", trust_remote_c
     try:
         tok = AutoTokenizer.from_pretrained(str(local or path), local_files_only=local is not None,
                                             trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot load the tokenizer: {e}") from None
+    except Exception as e:  # a corrupt tokenizer.json raises tokenizers' bare Exception: still one line
+        raise ModelError(f"{path}: cannot load the tokenizer: {_one_line(e)}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelError(f"{path}: the tokenizer has neither a pad token nor an eos token; "
@@ -80,13 +288,20 @@ def _read_config(local: Path, trust_remote_code: bool):
         raise ModelError(f"{local}: not a model directory (no config.json); expected a Hugging Face model saved "
                          "with save_pretrained")
     try:
-        model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{cfg_file}: not valid JSON: {e}") from None
+        raise ModelError(f"{cfg_file}: not valid JSON: {_one_line(e)}") from None
+    except OSError as e:
+        raise ModelError(f"{cfg_file}: cannot read ({e.strerror or e})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{cfg_file}: not a model config (a JSON object is expected)")
+    model_type = raw.get("model_type")
     try:
         return AutoConfig.from_pretrained(str(local), local_files_only=True, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
-        raise ModelError(f"{cfg_file}: unknown or unsupported model_type {model_type!r} ({e})") from None
+        raise ModelError(f"{cfg_file}: unknown or unsupported model_type {model_type!r} ({_one_line(e)})") from None
+    except (OSError, TypeError, AttributeError) as e:  # e.g. a field of the wrong type
+        raise ModelError(f"{cfg_file}: not a usable model config ({_one_line(e)})") from None
 
 
 def _to_dtype(dtype: Any):
@@ -122,22 +337,17 @@ def load_causal_lm(path: str | Path, dtype: Any = None, dropout: float | None = 
 
     local = _local_dir(path)
     if local is not None:
-        config = _read_config(local, trust_remote_code)
-        if not any((local / w).is_file() for w in WEIGHT_FILES):
-            present = ", ".join(sorted(p.name for p in local.iterdir())) or "nothing"
-            raise ModelError(f"{local}: no model weights (expected one of {', '.join(WEIGHT_FILES)}; found {present})")
+        # config, no pickles, complete safetensors: before the loader sees them
+        config = check_model_files(local, trust_remote_code=trust_remote_code)
     else:
         try:
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise ModelError(f"{path}: cannot load the model config: {e}") from None
+            raise ModelError(f"{path}: cannot load the model config: {_one_line(e)}") from None
     apply_dropout(config, dropout)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(local or path), config=config, dtype=_to_dtype(dtype),
-                                                     local_files_only=local is not None,
-                                                     trust_remote_code=trust_remote_code)
-    except ValueError as e:  # e.g. a config of a model type without a causal-LM head
-        raise ModelError(f"{path}: cannot load as a causal LM: {e}") from None
+    if tokenizer is not None:
+        check_vocab(tokenizer, config, path)
+    model = _from_pretrained(AutoModelForCausalLM, local or path, config, dtype, trust_remote_code, "a causal LM")
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(8 * ((len(tokenizer) + 7) // 8))
@@ -145,6 +355,25 @@ def load_causal_lm(path: str | Path, dtype: Any = None, dropout: float | None = 
             if obj is not None:
                 obj.pad_token_id = tokenizer.pad_token_id
                 obj.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def _from_pretrained(auto_cls, where, config, dtype, trust_remote_code: bool, what: str, **kw):
+    """``auto_cls.from_pretrained`` from safetensors only (``use_safetensors``: transformers never falls back to a
+    pickle), with what the loader raises on bad files as one ModelError line, and a NaN/Inf weight check."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        SafetensorError = OSError  # noqa: N806
+    local = isinstance(where, Path)
+    try:
+        model = auto_cls.from_pretrained(str(where), config=config, dtype=_to_dtype(dtype), local_files_only=local,
+                                         trust_remote_code=trust_remote_code, use_safetensors=True, **kw)
+    except ValueError as e:  # e.g. a config of a model type without a causal-LM head
+        raise ModelError(f"{where}: cannot load as {what}: {_one_line(e)}") from None
+    except (OSError, KeyError, RuntimeError, SafetensorError) as e:  # unreadable shard, shape mismatch, bad dtype
+        raise ModelError(f"{where}: cannot load the weights: {_one_line(e)}") from None
+    check_finite_weights(model, where)
     return model
 
 

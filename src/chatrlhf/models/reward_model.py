@@ -105,24 +105,27 @@ def _read_v_head(path: Path) -> torch.Tensor | None:
 
 def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                       num_padding_at_beginning: int | None = None, dropout: float | None = None,
-                      pad_token_id: int | None = None) -> RewardModel:
-    """A saved reward model (value head restored) or a causal-LM dir (fresh value head). Local files only.
+                      pad_token_id: int | None = None, require_value_head: bool = False) -> RewardModel:
+    """A saved reward model (value head restored) or a causal-LM dir (fresh value head; ModelError instead with
+    ``require_value_head``, e.g. for PPO's critic and reward model). Local safetensors files only.
 
     Call inside ``strategy.zero3_init_context()`` to build a ZeRO-3-partitioned body."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
+
+    from chatrlhf.models.loading import _from_pretrained, check_model_files
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ModelError(f"{p}: not a model directory (no config.json)")
-    try:
-        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:
-        raise ModelError(f"{p}: cannot read the model config: {e}") from None
+    config = check_model_files(p)  # no pickles, complete safetensors, a readable config
     if dropout is not None:
         from chatrlhf.models.loading import apply_dropout
 
         apply_dropout(config, dropout)
     meta = json.loads((p / "config.json").read_text()).get(REWARD_KEY)
+    if require_value_head and not meta:
+        raise ModelError(f"{p}: not a trained reward model (its config.json has no {REWARD_KEY!r} block, so its value "
+                         "head would be random); pass the output dir of `chatrlhf reward`")
     kw = {"dtype": dtype} if dtype is not None else {}
     from transformers.utils import logging as hf_logging
 
@@ -131,9 +134,7 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         hf_logging.set_verbosity_error()  # v_head.weight is read below; the "UNEXPECTED key" report is noise
     try:
         # The saved config names the body class (e.g. OPTModel) or a causal LM; AutoModel picks the body either way.
-        body = AutoModel.from_pretrained(str(p), config=config, local_files_only=True, **kw)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{p}: cannot load model weights: {e}") from None
+        body = _from_pretrained(AutoModel, p, config, kw.get("dtype"), False, "a model body")
     finally:
         hf_logging.set_verbosity(level)
     npb = num_padding_at_beginning

@@ -24,72 +24,89 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 
 
 def _h(text: str, default: Any = None, **kw: Any):
+    """A field with its help text and, as keywords, its rule (see chatrlhf.config.Check): _h("...", 16, ge=1)."""
+    from chatrlhf.config import option
+
     if "default_factory" in kw:
-        return field(metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text})
+        return option(text, **kw)
+    return option(text, default, **kw)
+
+
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
 class TrainConfig:
     model_name_or_path: str = _h("Local Hugging Face model dir (or hub name when online) to start from.", "")
     output_dir: str = _h("Where the final checkpoint, metrics.jsonl, checkpoints/ and done.json go.", "output")
-    per_device_train_batch_size: int = _h("Micro-batch size per device (rank) for training.", 16)
-    per_device_eval_batch_size: int = _h("Batch size per device for evaluation.", 16)
-    learning_rate: float = _h("Initial learning rate (after warmup).", 1e-3)
-    weight_decay: float = _h("AdamW weight decay (never applied to biases and norm weights).", 0.0)
-    num_train_epochs: int = _h("Passes over the training data.", 1)
+    per_device_train_batch_size: int = _h("Micro-batch size per device (rank) for training.", 16, ge=1)
+    per_device_eval_batch_size: int = _h("Batch size per device for evaluation.", 16, ge=1)
+    learning_rate: float = _h("Initial learning rate (after warmup).", 1e-3, gt=0)
+    weight_decay: float = _h("AdamW weight decay (never applied to biases and norm weights).", 0.0, ge=0)
+    num_train_epochs: int = _h("Passes over the training data.", 1, ge=1)
     max_steps: int = _h("Stop after this many optimizer steps (-1: run num_train_epochs). Sets the schedule "
-                        "length when > 0.", -1)
-    gradient_accumulation_steps: int = _h("Micro-batches per optimizer step.", 1)
-    lr_scheduler_type: str = _h(f"Learning-rate schedule: {', '.join(SCHEDULERS)}.", "cosine")
-    num_warmup_steps: int = _h("Warmup steps of the schedule.", 0)
-    seed: int = _h("Random seed (model init, dropout, data order).", 1234)
+                        "length when > 0.", -1, ge=1, special=(-1,))
+    gradient_accumulation_steps: int = _h("Micro-batches per optimizer step.", 1, ge=1)
+    lr_scheduler_type: str = _h(f"Learning-rate schedule: {', '.join(SCHEDULERS)}.", "cosine", choices=SCHEDULERS)
+    num_warmup_steps: int = _h("Warmup steps of the schedule.", 0, ge=0)
+    seed: int = _h("Random seed (model init, dropout, data order).", 1234, ge=0, le=2**32 - 1)
     gradient_checkpointing: bool = _h("Recompute activations in backward to save memory (~1/3 more compute).",
                                       False)
-    dropout: Optional[float] = _h("Set every dropout probability of the model to this value.", None)
+    use_liger_kernel: bool = _h("Liger-Kernel's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear + cross-entropy) "
+                                "for the model's type: GPUs only, needs the liger-kernel package.", False)
+    dropout: Optional[float] = _h("Set every dropout probability of the model to this value.", None, ge=0, lt=1)
     disable_dropout: bool = _h("Set every dropout probability to 0 (deterministic training).", False)
     offload: bool = _h("ZeRO offload: optimizer states (and ZeRO-3 weights) in host memory.", False)
     dtype: str = _h("Training dtype: auto, fp32, bf16, fp16. auto = bf16 where the device does bf16 natively "
                     "(GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32 on CPU / fp16 on old GPUs. fp16 is "
-                    "refused on CPU.", "auto")
-    zero_stage: int = _h("DeepSpeed ZeRO stage 0-3 (3 partitions weights too).", 0)
-    lora_dim: int = _h("LoRA rank; 0 disables LoRA.", 0)
+                    "refused on CPU.", "auto", choices=DTYPE_CHOICES)
+    zero_stage: int = _h("DeepSpeed ZeRO stage 0-3 (3 partitions weights too).", 0, choices=(0, 1, 2, 3))
+    lora_dim: int = _h("LoRA rank; 0 disables LoRA.", 0, ge=0)
     lora_module_name: str = _h("Comma-separated module names, suffixes or substrings to put LoRA on (e.g. "
                                "q_proj,v_proj or decoder.layers.). auto = every Linear/Conv1D except lm_head.",
                                "auto")
     only_optimize_lora: bool = _h("Train only the LoRA weights (base weights frozen).", False)
-    lora_learning_rate: float = _h("Learning rate of the LoRA parameters.", 5e-4)
+    lora_learning_rate: float = _h("Learning rate of the LoRA parameters.", 5e-4, gt=0)
     save_lora_adapter: bool = _h("Also write the LoRA adapter (peft layout) to OUTPUT/lora_adapter; the main "
                                  "checkpoint always has LoRA merged.", False)
     compute_fp32_loss: bool = _h("Compute the loss from fp32 logits (stabler under bf16/fp16).", False)
     enable_tensorboard: bool = _h("Write TensorBoard scalars.", False)
     tensorboard_path: str = _h("TensorBoard dir (default OUTPUT/tensorboard).", "")
     print_loss: bool = _h("Print the loss of every step on rank 0.", False)
-    eval_interval: int = _h("Evaluate every N optimizer steps (0: only before training and after each epoch).", 0)
-    eval_iters: int = _h("Evaluation batches per evaluation (0: the whole eval split).", 0)
+    eval_interval: int = _h("Evaluate every N optimizer steps (0: only before training and after each epoch).", 0,
+                            ge=0)
+    eval_iters: int = _h("Evaluation batches per evaluation (0: the whole eval split).", 0, ge=0)
     save_interval: int = _h("Write a checkpoint (HF model + resumable state) every N steps (0: only at the end).",
-                            0)
-    keep_last_checkpoints: int = _h("Resumable checkpoints kept under OUTPUT/checkpoints.", 2)
-    resume: str = _h("auto: continue from the latest checkpoint in OUTPUT/checkpoints if any; never; or a path "
-                     "to a checkpoints/step_N dir.", "auto")
+                            0, ge=0)
+    keep_last_checkpoints: int = _h("Resumable checkpoints kept under OUTPUT/checkpoints (0: keep all).", 2, ge=0)
+    resume: str = _h("auto: continue from the latest checkpoint in OUTPUT/checkpoints if any, refused when it was "
+                     "trained with other settings or data (each checkpoint records them); never: start fresh; "
+                     "force: like auto, but continue even when settings or data differ (listed as a warning); or a "
+                     "path to a checkpoints/step_N dir (force:PATH to skip the check there). A resumed run may "
+                     "change --max_steps/--num_train_epochs (a non-constant schedule then follows the new length) "
+                     "and flags that do not change the math (output, logging, eval and save intervals, offload, "
+                     "gradient checkpointing).", "auto")
     add_eot_token: bool = _h("Add --eot_token as a special token, use it as end-of-text (resizes embeddings).",
                              False)
     eot_token: str = _h("The end-of-text token for --add_eot_token.", "<|endoftext|>")
-    local_rank: int = _h("Set by the deepspeed launcher; leave at -1.", -1)
-    log_interval: int = _h("Log train metrics and the throughput line every N steps.", 10)
-    gradient_clipping: float = _h("Clip the global gradient norm to this value.", 1.0)
+    local_rank: int = _h("Set by the deepspeed launcher; leave at -1.", -1, ge=-1)
+    log_interval: int = _h("Log train metrics and the throughput line every N steps (0: no throughput lines).", 10,
+                           ge=0)
+    gradient_clipping: float = _h("Clip the global gradient norm to this value (0: no clipping).", 1.0, ge=0)
     skip_memory_check: bool = _h("Skip the out-of-memory preflight estimate.", False)
 
     def validate_train(self) -> None:
-        if self.lr_scheduler_type not in SCHEDULERS:
-            raise UserError(f"--lr_scheduler_type must be one of {', '.join(SCHEDULERS)}; "
-                            f"got {self.lr_scheduler_type!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise UserError(f"--zero_stage must be 0..3, got {self.zero_stage}")
-        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise UserError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+        """Every field's type and rule (declared with the field), then what spans fields or touches the disk."""
+        from chatrlhf.config import check_fields, check_output_dir
+
+        check_fields(self)
         if not self.model_name_or_path:
             raise UserError("--model_name_or_path is required")
+        if self.add_eot_token and not self.eot_token:
+            raise UserError("--add_eot_token needs a non-empty --eot_token")
+        check_output_dir(self.output_dir, "--output_dir")
+        if self.enable_tensorboard and self.tensorboard_path:
+            check_output_dir(self.tensorboard_path, "--tensorboard_path")
 
 
 # ---- strategy, tokenizer, model --------------------------------------------------------------------------------
@@ -103,7 +120,8 @@ def build_strategy(cfg: TrainConfig, zero_stage: int | None = None, micro_batch:
         zero_stage=cfg.zero_stage if zero_stage is None else zero_stage, offload=cfg.offload, dtype=cfg.dtype,
         gradient_clipping=cfg.gradient_clipping,
         per_device_train_batch_size=micro_batch or cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, seed=cfg.seed))
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, seed=cfg.seed,
+        use_liger_kernel=cfg.use_liger_kernel))
     s.setup_distributed()
     return s
 
@@ -338,20 +356,165 @@ def set_rng_state(s: dict) -> None:
         get_accelerator().set_rng_state(torch.tensor(s["accelerator"], dtype=torch.uint8))
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    from chatrlhf.engine import find_latest_checkpoint
+# ---- what a checkpoint was trained with ---------------------------------------------------------------------
+# Fields a resumed run may change: where, how often and what is written or printed, and memory/speed trade-offs
+# with the same math. Every other config field (including ones added later) is recorded and must match.
+RESUME_FREE_FIELDS = frozenset({
+    "output_dir", "resume", "local_rank", "log_interval", "print_loss", "enable_tensorboard", "tensorboard_path",
+    "save_interval", "keep_last_checkpoints", "save_lora_adapter", "eval_interval", "eval_iters",
+    "per_device_eval_batch_size", "skip_memory_check", "data_output_path", "reload", "offload",
+    "gradient_checkpointing", "actor_gradient_checkpointing", "critic_gradient_checkpointing",
+    "offload_reference_model", "offload_reward_model", "enable_hybrid_engine", "reuse_experience_forward",
+    "print_answers", "print_answers_interval", "max_consecutive_skips"})
+# The run's length may change (extending a run): noted, not refused. A non-constant schedule then follows the new
+# length from the resume step on (the scheduler's position is restored, its length comes from the new flags).
+RESUME_LENGTH_FIELDS = ("max_steps", "num_train_epochs", "enable_test_mode", "test_stop_step")
+_PATH_FIELDS = ("data_path", "sft_only_data_path", "unsupervised_dataset_name")
+_DATA_PARTS = {"data_path": "the content of the --data_path files",
+               "sft_only_data_path": "the content of the --sft_only_data_path files",
+               "unsupervised": "the content of --unsupervised_dataset_name",
+               "tokenizer": "the model's tokenizer files"}
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece", "sentencepiece")
 
-    if cfg.resume == "never":
-        return None
-    if cfg.resume == "auto":
-        return find_latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
-    p = Path(cfg.resume)
-    if (p / "trainer_state.json").exists():
-        return p
-    latest = find_latest_checkpoint(p)
-    if latest is None:
-        raise UserError(f"--resume {p}: no complete checkpoint there (a step_N dir with trainer_state.json)")
-    return latest
+
+def _local_path(value: Any) -> Any:
+    """A local path (or NAME=PATH entry) made absolute, so the same data named from another directory matches."""
+    if not isinstance(value, str) or not value:
+        return value
+    if os.path.exists(os.path.expanduser(value)):
+        return str(Path(value).expanduser().resolve())
+    name, sep, path = value.partition("=")
+    if sep and os.path.exists(os.path.expanduser(path)):
+        return f"{name}={Path(path).expanduser().resolve()}"
+    return value
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_fingerprint(cfg) -> dict[str, str]:
+    """Digests of what the tokenized data is made from (the data files' content and the tokenizer's files; the
+    split, seed and lengths are config fields): equal digests give equal tokenized sets, and this needs no data
+    cache, which a run may share or rebuild."""
+    import hashlib
+
+    from chatrlhf.data.sources import fingerprint
+
+    def entry(e: str) -> Any:
+        try:
+            return fingerprint(e)
+        except Exception:  # noqa: BLE001 - the data build already refused what cannot be read; keep the name
+            return {"entry": e}
+
+    parts: dict[str, Any] = {k: [entry(e) for e in getattr(cfg, k, None) or []]
+                             for k in ("data_path", "sft_only_data_path")}
+    if getattr(cfg, "unsupervised_dataset_name", ""):
+        parts["unsupervised"] = entry(cfg.unsupervised_dataset_name)
+    model = Path(getattr(cfg, "actor_model_name_or_path", "") or getattr(cfg, "model_name_or_path", "") or ".")
+    tok: list[Any] = []
+    if model.is_dir():
+        for f in sorted(model.iterdir()):
+            if f.is_file() and f.name.startswith(_TOKENIZER_FILES):
+                tok.append([f.name, hashlib.sha256(f.read_bytes()).hexdigest()])
+    parts["tokenizer"] = tok if tok else str(model)
+    return {k: _digest(v) for k, v in parts.items()}
+
+
+def run_record(cfg) -> dict:
+    """What a checkpoint is trained with: every config field but RESUME_FREE_FIELDS (paths made absolute) and the
+    data fingerprint. Saved in each checkpoint's trainer_state.json, compared when a run resumes from it."""
+    import dataclasses
+
+    config = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in RESUME_FREE_FIELDS:
+            continue
+        v = getattr(cfg, f.name)
+        if f.name.endswith("model_name_or_path") or f.name in _PATH_FIELDS:
+            v = [_local_path(x) for x in v] if isinstance(v, (list, tuple)) else _local_path(v)
+        config[f.name] = v
+    return {"config": json.loads(json.dumps(config, default=str)), "data": data_fingerprint(cfg)}
+
+
+def check_run_record(ckpt: Path, saved: Any, record: dict, force: bool = False) -> None:
+    """Refuse (UserError listing each difference, old -> new) to resume a checkpoint trained with other settings or
+    data; ``force`` turns that into a warning. A checkpoint without a record (older chatrlhf) resumes with a
+    warning. A changed run length is only noted."""
+    show = lambda v: json.dumps(v)  # noqa: E731
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        log_line(f"warning: {ckpt} does not record the settings it was trained with (saved by an older chatrlhf); "
+                 "resuming without checking them against this run's")
+        return
+    old, new = saved["config"], record["config"]
+    # a field only one side has came or went with a chatrlhf version: nothing to compare it with
+    both = sorted(set(old) & set(new))
+    diffs = [f"--{k} {show(old[k])} -> {show(new[k])}" for k in both
+             if k not in RESUME_FREE_FIELDS and k not in RESUME_LENGTH_FIELDS and old[k] != new[k]]
+    old_data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    diffs += [f"{_DATA_PARTS.get(k, k)} changed" for k in sorted(set(old_data) & set(record["data"]))
+              if old_data[k] != record["data"][k]]
+    if diffs and not force:
+        raise UserError(f"--resume: {ckpt} was trained with other settings than this run: {'; '.join(diffs)}. "
+                        "Start fresh with --resume never (or a new --output_dir), or continue from it anyway with "
+                        "--resume force")
+    if diffs:
+        log_line(f"warning: --resume force: continuing from {ckpt} although it was trained with other settings: "
+                 + "; ".join(diffs))
+    lengths = [f"--{k} {show(old[k])} -> {show(new[k])}" for k in RESUME_LENGTH_FIELDS
+               if k in both and old[k] != new[k]]
+    if lengths:
+        log_line(f"resuming {ckpt} with another run length ({'; '.join(lengths)}); a non-constant learning-rate "
+                 "schedule follows the new length from here")
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run continues from, or None for a fresh start.
+
+    ``--resume``: auto (latest complete checkpoint in OUTPUT/checkpoints), never, force (auto without refusing a
+    settings/data mismatch), a path, or force:PATH. The checkpoint must have been trained with this run's settings
+    and data (``check_run_record``); this run's record is registered for the checkpoints it will save. Rank 0 then
+    readies the output dir: leftovers of a save killed midway go, and metrics.jsonl is cut back to the step the run
+    starts from (the steps after it are redone; their rows would otherwise appear twice)."""
+    from chatrlhf.engine.strategy import (find_latest_checkpoint, read_trainer_state, remove_stale_staging,
+                                          set_run_record)
+    from chatrlhf.metrics import cut_metrics
+    from chatrlhf.utils import is_rank0
+
+    out = Path(cfg.output_dir)
+    record = run_record(cfg)
+    set_run_record(out / "checkpoints", record)
+    mode, force = str(cfg.resume), False
+    if mode == "force" or mode.startswith("force:"):
+        mode, force = mode[len("force:"):] or "auto", True
+    ckpt: Path | None = None
+    if mode == "auto":
+        ckpt = find_latest_checkpoint(out / "checkpoints")
+    elif mode != "never":
+        p = Path(mode)
+        ckpt = p if (p / "trainer_state.json").exists() else find_latest_checkpoint(p)
+        if ckpt is None:
+            raise UserError(f"--resume {p}: no complete checkpoint there (a step_N dir with trainer_state.json)")
+    start = -1  # a fresh start keeps no rows
+    if ckpt is not None:
+        state = read_trainer_state(ckpt)
+        check_run_record(ckpt, state.get("run"), record, force)
+        try:
+            start = int(state.get("step", 0))
+        except (TypeError, ValueError):
+            raise UserError(f"{ckpt / 'trainer_state.json'}: 'step' is not a number; the checkpoint is damaged "
+                            "(remove it, or --resume never)") from None
+    if is_rank0():
+        for p in remove_stale_staging(out):
+            log_line(f"removed {p} (left by a save that was interrupted)")
+        n = cut_metrics(out, start)
+        if n:
+            why = f"rows after step {start} removed (those steps run again)" if start >= 0 else \
+                "rows of an earlier run removed (this run starts fresh)"
+            log_line(f"{out / 'metrics.jsonl'}: {n} {why}")
+    return ckpt
 
 
 @dataclass
@@ -431,11 +594,41 @@ def finish_step(step: str, cfg: TrainConfig, strategy, engine, tokenizer, out: P
 
 
 def write_done(output_dir: str | os.PathLike, step: str, metrics: dict) -> None:
+    """done.json, the pipeline's "this step finished" marker: only after real training, and always strict JSON.
+
+    A step that took no optimizer step must not look finished (`chatrlhf train` would carry an untrained model
+    forward): UserError instead. NaN/Infinity are not JSON: such metrics are written as null and listed under
+    ``non_finite_metrics``."""
     from chatrlhf.utils import is_rank0
 
+    # optimizer_steps (when a step reports it) counts only applied updates; global_step/steps count loop steps
+    steps = next((metrics[k] for k in ("optimizer_steps", "global_step", "steps") if metrics.get(k) is not None), None)
+    if steps is not None and int(steps) < 1:
+        why = f" ({metrics['stopped_reason']})" if metrics.get("stopped_reason") else ""
+        raise UserError(f"{step}: no optimizer step was taken{why}; done.json not written, so this step does not "
+                        f"count as finished. Check the data and the step flags, then rerun")
+    bad: list[str] = []
+    clean = _json_safe(metrics, "", bad)
+    record = {"step": step, "metrics": clean, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if bad:
+        record["non_finite_metrics"] = bad
+        log_line(f"[{step}] non-finite metrics written as null in done.json: {', '.join(bad)}")
     if is_rank0():
-        atomic_write_json(Path(output_dir) / "done.json",
-                          {"step": step, "metrics": metrics, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        atomic_write_json(Path(output_dir) / "done.json", record)
+
+
+def _json_safe(value: Any, where: str, bad: list[str]) -> Any:
+    """``value`` with every NaN/Infinity float replaced by None (their paths appended to ``bad``)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v, f"{where}.{k}" if where else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, f"{where}[{i}]", bad) for i, v in enumerate(value)]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(where)
+        return None
+    return value
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
@@ -444,13 +637,26 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
-def finite(x: float) -> float:
-    return float(x) if math.isfinite(float(x)) else float("nan")
+def finite(x: float) -> float | None:
+    """``x`` as a float, or None when it is NaN/Infinity (which JSON cannot hold)."""
+    return float(x) if math.isfinite(float(x)) else None
 
 
 def run_main(run_fn, cfg) -> int:
-    """Shared ``main`` tail: run, then a clean multi-process exit (barrier + os._exit, see stack notes)."""
-    run_fn(cfg)
+    """Shared ``main`` tail: the config's preflight (model files, value heads, lengths against positions: every
+    check that needs the model dirs but no model), run, then a clean multi-process exit (barrier + os._exit, see
+    stack notes). A run refused with a UserError leaves no output dir of its own making behind."""
+    out = Path(getattr(cfg, "output_dir", "") or ".")
+    existed = out.exists()
+    preflight = getattr(cfg, "preflight", None)
+    if callable(preflight):
+        preflight()
+    try:
+        run_fn(cfg)
+    except UserError:
+        if not existed:
+            _remove_empty_dirs(out)
+        raise
     from chatrlhf.utils import get_world_size
 
     if get_world_size() > 1:
@@ -463,6 +669,18 @@ def run_main(run_fn, cfg) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _remove_empty_dirs(path: Path) -> None:
+    """Remove ``path`` if it holds nothing but empty directories (what a refused run created); else leave it."""
+    try:
+        if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+            return
+        for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            d.rmdir()
+        path.rmdir()
+    except OSError:
+        pass  # another rank got there first, or something appeared meanwhile: leave it
 
 
 def log_line(msg: str) -> None:

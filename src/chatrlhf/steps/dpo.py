@@ -9,13 +9,12 @@ Logged: loss, chosen/rejected rewards (beta * (pi - ref)), their margin and accu
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from chatrlhf.config import parse_config
+from chatrlhf.config import option, parse_config
 from chatrlhf.data import DataConfig, PairCollator
-from chatrlhf.errors import UserError
 from chatrlhf.losses import DPOLoss, sequence_logprobs
 from chatrlhf.steps import common as C
 from chatrlhf.steps.common import TrainConfig
@@ -25,21 +24,22 @@ STEP = "dpo"
 
 @dataclass
 class DPOConfig(DataConfig, TrainConfig):
-    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate (after warmup)."})
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature: strength of the pull away from the "
-                                                       "reference model."})
-    label_smoothing: float = field(default=0.0, metadata={
-        "help": "Conservative DPO: assumed probability that a preference label is flipped (0 <= eps < 0.5)."})
-    offload_reference_model: bool = field(default=False, metadata={
-        "help": "Keep the frozen reference model's weights in host memory (ZeRO-3 parameter offload)."})
+    learning_rate: float = option("Initial learning rate (after warmup).", 1e-6, gt=0)
+    beta: float = option("DPO temperature: strength of the pull away from the reference model.", 0.1, gt=0)
+    label_smoothing: float = option("Conservative DPO: assumed probability that a preference label is flipped "
+                                    "(0 <= eps < 0.5).", 0.0, ge=0, lt=0.5)
+    offload_reference_model: bool = option("Keep the frozen reference model's weights in host memory (ZeRO-3 "
+                                           "parameter offload).", False)
 
     def validate(self) -> None:
         DataConfig.validate(self)
         self.validate_train()
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.beta <= 0:
-            raise UserError(f"--beta must be > 0, got {self.beta}")
+
+    def preflight(self) -> None:
+        """Model checks before anything is built or written (run by ``main``): files, tokenizer, positions."""
+        from chatrlhf.models.loading import preflight_model
+
+        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len)
 
 
 def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

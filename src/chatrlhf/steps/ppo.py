@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,8 +36,11 @@ from chatrlhf.utils import print_rank0
 ALGOS = ("ppo", "grpo", "rloo")
 
 
-def _h(text: str, default: Any = None):
-    return field(default=default, metadata={"help": text})
+def _h(text: str, default: Any = None, **check: Any):
+    """A field with its help text and, as keywords, its rule (see chatrlhf.config.Check)."""
+    from chatrlhf.config import option
+
+    return option(text, default, **check)
 
 
 @dataclass
@@ -48,105 +51,132 @@ class PPOConfig(TrainConfig, DataConfig):
                                         "--reward_model_name_or_path is given, the frozen reward model.", "")
     reward_model_name_or_path: str = _h("Frozen reward model (default: --critic_model_name_or_path).", "")
     algo: str = _h("ppo (actor + critic, GAE), grpo (group-normalized scores, KL in the loss) or rloo "
-                   "(leave-one-out baseline, KL in the reward); grpo/rloo build no critic.", "ppo")
-    num_samples_per_prompt: int = _h("Answers sampled per prompt for grpo/rloo (group size, >= 2).", 4)
+                   "(leave-one-out baseline, KL in the reward); grpo/rloo build no critic.", "ppo", choices=ALGOS)
+    num_samples_per_prompt: int = _h("Answers sampled per prompt for grpo/rloo (group size, >= 2).", 4, ge=1)
     # ---- batch sizes and schedule
-    per_device_generation_batch_size: int = _h("Prompts per device per generation batch.", 16)
-    per_device_training_batch_size: int = _h("Experience rows per device per PPO micro-batch.", 16)
-    generation_batches: int = _h("Generation batches buffered before training on them.", 1)
-    ppo_epochs: int = _h("Passes over the buffered experience (the original notes > 1 diverged).", 1)
+    per_device_generation_batch_size: int = _h("Prompts per device per generation batch.", 16, ge=1)
+    per_device_training_batch_size: int = _h("Experience rows per device per PPO micro-batch.", 16, ge=1)
+    generation_batches: int = _h("Generation batches buffered before training on them.", 1, ge=1)
+    ppo_epochs: int = _h("Passes over the buffered experience (the original notes > 1 diverged).", 1, ge=1)
     reuse_experience_forward: bool = _h(
         "On-policy steps (--ppo_epochs 1, one micro-batch per step, no dropout in actor/critic): run the "
         "experience pass's actor and critic forwards with autograd and train through them, instead of repeating "
         "both forwards on unchanged weights (DeepSpeed-Chat repeats them; same gradients). "
         "--no_reuse_experience_forward repeats them, and frees their activations before the reference and reward "
         "forwards (a slightly lower peak).", True)
-    max_answer_seq_len: int = _h("Most new tokens generated per answer (answers stop at EOS before that).", 256)
-    actor_learning_rate: float = _h("Actor learning rate.", 9.65e-6)
-    critic_learning_rate: float = _h("Critic learning rate.", 5e-6)
-    actor_weight_decay: float = _h("Actor AdamW weight decay.", 0.0)
-    critic_weight_decay: float = _h("Critic AdamW weight decay.", 0.0)
+    max_answer_seq_len: int = _h("Most new tokens generated per answer (answers stop at EOS before that).", 256,
+                                 ge=1)
+    actor_learning_rate: float = _h("Actor learning rate.", 9.65e-6, gt=0)
+    critic_learning_rate: float = _h("Critic learning rate.", 5e-6, gt=0)
+    actor_weight_decay: float = _h("Actor AdamW weight decay.", 0.0, ge=0)
+    critic_weight_decay: float = _h("Critic AdamW weight decay.", 0.0, ge=0)
     # ---- DeepSpeed / memory
-    actor_zero_stage: int = _h("ZeRO stage of the actor (and of the reference and EMA when 3).", 0)
-    critic_zero_stage: int = _h("ZeRO stage of the critic (and of the reward model when 3).", 0)
+    actor_zero_stage: int = _h("ZeRO stage of the actor (and of the reference and EMA when 3).", 0,
+                               choices=(0, 1, 2, 3))
+    critic_zero_stage: int = _h("ZeRO stage of the critic (and of the reward model when 3).", 0, choices=(0, 1, 2, 3))
     offload_reference_model: bool = _h("ZeRO-3 parameter offload for the frozen reference model.", False)
     offload_reward_model: bool = _h("ZeRO-3 parameter offload for the frozen reward model.", False)
-    actor_lora_dim: int = _h("LoRA rank of the actor (0: off).", 0)
+    actor_lora_dim: int = _h("LoRA rank of the actor (0: off).", 0, ge=0)
     actor_lora_module_name: str = _h("Actor LoRA modules (default: --lora_module_name).", "")
-    critic_lora_dim: int = _h("LoRA rank of the critic (0: off).", 0)
+    critic_lora_dim: int = _h("LoRA rank of the critic (0: off).", 0, ge=0)
     critic_lora_module_name: str = _h("Critic LoRA modules (default: --lora_module_name).", "")
     actor_gradient_checkpointing: bool = _h("Gradient checkpointing for the actor.", False)
     critic_gradient_checkpointing: bool = _h("Gradient checkpointing for the critic.", False)
-    actor_dropout: Optional[float] = _h("Dropout of the actor (and reference/EMA); unset keeps the model's.", None)
-    critic_dropout: Optional[float] = _h("Dropout of the critic (and reward model); unset keeps the model's.", None)
+    actor_dropout: Optional[float] = _h("Dropout of the actor (and reference/EMA); unset keeps the model's.", None,
+                                        ge=0, lt=1)
+    critic_dropout: Optional[float] = _h("Dropout of the critic (and reward model); unset keeps the model's.", None,
+                                         ge=0, lt=1)
     enable_hybrid_engine: bool = _h("Generate with the hybrid engine's decoder (static KV cache, fused and, on CPU, "
                                     "MKL-packed projections; same tokens as generate()) for llama-style and OPT "
                                     "models; other models use transformers' generate. On by default; "
                                     "--no_enable_hybrid_engine turns it off.", True)
     # ---- PPO math (defaults are DeepSpeed-Chat's)
-    kl_ctl: float = _h("KL penalty coefficient (initial value when --adaptive_kl).", 0.1)
-    clip_reward_value: float = _h("Reward scores are clamped to [-v, v].", 5.0)
-    cliprange: float = _h("PPO ratio clip epsilon.", 0.2)
-    cliprange_value: float = _h("Value clip epsilon.", 0.2)
-    gamma: float = _h("Discount.", 1.0)
-    lam: float = _h("GAE lambda.", 0.95)
+    kl_ctl: float = _h("KL penalty coefficient (initial value when --adaptive_kl).", 0.1, ge=0)
+    clip_reward_value: float = _h("Reward scores are clamped to [-v, v].", 5.0, gt=0)
+    cliprange: float = _h("PPO ratio clip epsilon.", 0.2, gt=0)
+    cliprange_value: float = _h("Value clip epsilon.", 0.2, gt=0)
+    gamma: float = _h("Discount.", 1.0, ge=0, le=1)
+    lam: float = _h("GAE lambda.", 0.95, ge=0, le=1)
     kl_estimator: str = _h("KL estimator in the reward: k1 (DeepSpeed-Chat), k2 or k3. GRPO's in-loss KL is k3.",
-                           "k1")
+                           "k1", choices=rm.KL_ESTIMATORS)
     adaptive_kl: bool = _h("Adapt kl_ctl towards --kl_target (Ziegler et al.).", False)
-    kl_target: float = _h("Target KL (nats per answer) of the adaptive controller.", 6.0)
-    kl_horizon: int = _h("Horizon (samples) of the adaptive controller.", 10000)
+    kl_target: float = _h("Target KL (nats per answer) of the adaptive controller.", 6.0, gt=0)
+    kl_horizon: int = _h("Horizon (samples) of the adaptive controller.", 10000, ge=1)
     whiten_advantages: bool = _h("Normalize advantages over each experience batch (PPO).", False)
     reward_normalization: str = _h("none | normalize | scale: running mean/std of reward scores before clipping.",
-                                   "none")
-    entropy_coef: float = _h("Entropy bonus coefficient in the actor loss.", 0.0)
-    ema_beta: float = _h("EMA decay for --enable_ema.", 0.992)
+                                   "none", choices=("none", "normalize", "scale"))
+    entropy_coef: float = _h("Entropy bonus coefficient in the actor loss.", 0.0, ge=0)
+    ema_beta: float = _h("EMA decay for --enable_ema.", 0.992, ge=0, le=1)
     # ---- generation
-    temperature: float = _h("Sampling temperature (0: greedy).", 1.0)
-    top_p: float = _h("Nucleus sampling threshold.", 1.0)
-    top_k: int = _h("Top-k sampling (0: off).", 0)
-    min_new_tokens: int = _h("Least new tokens per answer (0: EOS may end an answer at once).", 0)
+    temperature: float = _h("Sampling temperature (0: greedy).", 1.0, ge=0)
+    top_p: float = _h("Nucleus sampling threshold.", 1.0, gt=0, le=1)
+    top_k: int = _h("Top-k sampling (0: off).", 0, ge=0)
+    min_new_tokens: int = _h("Least new tokens per answer (0: EOS may end an answer at once).", 0, ge=0)
     # ---- ptx, EMA, misc (DeepSpeed-Chat's flags)
     unsupervised_dataset_name: str = _h("ptx data: a local text file (one text per line), a json/jsonl file or "
                                         "dataset dir with a 'text' column, or a hub name.", "")
     unsupervised_dataset_config_name: str = _h("Config name of a hub ptx dataset.", "")
-    unsup_coef: float = _h("Weight of the ptx language-model loss.", 27.8)
+    unsup_coef: float = _h("Weight of the ptx language-model loss.", 27.8, ge=0)
     enable_ema: bool = _h("Keep an EMA copy of the actor, saved to OUTPUT/actor_ema.", False)
     align_overflow: bool = _h("fp16: when the actor or the critic overflows, skip both steps.", False)
     print_answers: bool = _h("Print a prompt and its generated answer.", False)
-    print_answers_interval: int = _h("Print answers every N steps.", 1)
+    print_answers_interval: int = _h("Print answers every N steps.", 1, ge=1)
     enable_test_mode: bool = _h("Stop after --test_stop_step steps (for tests and smoke runs).", False)
-    test_stop_step: int = _h("Steps to run in test mode.", 0)
+    test_stop_step: int = _h("Steps to run in test mode (0: no limit).", 0, ge=0)
     # ---- guards
-    max_ratio: float = _h("Skip a micro-step whose largest ratio exceeds this (0: off).", 20.0)
+    max_ratio: float = _h("Skip a micro-step whose largest ratio exceeds this (0: off).", 20.0, ge=0)
     max_kl: float = _h("Skip an experience batch whose mean KL to the reference (nats per answer) exceeds this "
-                       "(0: off).", 50.0)
-    max_consecutive_skips: int = _h("Stop (cleanly, with the reason) after this many consecutive skipped steps.", 10)
+                       "(0: off).", 50.0, ge=0)
+    max_consecutive_skips: int = _h("Stop (cleanly, with the reason) after this many consecutive skipped steps.", 10,
+                                    ge=1)
 
     def validate(self) -> None:
-        DataConfig.validate(self)
+        """Every field's type and rule (declared with the field), then what spans fields or touches the disk."""
+        from chatrlhf.config import check_output_dir
+
+        DataConfig.validate(self)  # includes check_fields(self): every field of PPOConfig
         if not self.actor_model_name_or_path and self.model_name_or_path:
             self.actor_model_name_or_path = self.model_name_or_path
         if not self.actor_model_name_or_path:
             raise UserError("--actor_model_name_or_path is required (the step-1 checkpoint)")
         if not self.critic_model_name_or_path and not self.reward_model_name_or_path:
             raise UserError("--critic_model_name_or_path is required (the step-2 reward model)")
-        if self.algo not in ALGOS:
-            raise UserError(f"--algo must be one of {', '.join(ALGOS)}; got {self.algo!r}")
+        if self.algo == "ppo" and not self.critic_model_name_or_path:
+            raise UserError("--algo ppo trains a critic: --critic_model_name_or_path is required (the step-2 reward "
+                            "model)")
         if self.algo != "ppo" and self.num_samples_per_prompt < 2:
             raise UserError(f"--algo {self.algo} needs --num_samples_per_prompt >= 2")
-        for n in ("actor_zero_stage", "critic_zero_stage"):
-            if getattr(self, n) not in (0, 1, 2, 3):
-                raise UserError(f"--{n} must be 0..3, got {getattr(self, n)}")
-        for n in ("per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
-                  "ppo_epochs", "max_answer_seq_len", "print_answers_interval"):
-            if getattr(self, n) < 1:
-                raise UserError(f"--{n} must be >= 1, got {getattr(self, n)}")
-        if self.kl_estimator not in rm.KL_ESTIMATORS:
-            raise UserError(f"--kl_estimator must be one of {', '.join(rm.KL_ESTIMATORS)}")
-        if self.reward_normalization not in ("none", "normalize", "scale"):
-            raise UserError("--reward_normalization must be none, normalize or scale")
         if self.min_new_tokens > self.max_answer_seq_len:
-            raise UserError("--min_new_tokens cannot exceed --max_answer_seq_len")
+            raise UserError(f"--min_new_tokens {self.min_new_tokens} cannot exceed --max_answer_seq_len "
+                            f"{self.max_answer_seq_len}")
+        check_output_dir(self.output_dir, "--output_dir")
+        if self.enable_tensorboard and self.tensorboard_path:
+            check_output_dir(self.tensorboard_path, "--tensorboard_path")
+
+    def preflight(self) -> None:
+        """Model checks before anything is built or written (run by ``main``): the actor's, critic's and reward
+        model's files and tokenizers, prompt + answer lengths against their positions, and a trained value head in
+        the critic and the reward model (a plain causal LM would get a random one)."""
+        from chatrlhf.errors import ModelError
+        from chatrlhf.models.loading import check_tokenizers_compatible, preflight_model
+
+        seq = self.max_prompt_seq_len + self.max_answer_seq_len
+        seq_flag = "--max_prompt_seq_len + --max_answer_seq_len ="
+        actor_flag = "--actor_model_name_or_path"
+        actor_tok = preflight_model(self.actor_model_name_or_path, actor_flag, seq, seq_flag)
+        others = [("critic", "--critic_model_name_or_path", self.critic_model_name_or_path)] if self.algo == "ppo" \
+            else []
+        if self.reward_model_name_or_path:
+            others.append(("reward model", "--reward_model_name_or_path", self.reward_model_name_or_path))
+        elif self.algo != "ppo":
+            others.append(("reward model", "--critic_model_name_or_path", self.critic_model_name_or_path))
+        for role, flag, path in others:
+            tok = preflight_model(path, flag, seq, seq_flag, value_head=True)
+            if actor_tok is not None and tok is not None:
+                try:  # PPO feeds the actor's token ids to these models: they must read them the same way
+                    check_tokenizers_compatible(actor_tok, tok, ("actor", role))
+                except ModelError as e:
+                    raise ModelError(f"{actor_flag} {self.actor_model_name_or_path} and {flag} {path}: {e}") from None
 
     @property
     def group_size(self) -> int:

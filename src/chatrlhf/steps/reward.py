@@ -9,13 +9,12 @@ gap, accuracy (chosen > rejected) and loss; a high accuracy with negative scores
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from chatrlhf.config import parse_config
+from chatrlhf.config import option, parse_config
 from chatrlhf.data import DataConfig, PairCollator
-from chatrlhf.errors import UserError
 from chatrlhf.losses import KWiseLoss, LastTokenPairLoss, PairWiseLoss
 from chatrlhf.steps import common as C
 from chatrlhf.steps.common import TrainConfig
@@ -25,18 +24,22 @@ STEP = "reward"
 
 @dataclass
 class RewardConfig(DataConfig, TrainConfig):
-    learning_rate: float = field(default=5e-5, metadata={"help": "Initial learning rate (after warmup)."})
-    loss: str = field(default="pairwise", metadata={
-        "help": "pairwise: -logsigmoid(r_c - r_r) over the tokens from where chosen and rejected diverge to the end "
-                "(DeepSpeed-Chat); last_token: on the end scores only. --kwise always uses the k-wise loss."})
-    num_padding_at_beginning: int = field(default=-1, metadata={
-        "help": "Leading pad tokens every sequence starts with (OPT: 1). -1: derived from the tokenizer."})
+    learning_rate: float = option("Initial learning rate (after warmup).", 5e-5, gt=0)
+    loss: str = option("pairwise: -logsigmoid(r_c - r_r) over the tokens from where chosen and rejected diverge to "
+                       "the end (DeepSpeed-Chat); last_token: on the end scores only. --kwise always uses the k-wise "
+                       "loss.", "pairwise", choices=("pairwise", "last_token"))
+    num_padding_at_beginning: int = option("Leading pad tokens every sequence starts with (OPT: 1). -1: derived "
+                                           "from the tokenizer.", -1, ge=0, special=(-1,))
 
     def validate(self) -> None:
         DataConfig.validate(self)
         self.validate_train()
-        if self.loss not in ("pairwise", "last_token"):
-            raise UserError(f"--loss must be pairwise or last_token, got {self.loss!r}")
+
+    def preflight(self) -> None:
+        """Model checks before anything is built or written (run by ``main``): files, tokenizer, positions."""
+        from chatrlhf.models.loading import preflight_model
+
+        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len)
 
 
 def reward_loss(model, values: torch.Tensor, batch: dict, cfg: RewardConfig):

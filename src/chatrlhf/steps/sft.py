@@ -27,6 +27,12 @@ class SFTConfig(DataConfig, TrainConfig):
         DataConfig.validate(self)
         self.validate_train()
 
+    def preflight(self) -> None:
+        """Model checks before anything is built or written (run by ``main``): files, tokenizer, positions."""
+        from chatrlhf.models.loading import preflight_model
+
+        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len)
+
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = False, reduction: str = "mean"):
     """Next-token cross entropy over labelled positions (labels == -100 are prompt/padding). The labels shift left
