@@ -22,7 +22,7 @@ PYTEST_ARGS ?=
 # the extras every make target needs (tests, the layering check)
 EXTRAS := test
 
-.PHONY: install test test-fast test-latest lint-imports demo bench lock clean
+.PHONY: install test test-fast test-latest lint-imports demo bench lock clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml constraints.txt $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,5 +74,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/chatrlhf bench
 
+# the wheels the offline GPU machine (CPython 3.12, CUDA torch) lacks, pinned to the lock, into gpu-wheels/ (< 64 MiB)
+gpu-wheels: $(STAMP)
+	$(BIN)/python scripts/build_gpu_wheels.py
+
+# the prepared GPU check (scripts/gpu_check.py): on a GPU machine `bash scripts/gpu_check.sh` with its python; here
+# the same command runs the parts a CPU can and says CUDA was not found. Results: $$OUT, else gpu_check_out/
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
+
 clean:
-	rm -rf demo_out runs .pytest_cache .torch_extensions .venv-latest .venv-lock
+	rm -rf demo_out runs .pytest_cache .torch_extensions .venv-latest .venv-lock .gpu-site .gpu-check-work gpu_check_out

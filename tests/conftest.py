@@ -2,7 +2,10 @@
 
 import os
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# CPU DeepSpeed unless told to use the machine's accelerator (scripts/gpu_check.sh: CHATRLHF_TEST_DEVICE=auto lets
+# DeepSpeed's detection pick CUDA, NPU, ...)
+if os.environ.get("CHATRLHF_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

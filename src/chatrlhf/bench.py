@@ -39,9 +39,19 @@ REPO = Path(__file__).resolve().parents[2]
 TRL_SCRIPT = Path(__file__).resolve().with_name("bench_trl.py")
 
 # name -> build_tiny_model kwargs (llama: RoPE + SwiGLU + RMSNorm, distinct pad token, tied embeddings)
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden=64, layers=2, heads=4, vocab=512),
-    "mid": dict(hidden=768, layers=8, heads=12, vocab=8192),
+# Model sizes (random weights; speed does not depend on them). ``critic``: the size of a separate reward model /
+# critic (DeepSpeed-Chat's headline pair: an OPT-1.3B actor with an OPT-350M reward model); default the actor's.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(family="llama", hidden=64, layers=2, heads=4, vocab=512),
+    "mid": dict(family="llama", hidden=768, layers=8, heads=12, vocab=8192),
+    # SmolLM2-135M-Instruct's architecture (134.5 M parameters, the real model's 49,152-token vocabulary)
+    "real": dict(family="llama", hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
+                 overrides={"rope_theta": 100000.0, "rms_norm_eps": 1e-5}),
+    # OPT-1.3B (1.316 B) trained against OPT-350M (331 M: post-norm, 512-wide embeddings) as reward model and critic
+    "opt1.3b": dict(family="opt", hidden=2048, layers=24, heads=32, intermediate=8192, vocab=50272,
+                    critic="opt350m"),
+    "opt350m": dict(family="opt", hidden=1024, layers=24, heads=16, intermediate=4096, vocab=50272,
+                    overrides={"word_embed_proj_dim": 512, "do_layer_norm_before": False}),
 }
 
 # Targets (PASS/FAIL column). Applied to the sizes named; other sizes are reported without a verdict.
@@ -60,7 +70,8 @@ def _h(text: str, default: Any = None):
 
 @dataclass
 class BenchConfig:
-    sizes: str = _h("Comma-separated model sizes to run: tiny, mid.", "tiny,mid")
+    sizes: str = _h("Comma-separated model sizes to run: tiny, mid, real (SmolLM2-135M's architecture), opt1.3b "
+                    "(with an OPT-350M reward model and critic), opt350m.", "tiny,mid")
     skip_trl: bool = _h("Do not run (or create venvs for) the TRL side.", False)
     quick: bool = _h("Fewer timed steps and shorter machine-limit probes (smoke runs; noisy figures).", False)
     out: str = _h("Directory for results.md and results.json; work files go to OUT/out/.", "bench")
@@ -83,6 +94,9 @@ class BenchConfig:
                            ".venv-trl112")
     trl_ppo_version: str = _h("trl version for --trl_ppo_venv.", "1.12.0")
     work_dir: str = _h("Work directory (models, runs, logs); default OUT/out.", "")
+    liger_compare: bool = _h("Also run SFT, RM and PPO with --use_liger_kernel (Liger-Kernel's fused RMSNorm, SwiGLU, "
+                             "RoPE and linear + cross-entropy; GPUs with Triton only) and compare step time and peak "
+                             "memory.", False)
 
     def validate(self) -> None:
         for s in self.size_list:
@@ -245,9 +259,12 @@ def model_shape(model_dir: str | Path) -> dict:
     linear = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
     total = sum(p.numel() for p in m.parameters())
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return {"params": total, "matmul_params_lm": linear, "matmul_params_body": linear - head,
+    return {"family": config.model_type, "params": total, "matmul_params_lm": linear, "matmul_params_body": linear - head,
             "lm_head_params": head, "layers": tc.num_hidden_layers, "hidden": tc.hidden_size,
-            "vocab": tc.vocab_size, "heads": tc.num_attention_heads}
+            "vocab": tc.vocab_size, "heads": tc.num_attention_heads,
+            # K/V width per layer (grouped-query attention caches fewer heads than it queries)
+            "kv_dim": (getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads)
+            * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)}
 
 
 def fwd_flops(shape: dict, batch: int, seq: int, head: str = "lm", head_tokens: int | None = None) -> float:
@@ -279,7 +296,7 @@ def ds_chat_flops(shape: dict, batch: int, seq: int, k: int) -> float:
 
 def decode_bytes_per_step(shape: dict, batch: int, ctx: float, dtype_bytes: int) -> float:
     """Bytes one decode step must read: every matmul weight (lm head included) + the KV cache of the batch."""
-    kv = 2.0 * shape["layers"] * batch * ctx * shape["hidden"] * dtype_bytes
+    kv = 2.0 * shape["layers"] * batch * ctx * shape.get("kv_dim", shape["hidden"]) * dtype_bytes
     return shape["matmul_params_lm"] * dtype_bytes + kv
 
 
@@ -326,16 +343,21 @@ def build_size(size: str, cfg: BenchConfig) -> dict:
     """Model dir + dataset for one size (reused when the same spec was built before)."""
     from chatrlhf.models.tiny import build_tiny_model
 
-    spec = SIZES[size]
+    spec = {k: v for k, v in SIZES[size].items() if k != "critic"}
     mdir = cfg.wdir / "models" / size
     meta = mdir / "tiny_model.json"
     ok = meta.exists() and all(json.loads(meta.read_text()).get(k) == v for k, v in spec.items())
     if not ok:
-        build_tiny_model("llama", mdir, max_positions=max(512, 2 * (cfg.prompt_len + cfg.response_len)),
+        build_tiny_model(spec.pop("family"), mdir, max_positions=max(512, 2 * (cfg.prompt_len + cfg.response_len)),
                          seed=0, **spec)
     n_rows = 3 * cfg.batch * (cfg.n_warmup + max(cfg.n_steps(), cfg.n_steps(True)) + 4)
     ddir = write_bench_dataset(mdir, cfg.wdir / "data" / f"{size}_{cfg.prompt_len}_{cfg.response_len}", cfg, n_rows)
-    return {"model_dir": str(mdir), "data_dir": str(ddir), "shape": model_shape(mdir)}
+    built = {"model_dir": str(mdir), "data_dir": str(ddir), "shape": model_shape(mdir)}
+    critic = SIZES[size].get("critic")
+    if critic:  # a separate reward model / critic (same tokenizer family: the data fits both)
+        c = build_size(critic, cfg)
+        built.update(critic_dir=c["model_dir"], critic_shape=c["shape"])
+    return built
 
 
 # ================================================================================================ our side (worker)
@@ -343,7 +365,8 @@ def _common_step_kwargs(job: dict) -> dict:
     return dict(output_dir=job["run_dir"], data_path=[f"local/jsonfile={job['data_dir']}"], data_split="1,1,1",
                 data_output_path=str(Path(job["run_dir"]) / "data_cache"), dtype=job["dtype"], seed=1234,
                 log_interval=1, resume="never", lr_scheduler_type="constant", eval_iters=1,
-                per_device_eval_batch_size=job["batch"], skip_memory_check=True)
+                per_device_eval_batch_size=job["batch"], skip_memory_check=True,
+                **({"use_liger_kernel": True} if job.get("use_liger_kernel") else {}))
 
 
 def _timed_run(job: dict, fn, cfg_obj) -> dict:
@@ -387,7 +410,12 @@ def _timed_run(job: dict, fn, cfg_obj) -> dict:
             prof["p"].__exit__(None, None, None)
     wall = time.perf_counter() - t0
     intervals = clock.step_times()
-    res = {"step_times": intervals[warm:], "warmup_times": intervals[:warm], "step_peaks": clock.step_peaks()[warm:],
+    import resource
+
+    peak_mem = acc.max_memory_allocated() if acc.device_name() != "cpu" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # device memory; on CPU the process's peak RSS
+    res = {"peak_mem_bytes": peak_mem, "step_times": intervals[warm:], "warmup_times": intervals[:warm],
+           "step_peaks": clock.step_peaks()[warm:],
            "throughput": tput[1 + warm:],
            "wall_s": wall, "threads_after": torch.get_num_threads(),
            "summary": {k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))}}
@@ -420,7 +448,7 @@ def worker_reward(job: dict) -> dict:
 
     cls = getattr(R, "RewardConfig")
     n = job["warmup"] + job["steps"] + 1
-    cfg = cls(model_name_or_path=job["model_dir"], per_device_train_batch_size=job["batch"], max_steps=n,
+    cfg = cls(model_name_or_path=job["critic_dir"], per_device_train_batch_size=job["batch"], max_steps=n,
               learning_rate=1e-5, max_seq_len=job["prompt_len"] + job["response_len"], **_common_step_kwargs(job))
     return _timed_run(job, R.run_reward, cfg)
 
@@ -432,7 +460,7 @@ def worker_rl(job: dict) -> dict:
     n = job["warmup"] + job["steps"] + 1
     g = job["group_size"] if algo != "ppo" else 1
     kw = _common_step_kwargs(job)
-    cfg = PPOConfig(actor_model_name_or_path=job["model_dir"], critic_model_name_or_path=job["model_dir"],
+    cfg = PPOConfig(actor_model_name_or_path=job["model_dir"], critic_model_name_or_path=job["critic_dir"],
                     algo=algo, num_samples_per_prompt=max(g, 2), per_device_generation_batch_size=job["batch"] // g,
                     per_device_training_batch_size=job["batch"], max_prompt_seq_len=job["prompt_len"],
                     max_answer_seq_len=job["response_len"], min_new_tokens=job["response_len"], max_steps=n,
@@ -548,9 +576,9 @@ def _env(threads: int) -> dict:
 
 
 def run_ours(task: str, size: str, built: dict, cfg: BenchConfig, dtype: str, threads: int,
-             side: str = "ours", env: dict | None = None) -> dict:
-    """Our ``task`` in a fresh process; ``side``/``env`` name and configure a variant (``plain``: fused kernels
-    off)."""
+             side: str = "ours", env: dict | None = None, extra: dict | None = None) -> dict:
+    """Our ``task`` in a fresh process; ``side``/``env``/``extra`` (job fields) name and configure a variant
+    (``plain``: fused kernels off; ``liger``: Liger-Kernel on)."""
     rl = task in ("ppo", "grpo")
     run_dir = cfg.wdir / "runs" / f"{size}_{task}_{side}"
     if run_dir.exists():
@@ -558,12 +586,14 @@ def run_ours(task: str, size: str, built: dict, cfg: BenchConfig, dtype: str, th
 
         shutil.rmtree(run_dir, ignore_errors=True)
     job = {"task": task, "size": size, "model_dir": built["model_dir"], "data_dir": built["data_dir"],
+           "critic_dir": built.get("critic_dir", built["model_dir"]),
            "run_dir": str(run_dir), "batch": cfg.batch, "prompt_len": cfg.prompt_len,
            "response_len": cfg.response_len, "group_size": cfg.group_size, "warmup": cfg.n_warmup,
-           "steps": cfg.n_steps(rl), "dtype": dtype, "threads": threads, "profile": cfg.profile}
+           "steps": cfg.n_steps(rl), "dtype": dtype, "threads": threads, "profile": cfg.profile, **(extra or {})}
     cmd = [sys.executable, "-c", "import sys; from chatrlhf.bench import worker_main; sys.exit(worker_main(sys.argv[1]))",
            json.dumps(job)]
-    return _run_json(cmd, cfg.wdir / "logs" / f"{side}_{size}_{task}.log", cfg.timeout, {**_env(threads), **(env or {})})
+    return _run_json(cmd, cfg.wdir / "logs" / f"{side}_{size}_{task}.log", cfg.timeout,
+                     {**_env(threads), **(env or {})})
 
 
 def ensure_trl_venv(path: Path, version: str) -> Path:
@@ -605,7 +635,8 @@ def run_trl(task: str, size: str, built: dict, cfg: BenchConfig, dtype: str, thr
         py = ensure_trl_venv(vpath, version)
     except Exception as e:
         return {"ok": False, "error": f"venv: {e}"[:800]}
-    job = {"task": task, "model_dir": built["model_dir"], "rm_dir": built["model_dir"], "batch": cfg.batch,
+    job = {"task": task, "model_dir": built["model_dir"], "rm_dir": built.get("critic_dir", built["model_dir"]),
+           "batch": cfg.batch,
            "prompt_len": cfg.prompt_len, "response_len": cfg.response_len, "group_size": cfg.group_size,
            "warmup": cfg.n_warmup, "steps": cfg.n_steps(rl), "dtype": dtype, "threads": threads, "beta": 0.1}
     env = _env(threads)
@@ -659,6 +690,7 @@ def _split(tput: list[dict]) -> dict | None:
 def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, dtype: str) -> dict:
     """Per-size table rows: figures, ratios and verdicts."""
     shape = built["shape"]
+    cshape = built.get("critic_shape") or shape  # the reward model / critic (a separate, smaller model or the actor's)
     B, P, R = cfg.batch, cfg.prompt_len, cfg.response_len
     S = P + R
     peak = limits.get(f"matmul_{dtype}_flops") if limits else None
@@ -673,11 +705,11 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
 
     # ---- SFT / RM
     # SFT trains on the answer: the lm head is needed for the R positions predicting its tokens
-    for task, seqs, head in (("sft", B, "lm"), ("reward", 2 * B, "value")):
+    for task, seqs, head, sh in (("sft", B, "lm", shape), ("reward", 2 * B, "value", cshape)):
         ours, trl = res.get(("ours", task)), res.get(("trl", task))
         if ours is None and trl is None:
             continue
-        flops = 3.0 * fwd_flops(shape, seqs, S, head, head_tokens=R)
+        flops = 3.0 * fwd_flops(sh, seqs, S, head, head_tokens=R)
         r: dict[str, Any] = {"flops_per_step": flops, "tokens_per_step": seqs * S}
         for side, x in (("ours", ours), ("trl", trl), ("plain", res.get(("plain", task)))):
             if x and x.get("ok") and x.get("step_times"):
@@ -712,11 +744,11 @@ def analyse(size: str, built: dict, res: dict, limits: dict, cfg: BenchConfig, d
         gen = generation_flops(shape, B, P, R)
         n_fwd_lm, n_fwd_v = (2, 2) if task == "ppo" else (2, 1)  # experience: actor+ref (+critic) + reward
         lm = fwd_flops(shape, B, S, "lm", head_tokens=R)  # actor/reference log-probs of the R answer tokens
-        exp = n_fwd_lm * lm + n_fwd_v * fwd_flops(shape, B, S, "value")
-        train = 3.0 * lm + (3.0 * fwd_flops(shape, B, S, "value") if task == "ppo" else 0)
+        exp = n_fwd_lm * lm + n_fwd_v * fwd_flops(cshape, B, S, "value")
+        train = 3.0 * lm + (3.0 * fwd_flops(cshape, B, S, "value") if task == "ppo" else 0)
         total = gen + exp + train
         # what our step skips when it trains through the experience pass's actor (and critic) forward
-        reused = lm + (fwd_flops(shape, B, S, "value") if task == "ppo" else 0)
+        reused = lm + (fwd_flops(cshape, B, S, "value") if task == "ppo" else 0)
         floor = total / peak if peak else None
         r = {"flops_per_step": total, "flops_split": {"generation": gen, "experience": exp, "training": train},
              "floor_s": floor, "samples_per_step": B}
@@ -859,8 +891,12 @@ def render_md(report: dict) -> str:
               "time = interval between `on_step_end` callbacks.", ""]
     for size, sres in report["sizes"].items():
         sh = sres.get("shape", {})
-        lines += [f"## {size}: llama hidden {sh.get('hidden')}, {sh.get('layers')} layers, vocab {sh.get('vocab')}, "
-                  f"{sh.get('params', 0) / 1e6:.2f} M params ({sh.get('matmul_params_lm', 0) / 1e6:.2f} M in matmuls)", ""]
+        cs = sres.get("critic_shape")
+        critic = (f"; reward model and critic: {cs.get('family', '')} hidden {cs.get('hidden')}, {cs.get('layers')} "
+                  f"layers, {cs.get('params', 0) / 1e6:.2f} M params" if cs else "")
+        lines += [f"## {size}: {sh.get('family', 'llama')} hidden {sh.get('hidden')}, {sh.get('layers')} layers, vocab "
+                  f"{sh.get('vocab')}, {sh.get('params', 0) / 1e6:.2f} M params ({sh.get('matmul_params_lm', 0) / 1e6:.2f} "
+                  f"M in matmuls){critic}", ""]
         rows = sres.get("rows", {})
         if "error" in sres:
             lines += [f"error: {sres['error']}", ""]
@@ -918,6 +954,24 @@ def render_md(report: dict) -> str:
                     f"{_f(r.get('decode_step_ms'), '{:.2f}')} | {_f(r.get('bound_tokens_per_s'), '{:.0f}')} "
                     f"({_f(r.get('bytes_per_step') and r['bytes_per_step'] / 1e6, '{:.1f}')} MB) | "
                     f"{_pct(r.get('bw_fraction'))} | {r.get('target') or '—'} | {r['verdict']} |")
+            lines.append("")
+        raw = sres.get("raw") if isinstance(sres.get("raw"), dict) else {}
+        lig = [(t, raw.get(("ours", t)) or {}, raw[("liger", t)]) for t in ("sft", "reward", "ppo")
+               if ("liger", t) in raw]
+        if lig:
+            lines += ["| --use_liger_kernel | step s without (median) | step s with (median) | speed-up | peak memory "
+                      "without | peak memory with |", "|---|---|---|---|---|---|"]
+            for t, off, on in lig:
+                cells = []
+                for x in (off, on):
+                    ok = x.get("ok") and x.get("step_times")
+                    best, med = _step_times(x) if ok else (None, None)
+                    cells.append((best, f"{_f(best, '{:.3f}')} ({_f(med, '{:.3f}')})" if ok else
+                                  f"error: {x.get('error')}"[:200], x.get("peak_mem_bytes")))
+                speed = cells[0][0] / cells[1][0] if cells[0][0] and cells[1][0] else None
+                mem = [_f(c[2] and c[2] / 2**30, "{:.2f} GiB") for c in cells]
+                lines.append(f"| {t.upper() if t != 'reward' else 'RM'} | {cells[0][1]} | {cells[1][1]} | "
+                             f"{_f(speed, '{:.2f}x')} | {mem[0]} | {mem[1]} |")
             lines.append("")
         errs = [(side, task, x.get("error")) for (side, task), x in sres.get("raw", {}).items()
                 if isinstance(x, dict) and x.get("error")] if isinstance(sres.get("raw"), dict) else []
@@ -1039,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
         report["limits_used"] = lim
         for sz, (b, res) in results.items():
             report["sizes"][sz] = {"shape": b["shape"], "model_dir": b["model_dir"],
+                                   "critic_shape": b.get("critic_shape"),
                                    "rows": analyse(sz, b, res, lim, cfg, dtype),
                                    "raw": {f"{k[0]}_{k[1]}": v for k, v in res.items()}}
 
@@ -1063,6 +1118,12 @@ def main(argv: list[str] | None = None) -> int:
                                          {"CHATRLHF_FUSED_KERNELS": "0"})
                 res[("plain", task)] = with_peak_probes(plain, dtype) if local_peaks else plain()
                 _say(size, task, "plain", res[("plain", task)])
+            if cfg.liger_compare and task in ("sft", "reward", "ppo"):
+                print(f"bench: [{size}] {task}: ours with --use_liger_kernel...", flush=True)
+                liger = lambda: run_ours(task, size, built, cfg, dtype, threads, "liger",  # noqa: E731
+                                         extra={"use_liger_kernel": True})
+                res[("liger", task)] = with_peak_probes(liger, dtype) if local_peaks else liger()
+                _say(size, task, "liger", res[("liger", task)])
             if not cfg.skip_trl and task != "decode":
                 print(f"bench: [{size}] {task}: TRL...", flush=True)
                 res[("trl", task)] = with_peak_probes(lambda: run_trl(task, size, built, cfg, dtype, threads), dtype) \

@@ -207,3 +207,23 @@ def test_step_probes_join_the_run_peak_and_are_shown_beside_each_process(tmp_pat
     assert sft["peak_beside_steps"] == [0.6e11, 1.2e11] and bench._beside(sft) == "60-120"
     assert bench._beside(rows["ppo"]["ours"]) == "50-70"
     assert bench._beside({}) == "—"
+
+
+@pytest.mark.parametrize("size,params", [("real", 134_515_008), ("opt1.3b", 1_315_758_080), ("opt350m", 331_196_416)])
+def test_real_model_sizes_have_the_real_architectures(size, params):
+    """The bench's real-model sizes are SmolLM2-135M-Instruct, OPT-1.3B and OPT-350M parameter for parameter (built
+    on the meta device: no weights), and opt1.3b trains against opt350m as reward model and critic."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatrlhf.models.tiny import _model_config
+
+    spec = {k: v for k, v in bench.SIZES[size].items() if k != "critic"}
+    family = spec.pop("family")
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    cfg = _model_config(family, spec.pop("hidden"), spec.pop("layers"), spec.pop("vocab"), spec.pop("heads"), 2048,
+                        ids, **spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert bench.SIZES["opt1.3b"]["critic"] == "opt350m"

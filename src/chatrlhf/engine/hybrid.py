@@ -135,7 +135,8 @@ CALIBRATION_TOKENS = 16  # new tokens per timed candidate when choosing a decode
 def candidate_paths(model) -> list[str]:
     """The decoders that can run ``model`` here, fastest-in-theory first: ``native`` (CPU fp32 llama-style, a C
     compiler), ``packed`` (CPU fp32 or bf16: fused projections, weights pre-packed by MKL / oneDNN), ``torch``
-    (HybridDecoder on the module's own weights: accelerators, other dtypes), and always ``generate``. Why a model has no hybrid path is logged once."""
+    (HybridDecoder on the module's own weights: accelerators, other dtypes), and always ``generate``. Why a model
+    has no hybrid path is logged once."""
     reason = unsupported_reason(model)
     if reason is not None:
         if reason not in _FALLBACK_LOGGED:

@@ -90,17 +90,19 @@ def train_tokenizer(family: str, corpus: Iterable[str], vocab: int, max_position
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_positions, **kw)
 
 
-def _model_config(family: str, hidden: int, layers: int, vocab: int, heads: int, max_positions: int, ids: dict):
+def _model_config(family: str, hidden: int, layers: int, vocab: int, heads: int, max_positions: int, ids: dict,
+                  kv_heads: int | None = None, intermediate: int | None = None, overrides: dict | None = None):
     """The family's config with tiny sizes; dropout off so tiny models learn fast (load_causal_lm can set it)."""
     from transformers import AutoConfig
 
-    ffn = 4 * hidden
+    ffn = intermediate or 4 * hidden
     if family == "opt":
         kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
                   max_position_embeddings=max_positions, word_embed_proj_dim=hidden, do_layer_norm_before=True,
                   dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=True)
     elif family == "llama":
-        kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads or heads,
                   intermediate_size=ffn, max_position_embeddings=max_positions, tie_word_embeddings=True,
                   attention_dropout=0.0)
     elif family == "gpt_neox":  # Pythia unties input and output embeddings
@@ -113,14 +115,17 @@ def _model_config(family: str, hidden: int, layers: int, vocab: int, heads: int,
     else:  # gpt2
         kw = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, n_inner=ffn,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
-    return AutoConfig.for_model(family, vocab_size=vocab, **ids, **kw)
+    return AutoConfig.for_model(family, vocab_size=vocab, **ids, **{**kw, **(overrides or {})})
 
 
 def build_tiny_model(family: str, out_dir: str | Path, hidden: int = 64, layers: int = 2, vocab: int = 512,
                      heads: int = 4, max_positions: int = 512, corpus: Sequence[str] | None = None,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, kv_heads: int | None = None, intermediate: int | None = None,
+                     overrides: dict | None = None) -> Path:
     """Build a random ``family`` model with a tokenizer trained on ``corpus`` (default: the built-in task's) and
-    save both to ``out_dir`` (written atomically). Returns the directory."""
+    save both to ``out_dir`` (written atomically). Returns the directory. ``kv_heads`` (llama: grouped-query
+    attention), ``intermediate`` (MLP width, default 4 x hidden) and ``overrides`` (any config field) shape a
+    real model's architecture at random weights, e.g. for benchmarks."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -135,7 +140,8 @@ def build_tiny_model(family: str, out_dir: str | Path, hidden: int = 64, layers:
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     # Embedding rows = the requested vocab (>= the learned one) so sizes are predictable across corpora.
-    config = _model_config(family, hidden, layers, max(vocab, len(tokenizer)), heads, max_positions, ids)
+    config = _model_config(family, hidden, layers, max(vocab, len(tokenizer)), heads, max_positions, ids,
+                           kv_heads=kv_heads, intermediate=intermediate, overrides=overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(**ids)
@@ -146,6 +152,7 @@ def build_tiny_model(family: str, out_dir: str | Path, hidden: int = 64, layers:
         atomic_write_json(tmp / "tiny_model.json", {
             "family": family, "hidden": hidden, "layers": layers, "vocab": vocab, "heads": heads,
             "max_positions": max_positions, "seed": seed, "tokenizer_vocab": len(tokenizer),
+            "kv_heads": kv_heads, "intermediate": intermediate, "overrides": overrides or {},
             "parameters": sum(p.numel() for p in model.parameters())})
     return out_dir
 
