@@ -985,7 +985,8 @@ def render_md(report: dict) -> str:
             lines += ["Paths taken (engine/calibrate.py: candidates timed side by side on this CPU, fastest kept):", ""]
             for side, task, d in paths:
                 times = ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in sorted(d["seconds"].items(), key=lambda x: x[1]))
-                shape = ", ".join(f"{k} {v}" for k, v in d["shape"].items() if k in ("rows", "prompt", "width", "dtype"))
+                shape = ", ".join(f"{k} {d['shape'][k]}" for k in ("dtype", "rows", "prompt", "width")
+                                  if k in d["shape"])
                 lines.append(f"- {side} {task}: {d['part']} ({shape}) → **{d['choice']}** ({d['how']}: {times})")
             lines.append("")
     lines += ["## How the figures are computed", "",

@@ -83,10 +83,14 @@ def test_critic_free_algos_run(ppo_cfg, tiny_model_dir, algo):
 
 def test_guard_skips_and_stops_with_reason(ppo_cfg, tiny_model_dir):
     # a ratio threshold below 1 trips on every micro-step (the max ratio over answer tokens is >= ~1)
+    # ... and since no step updated the weights, the step is not marked done (done.json would let `chatrlhf
+    # train` carry an untrained actor forward): a UserError naming the guard's reason
+    from chatrlhf.errors import UserError
+
     cfg = ppo_cfg(max_ratio=0.5, max_consecutive_skips=2, max_steps=5)
-    out = run_ppo(cfg)
-    assert out["stopped_reason"] and "consecutive" in out["stopped_reason"] and "ratio" in out["stopped_reason"]
-    assert out["steps"] == 2
+    with pytest.raises(UserError, match="no optimizer step was taken.*2 consecutive skipped steps.*ratio"):
+        run_ppo(cfg)
+    assert not (Path(cfg.output_dir) / "done.json").exists()
     # nothing was applied: the actor is the initial model
     assert _changed(_weights(tiny_model_dir), Path(cfg.output_dir) / "actor") == 0
 

@@ -401,13 +401,16 @@ def run_ppo(cfg: PPOConfig) -> dict:
         return reward_stats.normalize(score) if cfg.reward_normalization == "normalize" else reward_stats.scale(score)
 
     # ---- resume
-    state = {"round": 0, "epoch": 0, "batch_in_epoch": 0, "ema_reward": None, "consecutive_skips": 0}
+    # trained_rounds: rounds in which at least one micro-step updated the weights (the guards may skip all)
+    state = {"round": 0, "epoch": 0, "batch_in_epoch": 0, "ema_reward": None, "consecutive_skips": 0,
+             "trained_rounds": 0}
     ckpt_root = out_dir / "checkpoints"
     resume_dir = common.resolve_resume(cfg)
     engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
     if resume_dir is not None:
         saved = strategy.load_state(engines, resume_dir)
         state.update({k: saved[k] for k in state if k in saved})
+        state["trained_rounds"] = saved.get("trained_rounds", state["round"])  # older checkpoints: every round
         kl_ctl.load_state_dict(saved["kl_ctl"])
         reward_stats.load_state_dict(saved["reward_stats"])
         if ema is not None and (resume_dir / "actor_ema.safetensors").exists():
@@ -529,6 +532,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 stop_reason = _skip(state, cfg, results[0].skipped if results else "no micro-batches")
             else:
                 state["consecutive_skips"] = 0
+                state["trained_rounds"] += 1
             agg = _aggregate(done, strategy)
             state["ema_reward"] = (stats["reward_mean"] if state["ema_reward"] is None
                                    else 0.9 * state["ema_reward"] + 0.1 * stats["reward_mean"])
@@ -584,7 +588,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if ema is not None:
         strategy.save_hf(ema, tokenizer, out_dir / "actor_ema", extra_config=extra)
     summary = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-    summary.update(steps=state["round"], stopped_reason=stop_reason or None, reused_experience_forward=reuse_fwd)
+    summary.update(steps=state["round"], optimizer_steps=state["trained_rounds"], stopped_reason=stop_reason or None,
+                   reused_experience_forward=reuse_fwd)
     writer.close()
     strategy.barrier()
     common.write_done(out_dir, "ppo", summary)
