@@ -36,10 +36,17 @@ def _variant(base, name: str, **changes):
     return out
 
 
-@pytest.fixture(scope="module", params=[("opt", 2), ("opt", 350), ("llama", 4), ("llama", 2)],
-                ids=["opt", "opt-350m-style", "llama", "llama-gqa"])
+@pytest.fixture(scope="module", params=[("opt", 2), ("opt", 350), ("llama", 4), ("llama", 2), ("gpt_neox", 0),
+                                        ("gpt_neox", 1), ("gpt2", 0)],
+                ids=["opt", "opt-350m-style", "llama", "llama-gqa", "gpt_neox", "gpt_neox-sequential", "gpt2"])
 def family_model(request, tiny_model_factory):
+    """Each family the decoder knows, with its layout variants: OPT-350m's post-norm with projected embeddings,
+    grouped-query attention, GPT-NeoX's partial rotary with parallel (Pythia) or sequential residuals, GPT-2's
+    Conv1D projections and learned positions."""
     family, kv = request.param
+    if family == "gpt_neox":
+        base = tiny_model_factory("gpt_neox", hidden=64, layers=2, vocab=512)
+        return _variant(base, "neox_seq", use_parallel_residual=False) if kv else base
     if family == "opt" and kv == 350:  # OPT-350m's layout: post-norm layers and in/out projections of the embeddings
         base = tiny_model_factory("opt", hidden=64, layers=2, vocab=512)
         return _variant(base, "opt350", do_layer_norm_before=False, word_embed_proj_dim=32)
@@ -134,21 +141,21 @@ def test_sample_categorical_frequencies_and_zero_mass(monkeypatch):
 
 
 def test_unsupported_models_and_generation_configs(tiny_model_factory):
-    gpt_neox = load_causal_lm(str(tiny_model_factory("gpt_neox", hidden=64, layers=2, vocab=512)))
-    assert "gpt_neox" in unsupported_reason(gpt_neox)
+    bloom = load_causal_lm(str(tiny_model_factory("bloom", hidden=64, layers=2, vocab=512)))
+    assert "bloom" in unsupported_reason(bloom)
     with pytest.raises(ValueError, match="does not support"):
-        HybridDecoder(gpt_neox, rows=1)
+        HybridDecoder(bloom, rows=1)
     opt = load_causal_lm(str(tiny_model_factory("opt", hidden=64, layers=2, vocab=512)))
     assert unsupported_reason(opt) is None
     opt.generation_config.repetition_penalty = 1.3  # a processor the decoder does not implement
     assert "repetition_penalty" in unsupported_reason(opt)
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt_neox"])
+@pytest.mark.parametrize("family", ["opt", "gpt_neox", "gpt2", "bloom"])
 @pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
 def test_generate_answers_hybrid_equals_generate(tiny_model_factory, family, lora):
     """Through the product path (strategy, generation_context with LoRA merged, num_return_sequences): the same
-    tokens with and without the hybrid engine; gpt_neox falls back to generate()."""
+    tokens with and without the hybrid engine; bloom falls back to generate()."""
     from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig, unwrap
     from chatrlhf.models.lora import apply_lora
     from chatrlhf.steps import ppo_experience as px
@@ -157,14 +164,15 @@ def test_generate_answers_hybrid_equals_generate(tiny_model_factory, family, lor
     model, tok, ids, mask = _load(model_dir)
     if lora:
         torch.manual_seed(0)
-        model = apply_lora(model, lora, "q_proj,v_proj,fc1" if family == "opt" else "query_key_value")
+        targets = {"opt": "q_proj,v_proj,fc1", "gpt2": "c_attn,c_fc"}.get(family, "query_key_value")
+        model = apply_lora(model, lora, targets)
         for n, p in model.named_parameters():  # non-zero B so the merged weights differ from the base
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.5)
     strategy = DeepSpeedStrategy(StrategyConfig(dtype="fp32", per_device_train_batch_size=2))
     strategy.setup_distributed()
     model = strategy.prepare_eval(model)
-    assert (unsupported_reason(unwrap(model)) is None) == (family == "opt")  # LoRA layers do not hide the family
+    assert (unsupported_reason(unwrap(model)) is None) == (family != "bloom")  # LoRA layers do not hide the family
     outs = []
     for hybrid in (True, False):
         p = px.GenerationParams(max_new_tokens=10, min_new_tokens=3, do_sample=False, num_return_sequences=2,
@@ -283,10 +291,10 @@ def test_decode_path_is_the_measured_fastest(family_model, monkeypatch, tmp_path
 
 
 def test_unsupported_model_has_only_generate(tiny_model_factory):
-    gpt_neox = load_causal_lm(str(tiny_model_factory("gpt_neox", hidden=64, layers=2, vocab=512)))
+    bloom = load_causal_lm(str(tiny_model_factory("bloom", hidden=64, layers=2, vocab=512)))
     from chatrlhf.engine import hybrid
 
-    assert hybrid.candidate_paths(gpt_neox) == ["generate"]
+    assert hybrid.candidate_paths(bloom) == ["generate"]
 
 
 def test_bf16_packed_decoder_gives_generate_tokens(family_model, monkeypatch):

@@ -20,9 +20,11 @@ reads the weights of a Hugging Face model in place (after ZeRO-3 gathering and L
   fraction of its cost); finished rows emit ``pad`` and generation stops when every row has finished, as in
   ``generate``.
 
-Families: llama-style decoders (llama, mistral, qwen2: RMSNorm, RoPE, gated MLP, GQA) and OPT (DeepSpeed-Chat's
-default actor). Anything else, or a generation config with processors this module does not implement, falls back to
-``generate`` with the reason logged once (:func:`unsupported_reason`).
+Families: llama-style decoders (llama, mistral, qwen2: RMSNorm, RoPE, gated MLP, GQA), OPT (DeepSpeed-Chat's
+default actor, pre- or post-norm), GPT-NeoX / Pythia (partial rotary, parallel or sequential residual, per-head
+interleaved q/k/v reordered once) and GPT-2 (Conv1D projections, learned positions). Anything else (BLOOM's ALiBi,
+for one), or a generation config with processors this module does not implement, falls back to ``generate`` with
+the reason logged once (:func:`unsupported_reason`).
 
 Which decoder runs is measured, not assumed (:func:`decode_path`): the same native step took 21 ms a token on one
 CPU and 311 ms on another where ``generate()`` took 50 ms. The candidates that can run the model (native, packed,
@@ -33,6 +35,7 @@ fastest is cached (engine/calibrate.py) and used from then on.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,8 @@ from chatrlhf.engine import native as native_step
 logger = logging.getLogger("chatrlhf.hybrid")
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-FAMILIES = LLAMA_LIKE + ("opt",)
+ROPE_KINDS = LLAMA_LIKE + ("gpt_neox",)  # rotary positions (GPT-NeoX: on the first rotary_ndims of each head)
+FAMILIES = LLAMA_LIKE + ("opt", "gpt_neox", "gpt2")
 
 # generation_config fields whose non-neutral value would change what generate() samples: we fall back then.
 _NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
@@ -75,9 +79,12 @@ def unsupported_reason(model) -> str | None:
         return "encoder-decoder model"
     try:
         stack = _stack(model)
-        first = stack.layers[0]
-    except (AttributeError, IndexError):
+        first = _layers(stack)[0]
+    except (AttributeError, IndexError, TypeError):
         return f"unexpected module layout for {kind}"
+    if kind == "gpt2" and (getattr(cfg, "reorder_and_upcast_attn", False) or getattr(cfg, "add_cross_attention",
+                                                                                      False)):
+        return "gpt2 variant with upcast attention or cross-attention"
     if kind in LLAMA_LIKE:
         attn = first.self_attn
         if any(hasattr(attn, n) for n in ("q_norm", "k_norm")) or getattr(cfg, "hidden_act", "silu") not in (
@@ -143,7 +150,7 @@ def candidate_paths(model) -> list[str]:
             _FALLBACK_LOGGED.add(reason)
             logger.warning("hybrid engine: %s; generating with transformers' generate", reason)
         return ["generate"]
-    embed = _stack(model).embed_tokens.weight
+    embed = _embedding(_stack(model)).weight
     if not _can_pack(embed):
         return ["torch", "generate"]
     fp32 = embed.dtype == torch.float32
@@ -160,7 +167,7 @@ def decode_path(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
         return paths[0]
     cfg = model.config
     B, P = input_ids.shape
-    shape = {"model_type": cfg.model_type, "dtype": str(_stack(model).embed_tokens.weight.dtype),
+    shape = {"model_type": cfg.model_type, "dtype": str(_embedding(_stack(model)).weight.dtype),
              "device": input_ids.device.type, "rows": B, "prompt": 1 << max(P - 1, 0).bit_length(),
              **{k: getattr(cfg, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "num_key_value_heads", "intermediate_size", "ffn_dim",
@@ -195,9 +202,44 @@ def native_lib(model):
 
 
 def _stack(model):
-    """The decoder stack holding ``layers`` (``model.model`` for llama-likes, ``model.model.decoder`` for OPT)."""
-    inner = model.model
-    return inner.decoder if model.config.model_type == "opt" else inner
+    """The decoder stack: ``model.model`` for llama-likes, ``model.model.decoder`` for OPT, ``model.gpt_neox``,
+    ``model.transformer`` for GPT-2."""
+    kind = model.config.model_type
+    if kind == "gpt2":
+        return model.transformer
+    if kind == "gpt_neox":
+        return model.gpt_neox
+    return model.model.decoder if kind == "opt" else model.model
+
+
+def _layers(stack):
+    return stack.h if hasattr(stack, "h") else stack.layers
+
+
+def _embedding(stack):
+    for name in ("embed_tokens", "embed_in", "wte"):
+        if hasattr(stack, name):
+            return getattr(stack, name)
+    raise AttributeError("no token embedding")
+
+
+def _transposed(lin):
+    """GPT-2's Conv1D (weight [in, out]) as a Linear-like (weight [out, in], a view)."""
+    base = getattr(lin, "base_layer", lin)
+    return SimpleNamespace(weight=base.weight.detach().t(), bias=_plain(base.bias))
+
+
+def _neox_qkv(lin, n_heads: int):
+    """GPT-NeoX's query_key_value, whose output rows are per head [q, k, v], reordered to [all q | all k | all v]
+    (the layout the decoder splits); a copy of that one matrix."""
+    base = getattr(lin, "base_layer", lin)
+    w = base.weight.detach()
+    out, d_in = w.shape
+    hd = out // (3 * n_heads)
+    w = w.view(n_heads, 3, hd, d_in).transpose(0, 1).reshape(out, d_in)
+    b = base.bias
+    b = None if b is None else b.detach().view(n_heads, 3, hd).transpose(0, 1).reshape(out)
+    return SimpleNamespace(weight=w, bias=b)
 
 
 class _Proj:
@@ -309,7 +351,7 @@ class HybridDecoder:
         self.kind = cfg.model_type
         stack = _stack(model)
         self.stack = stack
-        self.embed = _plain(stack.embed_tokens.weight)
+        self.embed = _plain(_embedding(stack).weight)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.hidden = cfg.hidden_size
@@ -319,14 +361,35 @@ class HybridDecoder:
         lib = native_lib(model) if pack and native is not False and self.dtype == torch.float32 else None
         mkl = lib is None  # the native step has its own weight layout; the prefill uses the plain fused matrices
         self.layers = []
-        for layer in stack.layers:
+        self.rotary_ndims = self.head_dim
+        for layer in _layers(stack):
+            if self.kind == "gpt2":
+                a = layer.attn
+                self.layers.append(dict(
+                    qkv=_Proj([_transposed(a.c_attn)], rows, pack, mkl_pack=mkl),
+                    o=_Proj([_transposed(a.c_proj)], rows, pack, mkl_pack=mkl),
+                    up=_Proj([_transposed(layer.mlp.c_fc)], rows, pack, mkl_pack=mkl),
+                    down=_Proj([_transposed(layer.mlp.c_proj)], rows, pack, mkl_pack=mkl),
+                    ln1=_Norm(layer.ln_1), ln2=_Norm(layer.ln_2), scaling=a.scaling, pre_norm=True, parallel=False))
+                continue
+            if self.kind == "gpt_neox":
+                a = layer.attention
+                self.rotary_ndims = a.rotary_ndims
+                self.layers.append(dict(
+                    qkv=_Proj([_neox_qkv(a.query_key_value, self.n_heads)], rows, pack, mkl_pack=mkl),
+                    o=_Proj([a.dense], rows, pack, mkl_pack=mkl),
+                    up=_Proj([layer.mlp.dense_h_to_4h], rows, pack, mkl_pack=mkl),
+                    down=_Proj([layer.mlp.dense_4h_to_h], rows, pack, mkl_pack=mkl),
+                    ln1=_Norm(layer.input_layernorm), ln2=_Norm(layer.post_attention_layernorm), scaling=a.scaling,
+                    pre_norm=True, parallel=layer.use_parallel_residual))
+                continue
             a = layer.self_attn
             if self.kind == "opt":
                 self.layers.append(dict(
                     qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.out_proj], rows, pack),
                     up=_Proj([layer.fc1], rows, pack), down=_Proj([layer.fc2], rows, pack),
                     ln1=_Norm(layer.self_attn_layer_norm), ln2=_Norm(layer.final_layer_norm), scaling=a.scaling,
-                    pre_norm=layer.do_layer_norm_before))
+                    pre_norm=layer.do_layer_norm_before, parallel=False))
             else:
                 ln1, ln2 = _Norm(layer.input_layernorm, fold=pack), _Norm(layer.post_attention_layernorm, fold=pack)
                 self.layers.append(dict(
@@ -334,15 +397,23 @@ class HybridDecoder:
                     o=_Proj([a.o_proj], rows, pack, mkl_pack=mkl),
                     up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack, _scale(ln2), mkl),
                     down=_Proj([layer.mlp.down_proj], rows, pack, mkl_pack=mkl), ln1=ln1, ln2=ln2,
-                    scaling=a.scaling))
+                    scaling=a.scaling, pre_norm=True, parallel=False))
         from transformers.activations import ACT2FN
 
+        self.project_in = self.project_out = None
         if self.kind == "opt":
             self.act = ACT2FN[cfg.activation_function]
             fn = getattr(stack, "final_layer_norm", None)
             self.final_norm = _Norm(fn) if fn is not None else None
             self.project_in, self.project_out = stack.project_in, stack.project_out
             self.positions = _plain(stack.embed_positions.weight)
+        elif self.kind == "gpt2":
+            self.act = ACT2FN[cfg.activation_function]
+            self.final_norm = _Norm(stack.ln_f)
+            self.positions = _plain(stack.wpe.weight)
+        elif self.kind == "gpt_neox":
+            self.act = ACT2FN[cfg.hidden_act]
+            self.final_norm = _Norm(stack.final_layer_norm)
         else:
             self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
             self.final_norm = _Norm(stack.norm, fold=pack)
@@ -361,6 +432,8 @@ class HybridDecoder:
             if self.project_in is not None:
                 x = F.linear(x, *_parts(self.project_in))
             x = x + F.embedding(pos + self.stack.embed_positions.offset, self.positions)
+        elif self.kind == "gpt2":
+            x = x + F.embedding(pos, self.positions)
         return x
 
     def _layer(self, i: int, x: torch.Tensor, p0: int, mask: torch.Tensor, rope) -> torch.Tensor:
@@ -370,31 +443,39 @@ class HybridDecoder:
         L = self.layers[i]
         B, T, H = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        pre = self.kind != "opt" or L["pre_norm"]
+        pre = L["pre_norm"]
         h = L["ln1"](x) if pre else x
         y = L["qkv"](h.reshape(B * T, H)).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, heads, T, hd]
         if self.kind == "opt":
             q, k, scale = y[:, :nh] * L["scaling"], y[:, nh:nh + nkv], 1.0  # OPT scales q before the product
-        else:
+        elif self.kind in ROPE_KINDS:
             cos, sin = rope
-            qk = y[:, :nh + nkv]
-            qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
+            qk, rd = y[:, :nh + nkv], self.rotary_ndims
+            if rd == hd:
+                qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
+            else:  # partial rotary (GPT-NeoX): the first rd dims of each head turn, the rest pass through
+                r = qk[..., :rd]
+                qk = torch.cat([r * cos + r.roll(rd // 2, dims=-1) * sin, qk[..., rd:]], dim=-1)
             q, k, scale = qk[:, :nh], qk[:, nh:], L["scaling"]
+        else:
+            q, k, scale = y[:, :nh], y[:, nh:nh + nkv], L["scaling"]
         kc, vc = self.cache[i]
         kc[:, :, p0:p0 + T] = k
         vc[:, :, p0:p0 + T] = y[:, nh + nkv:]
         S = p0 + T
         a = F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask, scale=scale,
                                            enable_gqa=nkv != nh)
-        x = x + L["o"](a.transpose(1, 2).reshape(B * T, nh * hd)).view(B, T, H)
+        attn = L["o"](a.transpose(1, 2).reshape(B * T, nh * hd)).view(B, T, H)
+        # GPT-NeoX's parallel residual: attention and MLP both read the layer's input
+        x_in, x = x, x + attn
         if not pre:
             x = L["ln1"](x)
-        h = (L["ln2"](x) if pre else x).reshape(B * T, H)
-        if self.kind == "opt":
-            m = self.act(L["up"](h))
-        else:
+        h = (L["ln2"](x_in if L["parallel"] else x) if pre else x).reshape(B * T, H)
+        if self.kind in LLAMA_LIKE:
             g, u = L["up"](h).chunk(2, dim=-1)
             m = self.act(g) * u
+        else:
+            m = self.act(L["up"](h))
         x = x + L["down"](m).view(B, T, H)
         if not pre:
             x = L["ln2"](x)
@@ -405,7 +486,7 @@ class HybridDecoder:
         h = x[:, -1]
         if self.final_norm is not None:
             h = self.final_norm(h)
-        if self.kind == "opt" and self.project_out is not None:
+        if self.project_out is not None:
             h = F.linear(h, *_parts(self.project_out))
         return self.head(h).float()
 
@@ -438,10 +519,11 @@ class HybridDecoder:
         if self.native is not None:
             self.native.bind(self.cache, S_max)
         rope = None
-        if self.kind != "opt":
+        if self.kind in ROPE_KINDS:
             cos, sin = self.stack.rotary_emb(self.embed[:1].unsqueeze(0), pos)
-            half = self.head_dim // 2
-            sign = torch.cat([-torch.ones(half, device=dev), torch.ones(self.head_dim - half, device=dev)])
+            rd = cos.shape[-1]  # the rotated dims of each head (all of them but for GPT-NeoX's partial rotary)
+            half = rd // 2
+            sign = torch.cat([-torch.ones(half, device=dev), torch.ones(rd - half, device=dev)])
             rope = (cos.unsqueeze(1).to(self.dtype), (sin * sign).unsqueeze(1).to(self.dtype))  # [B, 1, S_max, hd]
         # prefill: causal over real keys; every query also sees itself so fully padded rows stay finite
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
