@@ -172,16 +172,49 @@ class PolicyLossOutput:
     entropy: torch.Tensor | None = None
 
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token_mean",
+                   norm_len: int | None = None) -> torch.Tensor:
+    """A scalar loss from per-token losses [B, T] over ``mask``:
+
+    - ``token_mean``: sum over every answer token of the batch / their number (DeepSpeed-Chat's actor loss; DAPO's
+      token-level loss: long answers weigh in proportion to their tokens);
+    - ``seq_mean_token_mean``: each answer's token mean, then the mean over answers (the original GRPO: a token of
+      a long answer weighs less);
+    - ``seq_mean_token_sum_norm``: each answer's token sum / ``norm_len`` (default T, the generation budget), then
+      the mean over answers (Dr. GRPO: no length bias either way).
+    """
+    mask = mask.to(per_token.dtype)
+    if how == "token_mean":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    rows = mask.sum(1) > 0
+    n_rows = rows.sum().clamp(min=1)
+    if how == "seq_mean_token_mean":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0))[rows].sum() / n_rows
+    if how == "seq_mean_token_sum_norm":
+        return ((per_token * mask).sum(1) / float(norm_len or per_token.shape[1]))[rows].sum() / n_rows
+    raise ValueError(f"unknown loss aggregation {how!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
 class PolicyLoss(nn.Module):
     """PPO clipped surrogate (DeepSpeed-Chat's ``actor_loss_fn``): with ratio = exp((logp - logp_old) * mask),
-    loss = sum(max(-A ratio, -A clip(ratio, 1-eps, 1+eps)) * mask) / sum(mask), minus ``entropy_coef`` times the
-    masked mean entropy when an entropy tensor is given. Also returns clip fraction, approx KL (k3 of old vs new)
-    and the largest ratio over answer tokens (all detached)."""
+    loss = sum(max(-A ratio, -A clip(ratio, 1-eps, 1+eps_high)) * mask) / sum(mask), minus ``entropy_coef`` times
+    the masked mean entropy when an entropy tensor is given. ``clip_eps_high`` (DAPO's "clip-higher"; default
+    ``clip_eps``) lets low-probability tokens rise further than high-probability ones fall; ``loss_agg`` chooses how
+    token losses become one number (:func:`aggregate_loss`; default as DeepSpeed-Chat). Also returns clip
+    fraction, approx KL (k3 of old vs new) and the largest ratio over answer tokens (all detached)."""
 
-    def __init__(self, clip_eps: float = 0.2, entropy_coef: float = 0.0):
+    def __init__(self, clip_eps: float = 0.2, entropy_coef: float = 0.0, clip_eps_high: float | None = None,
+                 loss_agg: str = "token_mean"):
         super().__init__()
+        if loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
         self.clip_eps = clip_eps
+        self.clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         self.entropy_coef = entropy_coef
+        self.loss_agg = loss_agg
 
     def forward(self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, entropy: torch.Tensor | None = None) -> PolicyLossOutput:
@@ -189,9 +222,9 @@ class PolicyLoss(nn.Module):
         log_ratio = (log_probs.float() - old_log_probs.float()) * mask
         ratio = torch.exp(log_ratio)
         pg1 = -advantages * ratio
-        pg2 = -advantages * torch.clamp(ratio, 1.0 - self.clip_eps, 1.0 + self.clip_eps)
+        pg2 = -advantages * torch.clamp(ratio, 1.0 - self.clip_eps, 1.0 + self.clip_eps_high)
         n = mask.sum().clamp(min=1.0)
-        loss = torch.sum(torch.max(pg1, pg2) * mask) / n
+        loss = aggregate_loss(torch.max(pg1, pg2), mask, self.loss_agg)
         ent = None
         if entropy is not None:
             ent = masked_mean(entropy.float(), mask)
@@ -227,11 +260,14 @@ class ValueLoss(nn.Module):
 
 def sequence_policy_loss(log_probs, old_log_probs, advantages, mask, clip_eps=0.2, ref_log_probs=None,
                          kl_coef: float = 0.0, kl_estimator: str = "k3", entropy=None,
-                         entropy_coef: float = 0.0) -> PolicyLossOutput:
-    """Critic-free (GRPO/RLOO) policy loss: per-sequence advantages [B] broadcast to the answer tokens, the PPO
-    clipped surrogate, plus ``kl_coef`` times the masked mean KL to the reference (GRPO's in-loss KL, k3)."""
-    adv = advantages.float().unsqueeze(1).expand_as(log_probs)
-    out = PolicyLoss(clip_eps, entropy_coef)(log_probs, old_log_probs, adv, mask, entropy)
+                         entropy_coef: float = 0.0, clip_eps_high: float | None = None,
+                         loss_agg: str = "token_mean") -> PolicyLossOutput:
+    """Critic-free (GRPO/RLOO) policy loss: per-sequence advantages [B] (or per-token [B, T], REINFORCE++)
+    broadcast to the answer tokens, the PPO clipped surrogate (``clip_eps_high``, ``loss_agg``: see
+    :class:`PolicyLoss`), plus ``kl_coef`` times the masked mean KL to the reference (GRPO's in-loss KL, k3)."""
+    adv = advantages.float()
+    adv = adv.unsqueeze(1).expand_as(log_probs) if adv.dim() == 1 else adv
+    out = PolicyLoss(clip_eps, entropy_coef, clip_eps_high, loss_agg)(log_probs, old_log_probs, adv, mask, entropy)
     if ref_log_probs is not None and kl_coef:
         out.loss = out.loss + kl_coef * masked_mean(kl_estimate(log_probs.float(), ref_log_probs.float(),
                                                                 kl_estimator), mask.float())
@@ -241,6 +277,45 @@ def sequence_policy_loss(log_probs, old_log_probs, advantages, mask, clip_eps=0.
 # ----------------------------------------------------------------------------------------------------------------
 # Group baselines (critic-free): GRPO and RLOO
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def uniform_groups(scores: torch.Tensor, group_size: int, tol: float = 0.0) -> torch.Tensor:
+    """[B*k] bool: samples of groups whose scores are all equal (max - min <= ``tol``). Their group advantages are
+    all zero, so they only dilute the batch; DAPO drops them ("dynamic sampling")."""
+    s = scores.float().view(-1, group_size)
+    same = (s.max(1).values - s.min(1).values) <= tol
+    return same.repeat_interleave(group_size)
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                            gamma: float = 1.0, group_size: int | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025) token advantages [B, T] over the answer tokens (``mask`` [B, T], ``kl`` [B, T] the
+    per-token KL estimate to the reference, ``scores`` [B]):
+
+    1. reward r_t = -kl_coef * kl_t at every answer token, plus the score at the answer's last token; with
+       ``group_size`` (REINFORCE++-baseline) the score is first centred on its group's mean;
+    2. return G_t = sum_{t' >= t} gamma^(t'-t) r_t' (no critic);
+    3. advantages = G normalised over every answer token of the batch: (G - mean) / (std + eps).
+    """
+    mask = mask.float()
+    s = scores.float()
+    if group_size:
+        g = s.view(-1, group_size)
+        s = (g - g.mean(1, keepdim=True)).reshape(-1)
+    r = -kl_coef * kl.float() * mask
+    last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)  # last answer token
+    has = mask.sum(1) > 0
+    r[has, last[has]] += s[has]
+    ret = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma * running * mask[:, t]
+        ret[:, t] = running
+    ret = ret * mask
+    n = mask.sum().clamp(min=1.0)
+    mean = ret.sum() / n
+    std = (((ret - mean) ** 2 * mask).sum() / n).sqrt()
+    return (ret - mean) / (std + eps) * mask
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, method: str = "grpo", eps: float = 1e-6,

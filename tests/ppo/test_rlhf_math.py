@@ -202,3 +202,75 @@ def test_ema_update():
     e, p = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     ema_update_(e, p)
     torch.testing.assert_close(e, torch.tensor([0.992, 0.008]))
+
+
+# ---- REINFORCE++, loss aggregation, clip-higher, uniform groups (hand-computed) -----------------------------
+def test_aggregate_loss_token_seq_and_dr_grpo():
+    from chatrlhf.rlhf_math import aggregate_loss
+
+    per = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert aggregate_loss(per, mask, "token_mean").item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert aggregate_loss(per, mask, "seq_mean_token_mean").item() == pytest.approx((2.0 + 4.0) / 2)
+    assert aggregate_loss(per, mask, "seq_mean_token_sum_norm").item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    assert aggregate_loss(per, mask, "seq_mean_token_sum_norm", norm_len=8).item() == pytest.approx((6 / 8 + 4 / 8) / 2)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate_loss(per, mask, "bogus")
+
+
+def test_clip_higher_lets_ratios_rise_further_than_they_fall():
+    from chatrlhf.rlhf_math import PolicyLoss
+
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.25, 0.7]]))  # ratios 1.25 and 0.7
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    sym = PolicyLoss(clip_eps=0.2)(new, old, adv, mask)
+    # token 1: max(-1.25, -1.2) = -1.2 (clipped); token 2: max(0.7, 0.8) = 0.8 (clipped below)
+    assert sym.loss.item() == pytest.approx((-1.2 + 0.8) / 2, abs=1e-6)
+    high = PolicyLoss(clip_eps=0.2, clip_eps_high=0.28)(new, old, adv, mask)
+    # upper bound 1.28: token 1 keeps its ratio 1.25 (-1.25); the lower bound is unchanged
+    assert high.loss.item() == pytest.approx((-1.25 + 0.8) / 2, abs=1e-6)
+    assert sym.clipfrac.item() == pytest.approx(1.0) and high.clipfrac.item() == pytest.approx(0.5)
+
+
+def test_uniform_groups_are_found():
+    from chatrlhf.rlhf_math import uniform_groups
+
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.5000001])
+    assert uniform_groups(scores, 4).tolist() == [True] * 4 + [False] * 4
+    # [0.5, 0.5000001] differ (by 1.2e-7 in fp32): uniform only within a tolerance
+    assert uniform_groups(scores[4:], 2).tolist() == [False, False, False, False]
+    assert uniform_groups(scores[4:], 2, tol=1e-6).tolist() == [False, False, True, True]
+
+
+def test_reinforce_pp_returns_kl_penalty_and_global_normalisation():
+    from chatrlhf.rlhf_math import reinforce_pp_advantages
+
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    scores = torch.tensor([1.0, -1.0])
+    adv = reinforce_pp_advantages(scores, kl, mask, kl_coef=0.5)
+    # rewards: row 0 [-0.05, -0.1, -0.15 + 1] -> returns [0.7, 0.75, 0.85]; row 1 [-0.25 - 1] -> [-1.25]
+    g = torch.tensor([0.7, 0.75, 0.85, -1.25])
+    want = (g - g.mean()) / (g.var(unbiased=False).sqrt() + 1e-8)
+    got = torch.cat([adv[0], adv[1, :1]])
+    assert torch.allclose(got, want, atol=1e-6)
+    assert adv[1, 1:].abs().sum() == 0  # padding stays zero
+    # the group form centres scores on their group first: two groups of two
+    adv_b = reinforce_pp_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), torch.zeros(4, 2), torch.ones(4, 2),
+                                    kl_coef=0.1, group_size=2)
+    # returns: [0.5, 0.5], [-0.5, -0.5], [0, 0], [0, 0] -> mean 0, std sqrt(0.125)
+    assert torch.allclose(adv_b[:, 0], torch.tensor([0.5, -0.5, 0.0, 0.0]) / (0.125 ** 0.5 + 1e-8), atol=1e-6)
+
+
+def test_sequence_policy_loss_takes_token_advantages():
+    from chatrlhf.rlhf_math import sequence_policy_loss
+
+    lp = torch.zeros(2, 3)
+    mask = torch.ones(2, 3)
+    per_seq = sequence_policy_loss(lp, lp, torch.tensor([1.0, -1.0]), mask)
+    per_tok = sequence_policy_loss(lp, lp, torch.tensor([[1.0] * 3, [-1.0] * 3]), mask)
+    assert per_seq.loss.item() == pytest.approx(per_tok.loss.item()) == pytest.approx(0.0)
+    out = sequence_policy_loss(lp, lp, torch.tensor([[3.0, 0, 0], [0, 0, 0]]), mask, loss_agg="seq_mean_token_mean")
+    assert out.loss.item() == pytest.approx(-(3.0 / 3) / 2)
