@@ -10,10 +10,8 @@ LOCK   := requirements.lock
 PIP    := -m pip install -q --disable-pip-version-check
 # pip's find-links/extra-index warnings about missing local mirrors are noise, not errors
 QUIET  := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-# CPU-only machines: DeepSpeed's CPU accelerator (gloo). A GPU machine leaves DeepSpeed to auto-detect.
-ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu),)
-export DS_ACCELERATOR ?= cpu
-endif
+# No DS_ACCELERATOR here: DeepSpeed's detection picks the device (CUDA, NPU, XPU, ...; the CPU when there is none,
+# and every command says which). The tests pin the CPU themselves (tests/conftest.py).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1

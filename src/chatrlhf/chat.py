@@ -31,6 +31,9 @@ class ChatConfig:
     system: str = field(default=None, metadata={"help": "Optional system text placed before the conversation."})
     show_prompt: bool = field(default=False, metadata={
         "help": "Debug: print the exact prompt the model sees (JSON-quoted, one line) before each reply."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the Python code in the model folder (a custom model family: config.json auto_map naming "
+                "classes in its modeling_*.py). It runs with your permissions: only for folders you trust."})
 
     def validate(self) -> None:
         if not self.path:
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ChatConfig, argv, prog="chatrlhf chat", description=__doc__.split("\n")[0])
     from chatrlhf.generation import SamplingParams, context_length, load_for_inference, stream_generate
 
-    model, tok = load_for_inference(cfg.path, dtype=cfg.dtype)
+    model, tok = load_for_inference(cfg.path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, method="greedy" if cfg.greedy else "sample",
                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     conv = Conversation(tok, context_length(model, tok), cfg.max_new_tokens, cfg.system)

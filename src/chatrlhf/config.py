@@ -347,6 +347,10 @@ def make_parser(classes: Sequence[type], prog: str | None = None, description: s
                 field = copy.copy(field)
                 field.metadata = types.MappingProxyType(meta)
             HfArgumentParser._parse_dataclass_field(parser, field)
+            # the `--no_X` complement of an on-by-default bool gets X's help verbatim, which says the opposite
+            for action in parser._actions:
+                if f"--no_{field.name}" in action.option_strings and action.dest == field.name:
+                    action.help = f"Turn --{field.name} off (on by default: {field.metadata.get('help', '')})"
 
         def error(self, message: str):
             # argparse would print usage and SystemExit; one ConfigError line names the flag instead.

@@ -83,6 +83,9 @@ class PromptsConfig:
     seed: int = field(default=1234, metadata={"help": "Seed for sampling (both models get the same seed)."})
     dtype: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16."})
     json: bool = field(default=False, metadata={"help": "Print the results as one JSON object."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the Python code in the model folder(s) (a custom model family: config.json auto_map naming "
+                "classes in its modeling_*.py). It runs with your permissions: only for folders you trust."})
 
     def validate(self) -> None:
         if not self.baseline or not self.finetuned:
@@ -140,8 +143,9 @@ def _prompts_main(argv: list[str]) -> int:
     from chatrlhf.generation import load_for_inference
 
     prompts = read_prompts_file(cfg.prompts_file) if cfg.prompts_file else PROMPT_SETS[cfg.language]
-    models = {"baseline": load_for_inference(cfg.baseline, cfg.dtype),
-              "finetuned": load_for_inference(cfg.finetuned, cfg.dtype)}
+    trust = cfg.trust_remote_code
+    models = {"baseline": load_for_inference(cfg.baseline, cfg.dtype, trust_remote_code=trust),
+              "finetuned": load_for_inference(cfg.finetuned, cfg.dtype, trust_remote_code=trust)}
     rows = prompt_eval(models, prompts, cfg.method_list(), cfg)
     if cfg.json:
         print(json.dumps({"baseline": cfg.baseline, "finetuned": cfg.finetuned, "results": rows}, ensure_ascii=False,
@@ -171,6 +175,9 @@ class RewardEvalConfig:
     batch_size: int = field(default=8, metadata={"help": "Rows scored per forward pass."})
     dtype: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16."})
     json: bool = field(default=False, metadata={"help": "Print the results as one JSON object."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the Python code in the model folder(s) (a custom model family: config.json auto_map naming "
+                "classes in its modeling_*.py). It runs with your permissions: only for folders you trust."})
 
     def validate(self) -> None:
         if not self.model:
@@ -182,20 +189,22 @@ class RewardEvalConfig:
                             "per answer")
 
 
-def load_scorer(path: str, dtype=None):
+def load_scorer(path: str, dtype=None, trust_remote_code: bool = False):
     """(reward model, tokenizer) on the inference device, in eval mode."""
     from chatrlhf.generation import inference_device, resolve_checkpoint_dir, resolve_dtype
-    from chatrlhf.models.loading import load_tokenizer
+    from chatrlhf.models.loading import check_remote_code, load_tokenizer
     from chatrlhf.models.reward_model import is_reward_dir, load_reward_model
 
     p = resolve_checkpoint_dir(path)
     if not is_reward_dir(p):  # a plain LM would get a random value head: scores would mean nothing
         raise UserError(f"{p} is not a trained reward model (its config.json has no chatrlhf_reward block); "
                         "pass the output dir of `chatrlhf reward` (e.g. OUTPUT/step2_reward)")
-    dev = inference_device()
+    dev = inference_device(dtype=dtype)
     dt = resolve_dtype(dtype, dev)
-    tok = load_tokenizer(str(p), padding_side="right")
-    rm = load_reward_model(str(p), dtype=dt, pad_token_id=tok.pad_token_id).to(dev).eval()
+    check_remote_code(p, trust_remote_code)  # before the tokenizer: the refusal names the model's class
+    tok = load_tokenizer(str(p), padding_side="right", trust_remote_code=trust_remote_code)
+    rm = load_reward_model(str(p), dtype=dt, pad_token_id=tok.pad_token_id,
+                           trust_remote_code=trust_remote_code).to(dev).eval()
     return rm, tok
 
 
@@ -277,7 +286,7 @@ def _reward_main(argv: list[str]) -> int:
         rows = [{"prompt": p, "answer": a} for p, a in zip(ps, cfg.answer)]
     else:
         rows = [DEFAULT_REWARD_EXAMPLE]
-    rm, tok = load_scorer(cfg.model, cfg.dtype)
+    rm, tok = load_scorer(cfg.model, cfg.dtype, cfg.trust_remote_code)
     res = reward_eval(rm, tok, rows, cfg.batch_size)
     if cfg.json:
         print(json.dumps(res, ensure_ascii=False, indent=1))
@@ -308,6 +317,9 @@ class GoldConfig:
     show: int = field(default=5, metadata={"help": "Sample answers to print."})
     dtype: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16."})
     json: bool = field(default=False, metadata={"help": "Print the results as one JSON object."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the Python code in the model folder(s) (a custom model family: config.json auto_map naming "
+                "classes in its modeling_*.py). It runs with your permissions: only for folders you trust."})
 
     def validate(self) -> None:
         if not self.model:
@@ -386,7 +398,7 @@ def _gold_main(argv: list[str]) -> int:
     from chatrlhf.generation import load_for_inference
 
     prompts = heldout_prompts(cfg.data, cfg.num_prompts, cfg.seed)
-    model, tok = load_for_inference(cfg.model, cfg.dtype)
+    model, tok = load_for_inference(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     res = gold_eval(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size, cfg.greedy)
     if cfg.json:
         print(json.dumps({"model": cfg.model, **res}, ensure_ascii=False, indent=1))

@@ -35,24 +35,26 @@ ROLES = ("system", "user", "assistant")
 
 
 # --------------------------------------------------------------------------------------------------- devices/loading
-def inference_device(device: str | None = None):
-    """The device to run inference on: ``device`` if given, else CPU when DeepSpeed is pinned to CPU, else the
-    accelerator torch reports (cuda, xpu, mps, hpu, ...), else CPU. Never hard-codes "cuda"."""
+def inference_device(device: str | None = None, dtype=None):
+    """The device to run inference on: ``device`` if given, else the accelerator DeepSpeed's detection picks (the
+    same choice as training: DS_ACCELERATOR when set, else XPU, NPU, ..., CUDA, else CPU). Never hard-codes
+    "cuda". Prints the device/dtype line (``dtype`` as resolve_dtype will resolve it) once per process."""
     import torch
 
-    if device:
-        return torch.device(device)
-    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu":
-        return torch.device("cpu")
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None and acc.is_available():
-        return acc.current_accelerator()
-    try:  # older torch: ask DeepSpeed, which knows the non-CUDA accelerators
-        from deepspeed.accelerator import get_accelerator
+    from chatrlhf.utils import accelerator_info, announce_device
 
-        return torch.device(get_accelerator().device_name())
-    except Exception:
-        return torch.device("cpu")
+    if device:
+        dev = torch.device(device)
+        info = {"name": dev.type, "count": 0, "how": "--device"}
+    else:
+        info = accelerator_info()
+        dev = torch.device("cpu" if info["name"] == "cpu" else info["name"])
+    td = resolve_dtype(dtype, dev)
+    shown = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(td, str(td))
+    auto = dtype in (None, "", "auto")
+    announce_device(shown, f"auto: {'fp32 on CPU' if dev.type == 'cpu' else shown + ' on ' + dev.type}" if auto
+                    else "--dtype", info)
+    return dev
 
 
 def resolve_dtype(dtype, device):
@@ -88,27 +90,32 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
                      f"OUTPUT/step1_sft or OUTPUT/step3_ppo/actor")
 
 
-def _load_tokenizer(path: Path):
+def _load_tokenizer(path: Path, trust_remote_code: bool = False):
     from chatrlhf.models.loading import load_tokenizer
 
-    return load_tokenizer(str(path), padding_side="left")
+    return load_tokenizer(str(path), padding_side="left", trust_remote_code=trust_remote_code)
 
 
-def _load_model(path: Path, dtype, tokenizer):
+def _load_model(path: Path, dtype, tokenizer, trust_remote_code: bool = False):
     from chatrlhf.models.loading import load_causal_lm
 
     # Passing the tokenizer makes the model's pad/eos ids agree with it (pad = eos confusion, problem 10).
-    return load_causal_lm(str(path), dtype=dtype, tokenizer=tokenizer)
+    return load_causal_lm(str(path), dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
 
 
-def load_for_inference(path: str | os.PathLike, dtype=None, device: str | None = None):
-    """Load (model, tokenizer) from a local checkpoint dir for generation. The tokenizer comes from the same dir."""
+def load_for_inference(path: str | os.PathLike, dtype=None, device: str | None = None,
+                       trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a local checkpoint dir for generation. The tokenizer comes from the same dir.
+    A custom family (its code in the folder) needs ``trust_remote_code``: refused in one line otherwise."""
+    from chatrlhf.models.loading import check_remote_code
+
     ckpt = resolve_checkpoint_dir(path)
-    dev = inference_device(device)
+    check_remote_code(ckpt, trust_remote_code)  # first: the refusal names the model's class, not the tokenizer's
+    dev = inference_device(device, dtype)
     torch_dtype = resolve_dtype(dtype, dev)
-    tok = _load_tokenizer(ckpt)
+    tok = _load_tokenizer(ckpt, trust_remote_code)
     tok.padding_side = "left"  # batched generation needs the prompts flush against the answer
-    model = _load_model(ckpt, torch_dtype, tok)
+    model = _load_model(ckpt, torch_dtype, tok, trust_remote_code)
     model.to(device=dev, dtype=torch_dtype)
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

@@ -1,16 +1,20 @@
-"""``chatrlhf train``: steps 1 -> 2 -> 3 (SFT, reward model, PPO) in one command, DeepSpeed-Chat's e2e launcher.
+"""``chatrlhf train``: steps 1 -> 2 -> 3 (SFT, reward model, PPO) in one command, DeepSpeed-Chat's e2e launcher;
+``--recipe dpo``: SFT -> DPO (``step1_sft/``, ``step2_dpo/``) instead.
 
 How a run goes, top to bottom:
 
 1. Resolve one full config per step: the step's dataclass defaults < values the pipeline derives (model paths,
-   output dirs, data flags, ZeRO stages) < the YAML's per-step section (``sft:``, ``reward:``, ``ppo:``).
-   The whole thing is written to ``OUTPUT/resolved_config.yaml``; ``chatrlhf train --config`` on that file
-   reproduces the run. Each step's own config goes to ``OUTPUT/stepN_*/step_config.yaml``.
-2. Preflight (``chatrlhf.preflight``): models, tokenizers, data and memory are checked before anything trains.
+   output dirs, data flags, ZeRO stages) < the YAML's per-step section (``sft:``, ``reward:``, ``ppo:``, ``dpo:``).
+   The whole thing is written to ``OUTPUT/resolved_config.yaml``, less what the pipeline derives (paths under the
+   output dir among them), so ``chatrlhf train --config`` on that file reproduces the run, also into another
+   ``--output_dir``. Each step's own config goes to ``OUTPUT/stepN_*/step_config.yaml``.
+2. Checks before anything runs: a selected step whose input (an earlier step's output) is missing is refused; a
+   finished step whose settings changed is refused with the differences (``--force_steps N`` trains it again).
+   Preflight (``chatrlhf.preflight``): models, tokenizers, data and memory.
 3. Each selected step runs as a subprocess (``python -m chatrlhf sft --config ...``, or under ``torchrun`` /
    the ``deepspeed`` launcher for single_node / multi_node), its output streamed to the terminal and to
-   ``stepN_*/train.log``. A step whose ``done.json`` exists is skipped; an interrupted one is simply rerun with
-   the same output dir and resumes from its own ``checkpoints/``.
+   ``stepN_*/train.log`` (clean lines: progress-bar redraws are dropped). A step whose ``done.json`` exists is
+   skipped; an interrupted one is simply rerun with the same output dir and resumes from its own ``checkpoints/``.
 4. ``OUTPUT/report.md`` via ``chatrlhf.report.write_report`` (when that module is available).
 
 Subprocesses (not in-process calls) because every step owns a DeepSpeed/torch.distributed world of its own, and
@@ -25,7 +29,9 @@ import importlib
 import json
 import logging
 import os
+import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,6 +66,25 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec(3, "ppo", "step3_ppo", "chatrlhf.steps.ppo", "PPOConfig"),
 )
 STEP_BY_NUMBER = {s.number: s for s in STEPS}
+# --recipe: the steps a run is made of. DeepSpeed-Chat ships DPO as its own step: SFT, then DPO on the pairs.
+RECIPES: dict[str, tuple[StepSpec, ...]] = {
+    "ppo": STEPS,
+    "dpo": (STEPS[0], StepSpec(2, "dpo", "step2_dpo", "chatrlhf.steps.dpo", "DPOConfig")),
+}
+SECTIONS = ("sft", "reward", "ppo", "dpo")
+# What a step takes from an earlier step's output: (that step's number, the fields that name the model instead).
+STEP_INPUTS: dict[str, tuple[tuple[int, tuple[str, ...]], ...]] = {
+    "ppo": ((1, ("actor_model_name_or_path", "model_name_or_path")), (2, ("critic_model_name_or_path",))),
+    "dpo": ((1, ("model_name_or_path",)),),
+}
+
+
+def recipe_steps(cfg: "TrainPipelineConfig") -> tuple[StepSpec, ...]:
+    return RECIPES.get(cfg.recipe, STEPS)
+
+
+def spec_by_number(cfg: "TrainPipelineConfig") -> dict[int, StepSpec]:
+    return {s.number: s for s in recipe_steps(cfg)}
 
 
 @dataclass
@@ -79,8 +104,16 @@ class TrainPipelineConfig:
     data_output_path: Optional[str] = field(default=None, metadata={
         "help": "Tokenized-data cache dir (default OUTPUT/data_cache; multi_node: the steps' node-local default). "
                 "Must be node-local on multi-node runs."})
+    recipe: str = field(default="ppo", metadata={
+        "help": "ppo: SFT -> reward model -> PPO (step1_sft, step2_reward, step3_ppo); dpo: SFT -> DPO on the "
+                "preference pairs (step1_sft, step2_dpo; no reward model, the third share of --data_split unused)."})
     step: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={
-        "help": "Which steps to run, e.g. --step 2 3. Steps left out use their earlier output when present."})
+        "help": "Which steps to run, e.g. --step 2 3 (--recipe dpo: 1 2). A step left out must have finished "
+                "in this output dir before when a selected step trains from its output (or name that model in "
+                "the step's section, e.g. --ppo '{critic_model_name_or_path: DIR}')."})
+    force_steps: list[int] = field(default_factory=list, metadata={
+        "help": "Train these finished steps again from the start (their output and checkpoints are replaced), "
+                "e.g. after changing their settings; finished steps that train from their output rerun too."})
     actor_zero_stage: Optional[int] = field(default=None, metadata={
         "help": "ZeRO stage (0-3) for the actor: step 1 and the PPO actor. Default: each step's default."})
     reward_zero_stage: Optional[int] = field(default=None, metadata={
@@ -88,8 +121,9 @@ class TrainPipelineConfig:
     output_dir: str = field(default="output", metadata={
         "help": "Run dir: step1_sft/, step2_reward/, step3_ppo/, resolved_config.yaml, report.md."})
     deployment_type: str = field(default="auto", metadata={
-        "help": "cpu | single_gpu (one process) | single_node (torchrun, --num_gpus procs) | multi_node "
-                "(deepspeed launcher with --hostfile) | auto (cpu without a GPU, else single_gpu/single_node)."})
+        "help": "cpu (one process on the CPU, also on a host with an accelerator) | single_gpu (one process) | "
+                "single_node (torchrun, --num_gpus procs) | multi_node (deepspeed launcher with --hostfile) | auto "
+                "(cpu when DeepSpeed finds no accelerator, else single_gpu/single_node)."})
     num_gpus: Optional[int] = field(default=None, metadata={
         "help": "Processes per node for single_node/multi_node (GPUs; on CPU: worker processes). "
                 "Default: all visible GPUs (CPU: 2)."})
@@ -98,6 +132,11 @@ class TrainPipelineConfig:
     master_addr: Optional[str] = field(default=None, metadata={
         "help": "multi_node: address of node 0 (default: the deepspeed launcher infers it)."})
     master_port: int = field(default=29500, metadata={"help": "multi_node: rendezvous port on node 0."})
+    no_ssh: bool = field(default=False, metadata={
+        "help": "multi_node without ssh/pdsh (Slurm, Kubernetes, ...): start this same command on every node of "
+                "the hostfile yourself, each with its own --node_rank; needs --master_addr."})
+    node_rank: Optional[int] = field(default=None, metadata={
+        "help": "multi_node --no_ssh: this node's index in the hostfile (0 = the first line, which hosts rank 0)."})
     seed: int = field(default=1234, metadata={"help": "Random seed passed to every step."})
     sft: dict = field(default_factory=dict, metadata={
         "help": "Step-1 options merged over the pipeline-derived ones: a YAML section `sft: {learning_rate: 1e-4}` "
@@ -106,6 +145,8 @@ class TrainPipelineConfig:
         "help": "Step-2 options (YAML section `reward:` or --reward '{...}')."})
     ppo: dict = field(default_factory=dict, metadata={
         "help": "Step-3 options (YAML section `ppo:` or --ppo '{...}')."})
+    dpo: dict = field(default_factory=dict, metadata={
+        "help": "--recipe dpo: step-2 DPO options (YAML section `dpo:` or --dpo '{beta: 0.1}')."})
     dry_run: bool = field(default=False, metadata={
         "help": "Resolve and write the configs, print each step's command line, run nothing."})
     preflight_only: bool = field(default=False, metadata={
@@ -114,14 +155,29 @@ class TrainPipelineConfig:
     memory_budget_gb: Optional[float] = field(default=None, metadata={
         "help": "Preflight: memory per rank in GB to plan against, instead of the detected free memory."})
     report: bool = field(default=True, metadata={"help": "Write OUTPUT/report.md after the steps."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the Python code in the model folders (a custom model family: config.json auto_map naming "
+                "classes in its modeling_*.py); passed to every step. It runs with your permissions: only for "
+                "folders you trust."})
 
     def validate(self) -> None:
         problems = []
         if self.deployment_type not in DEPLOYMENT_TYPES:
             problems.append(f"--deployment_type must be one of {', '.join(DEPLOYMENT_TYPES)}, got {self.deployment_type!r}")
-        bad = [s for s in self.step if s not in STEP_BY_NUMBER]
+        if self.recipe not in RECIPES:
+            problems.append(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        numbers = [s.number for s in recipe_steps(self)]
+        names = [s.name for s in recipe_steps(self)]
+        if self.recipe == "dpo" and self.step == [1, 2, 3]:  # --step's default: all of the ppo recipe's steps
+            self.step = [1, 2]
+        bad = [s for s in self.step if s not in numbers]
         if bad or not self.step:
-            problems.append(f"--step takes numbers from 1 2 3, got {' '.join(map(str, self.step)) or 'nothing'}")
+            problems.append(f"--step takes numbers from {' '.join(map(str, numbers))}, got "
+                            f"{' '.join(map(str, self.step)) or 'nothing'} (--recipe {self.recipe}: {' -> '.join(names)})")
+        bad = [s for s in self.force_steps if s not in self.step]
+        if bad:
+            problems.append(f"--force_steps {' '.join(map(str, bad))}: not among the steps this run runs "
+                            f"(--step {' '.join(map(str, self.step))})")
         for name in ("actor_zero_stage", "reward_zero_stage"):
             v = getattr(self, name)
             if v is not None and v not in (0, 1, 2, 3):
@@ -132,9 +188,24 @@ class TrainPipelineConfig:
             problems.append(f"--hostfile {self.hostfile}: file not found")
         if self.num_gpus is not None and self.num_gpus < 1:
             problems.append(f"--num_gpus must be at least 1, got {self.num_gpus}")
-        for sec in ("sft", "reward", "ppo"):
+        if self.no_ssh or self.node_rank is not None:
+            if self.deployment_type != "multi_node":
+                problems.append("--no_ssh / --node_rank are for --deployment_type multi_node")
+            elif not self.no_ssh:
+                problems.append("--node_rank is for --no_ssh runs (with ssh, node 0 starts every node itself)")
+            elif self.node_rank is None or not self.master_addr:
+                problems.append("--no_ssh needs --node_rank (this node's line in the hostfile, from 0) and "
+                                "--master_addr (node 0's address, reachable from every node)")
+            elif self.hostfile and Path(self.hostfile).is_file():
+                n = len(hostfile_slots(self.hostfile))
+                if not 0 <= self.node_rank < n:
+                    problems.append(f"--node_rank must be in 0..{n - 1} (the hostfile {self.hostfile} has {n} "
+                                    f"node(s)), got {self.node_rank}")
+        for sec in SECTIONS:
             if not isinstance(getattr(self, sec), dict):
                 problems.append(f"section {sec!r} must be a mapping of option names to values")
+            elif getattr(self, sec) and sec not in names and self.recipe in RECIPES:
+                problems.append(f"section {sec!r} is not a step of --recipe {self.recipe} ({', '.join(names)})")
         if problems:
             raise ConfigError("; ".join(problems))
         self.step = sorted(set(self.step))
@@ -155,16 +226,23 @@ def resolve_deployment(cfg: TrainPipelineConfig) -> tuple[str, int]:
 
 
 def _visible_gpus() -> int:
-    """Accelerator devices on this node through DeepSpeed's abstraction (CUDA, NPU, XPU, ...); 0 on CPU."""
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        return 0
-    try:
-        from deepspeed.accelerator import get_accelerator
+    """Accelerator devices on this node as DeepSpeed's detection sees them (CUDA, NPU, XPU, ...); 0 on CPU."""
+    from chatrlhf.utils import accelerator_info
 
-        acc = get_accelerator()
-        return 0 if acc.device_name() == "cpu" else int(acc.device_count())
-    except Exception:
-        return 0
+    info = accelerator_info()
+    return 0 if info["name"] == "cpu" else info["count"]
+
+
+def hostfile_slots(path: str) -> list[tuple[str, Optional[int]]]:
+    """(host, slots or None) per line of an MPI-style hostfile, in order (node_rank = position)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        n = [p.split("=", 1)[1] for p in line.split()[1:] if p.startswith("slots=")]
+        out.append((line.split()[0], int(n[0]) if n and n[0].isdigit() else None))
+    return out
 
 
 def world_size_of(cfg: TrainPipelineConfig) -> int:
@@ -172,13 +250,7 @@ def world_size_of(cfg: TrainPipelineConfig) -> int:
     dep, nproc = resolve_deployment(cfg)
     if dep != "multi_node" or not cfg.hostfile or not Path(cfg.hostfile).is_file():
         return nproc
-    slots = []
-    for line in Path(cfg.hostfile).read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        n = [int(p.split("=", 1)[1]) for p in line.split()[1:] if p.startswith("slots=")]
-        slots.append(min(n[0], cfg.num_gpus) if n and cfg.num_gpus else (n[0] if n else nproc))
+    slots = [min(n, cfg.num_gpus) if n and cfg.num_gpus else (n or nproc) for _, n in hostfile_slots(cfg.hostfile)]
     return sum(slots) or nproc
 
 
@@ -200,10 +272,13 @@ def launch_command(cfg: TrainPipelineConfig, spec: StepSpec, step_config: Path) 
         return [*runner, "--standalone", f"--nproc_per_node={nproc}", "-m", *module_args]
     # multi_node: DeepSpeed's launcher ssh-es (pdsh) into every host of the hostfile and starts nproc ranks on
     # each; --no_local_rank because ranks read LOCAL_RANK from the environment, not from an argument.
+    # --no_ssh: this launcher starts only this node's ranks (--node_rank); every node runs the same command.
     cmd = [_sibling_tool("deepspeed") or "deepspeed", "--hostfile", str(cfg.hostfile), "--no_local_rank",
            "--master_port", str(cfg.master_port)]
     if cfg.master_addr:
         cmd += ["--master_addr", cfg.master_addr]
+    if cfg.no_ssh:
+        cmd += ["--no_ssh", "--node_rank", str(cfg.node_rank)]
     if cfg.num_gpus:
         cmd += ["--num_gpus", str(cfg.num_gpus)]
     return [*cmd, "--module", *module_args]
@@ -220,6 +295,11 @@ def launch_env(cfg: TrainPipelineConfig) -> dict[str, str]:
     port, so runs side by side do not collide); one OpenMP thread pool per rank that does not oversubscribe."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    # The step's output reaches the terminal through a pipe: bars only when this command is on a terminal (the
+    # log file gets clean lines either way, see LogCleaner).
+    env.setdefault("CHATRLHF_PROGRESS", "1" if _stdout_is_tty() else "0")
+    if cfg.deployment_type == "cpu":  # asked for by name: a host with an accelerator trains on the CPU all the same
+        env.setdefault("DS_ACCELERATOR", "cpu")
     dep, nproc = resolve_deployment(cfg)
     if dep in ("cpu", "single_gpu"):
         for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
@@ -262,6 +342,7 @@ def derived_step_values(cfg: TrainPipelineConfig, spec: StepSpec) -> dict[str, A
         "data_split": cfg.data_split,
         "data_output_path": cfg.data_output_path,
         "seed": cfg.seed,
+        "trust_remote_code": cfg.trust_remote_code,
     }
     if not cfg.data_output_path and resolve_deployment(cfg)[0] != "multi_node":
         # A cache per run dir; multi-node keeps the steps' node-local default (nodes would race on a shared disk).
@@ -271,6 +352,11 @@ def derived_step_values(cfg: TrainPipelineConfig, spec: StepSpec) -> dict[str, A
                       zero_stage=cfg.actor_zero_stage)
     elif spec.name == "reward":
         common.update(model_name_or_path=cfg.reward_model, zero_stage=cfg.reward_zero_stage)
+    elif spec.name == "dpo":
+        # the policy (and its frozen reference) is step 1's actor, as PPO's is
+        sft_out = step_dir(cfg, STEP_BY_NUMBER[1])
+        common.update(model_name_or_path=str(sft_out) if (1 in cfg.step or is_done(sft_out)) else cfg.actor_model,
+                      zero_stage=cfg.actor_zero_stage)
     else:
         # The actor comes from step 1 and critic + reward model from step 2, when those ran or will run here;
         # otherwise (e.g. --step 3 alone on fresh dirs) straight from --actor_model / --reward_model.
@@ -309,17 +395,40 @@ def _yaml_dump(data: Any) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False, default_flow_style=False)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as YAML/JSON gives it back (lists, not tuples; paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+RESOLVED_HEADER = """\
+# `chatrlhf train --config THIS_FILE` replays this run; add --output_dir NEW to replay it elsewhere (the old run
+# is not touched). What the pipeline derives from the flags above (each step's output_dir, the data cache, the
+# models a step takes from an earlier step or from --actor_model/--reward_model, data and seed flags) is left out
+# of the step sections, so it follows the replay's own flags. Each step's exact config: <step dir>/step_config.yaml.
+"""
+
+
 def resolved_config_dict(cfg: TrainPipelineConfig, step_cfgs: dict[str, Any]) -> dict[str, Any]:
-    """Pipeline flags + every step's full config as its section: fed back with --config it reproduces the run."""
+    """Pipeline flags + every step's config as its section, less the values the pipeline derives (unless the
+    section set them): fed back with --config it reproduces the run, and into another --output_dir it writes
+    there only (derived paths no longer point into this run)."""
     d = dataclasses.asdict(cfg)
-    for k in ("dry_run", "preflight_only"):  # how this invocation was called, not what the run is
+    # how this invocation was called, not what the run is
+    for k in ("dry_run", "preflight_only", "node_rank", "force_steps"):
         d.pop(k, None)
     dep, nproc = resolve_deployment(cfg)
-    d["deployment_type"] = dep
+    # "auto" stays auto (it resolved to this machine's devices; a replay elsewhere resolves it there)
     if dep in ("single_node", "multi_node"):
         d["num_gpus"] = nproc
+    specs = {s.name: s for s in recipe_steps(cfg)}
+    for sec in SECTIONS:
+        if sec not in specs:
+            d.pop(sec, None)  # sections of the other recipe (empty; validate refuses them otherwise)
     for name, obj in step_cfgs.items():
-        d[name] = dataclasses.asdict(obj)
+        full = _plain(dataclasses.asdict(obj))
+        derived = _plain(derived_step_values(cfg, specs[name]))
+        user = {str(k).replace("-", "_") for k in (getattr(cfg, name) or {})}
+        d[name] = {k: v for k, v in full.items() if k in user or k not in derived or derived[k] != v}
     return d
 
 
@@ -337,10 +446,48 @@ def _step_num(name: str) -> int:
         return -1
 
 
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+class LogCleaner:
+    """A terminal stream -> clean log lines: a line redrawn with carriage returns (tqdm's bars) keeps only what was
+    drawn last, a line left blank by that (a bar cleared on close) is dropped, ANSI escapes go."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        *lines, self.buf = (self.buf + chunk).split(b"\n")
+        if len(self.buf) > 1 << 16 and b"\r" in self.buf:  # a bar redrawn for long without a newline
+            self.buf = self.buf[self.buf.rindex(b"\r"):]
+        return b"".join(self._clean(line) for line in lines)
+
+    def flush(self) -> bytes:
+        rest, self.buf = self.buf, b""
+        return self._clean(rest) if rest else b""
+
+    @staticmethod
+    def _clean(line: bytes) -> bytes:
+        if b"\r" in line or b"\x1b" in line:
+            line = _ANSI.sub(b"", line).rstrip(b"\r").rsplit(b"\r", 1)[-1]
+            if not line.strip():
+                return b""
+        return line + b"\n"
+
+
+def _stdout_is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def run_subprocess(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-    """Run a step, streaming its output byte-chunks (tqdm's carriage returns intact) to stdout and a log file."""
+    """Run a step, streaming its output to stdout as it comes (progress bars intact) and to a log file as clean
+    lines (LogCleaner)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    cleaner = LogCleaner()
     with open(log_path, "ab") as log:
         log.write(f"\n$ {shlex.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -349,10 +496,11 @@ def run_subprocess(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
                 chunk = os.read(proc.stdout.fileno(), 8192)
                 if not chunk:
                     break
-                log.write(chunk)
+                log.write(cleaner.feed(chunk))
                 log.flush()
                 sys.stdout.write(decoder.decode(chunk))
                 sys.stdout.flush()
+            log.write(cleaner.flush())
             return proc.wait()
         except BaseException:
             # Ctrl-C / kill of the pipeline: stop the step too (it resumes from its checkpoints on rerun).
@@ -373,36 +521,199 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _read_yaml(path: Path) -> Optional[dict]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ------------------------------------------------------------------------------------------ checks before running
+def check_step_inputs(cfg: TrainPipelineConfig) -> None:
+    """Refuse a selected step that trains from an earlier step's output when that step neither runs now nor
+    finished in this output dir: it would silently start from the base model instead (``--step 3`` alone on a
+    fresh dir: PPO with an untrained reward model). Naming the model in the step's section allows it."""
+    by_num = spec_by_number(cfg)
+    problems, fixes, needed = [], [], set(cfg.step)
+    for spec in recipe_steps(cfg):
+        if spec.number not in cfg.step:
+            continue
+        section = {str(k).replace("-", "_"): v for k, v in (getattr(cfg, spec.name) or {}).items()}
+        missing = []
+        for num, fields in STEP_INPUTS.get(spec.name, ()):
+            if num in cfg.step or is_done(step_dir(cfg, by_num[num])):
+                continue
+            named = [f for f in fields if section.get(f)]
+            if spec.name == "ppo" and num == 2 and section.get("algo", "ppo") != "ppo":
+                named += [f for f in ("reward_model_name_or_path",) if section.get(f)]  # no critic to train
+            if not named:
+                missing.append((by_num[num], fields[0]))
+        if missing:
+            needed |= {d.number for d, _ in missing}
+            problems.append(f"step {spec.number} ({spec.name}) trains from the output of "
+                            f"{' and '.join(f'step {d.number} ({d.name})' for d, _ in missing)}, but "
+                            f"{' and '.join(str(step_dir(cfg, d)) for d, _ in missing)} "
+                            f"{'has' if len(missing) == 1 else 'have'} no finished run (no done.json)")
+            fixes.append(f"--{spec.name} '{{{', '.join(f'{f}: DIR' for _, f in missing)}}}'")
+    if problems:
+        raise UserError("; ".join(problems) + f"; run {'it' if len(needed - set(cfg.step)) == 1 else 'them'} here "
+                        f"too (--step {' '.join(map(str, sorted(needed)))}) or name the model(s): {' '.join(fixes)}")
+
+
+def _norm_value(v: Any) -> Any:
+    """Paths compared as the files they name (a relative and an absolute spelling of one dir are equal)."""
+    if isinstance(v, list):
+        return [_norm_value(x) for x in v]
+    if isinstance(v, str) and v and os.path.exists(v):
+        return str(Path(v).resolve())
+    return v
+
+
+def _show_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, str):
+        return v if v and " " not in v else json.dumps(v)
+    return json.dumps(v)
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """``--flag old -> new`` for each setting of a step that changes what it trains (output, logging and other
+    fields a resumed run may change, as the steps' own resume check, are left out)."""
+    from chatrlhf.steps.common import RESUME_FREE_FIELDS
+
+    return [f"--{k} {_show_value(old[k])} -> {_show_value(new[k])}" for k in new
+            if k in old and k not in RESUME_FREE_FIELDS and _norm_value(old[k]) != _norm_value(new[k])]
+
+
+def step_inputs(cfg: TrainPipelineConfig, spec: StepSpec, step_cfg: Any) -> set[int]:
+    """Numbers of the earlier steps whose output dir this step's config names as a model."""
+    dirs = {s.number: step_dir(cfg, s).resolve() for s in recipe_steps(cfg) if s.number < spec.number}
+    out = set()
+    for f in dataclasses.fields(step_cfg):
+        v = getattr(step_cfg, f.name)
+        if f.name.endswith("model_name_or_path") and isinstance(v, str) and v:
+            out |= {n for n, d in dirs.items() if Path(v).resolve() == d}
+    return out
+
+
+def plan_reruns(cfg: TrainPipelineConfig, selected: list[StepSpec], step_cfgs: dict[str, Any]) -> dict[int, str]:
+    """Finished steps that train again from the start -> why: ``--force_steps``, or an earlier step whose output
+    they train from runs now (they were trained on its old output). A finished step whose settings changed and
+    that is not forced: UserError naming each difference and what to do."""
+    changed = []
+    for spec in selected:
+        sdir = step_dir(cfg, spec)
+        if not is_done(sdir) or spec.number in cfg.force_steps:
+            continue
+        old = _read_yaml(sdir / "step_config.yaml")
+        diffs = settings_diff(old, _plain(dataclasses.asdict(step_cfgs[spec.name]))) if old else []
+        if diffs:
+            changed.append((spec, diffs))
+    if changed:
+        one = len(changed) == 1
+        raise UserError(
+            "; ".join(f"step {s.number} ({s.name}) finished with other settings: {', '.join(d)}" for s, d in changed)
+            + f"; to train {'it' if one else 'them'} again with these settings add --force_steps "
+            f"{' '.join(str(s.number) for s, _ in changed)} (finished steps that train from {'its' if one else 'their'}"
+            " output rerun too), or write to a new --output_dir")
+    rerun = {n: "--force_steps" for n in cfg.force_steps if is_done(step_dir(cfg, spec_by_number(cfg)[n]))}
+    runs = set()
+    for spec in selected:
+        if spec.number in rerun or not is_done(step_dir(cfg, spec)):
+            runs.add(spec.number)
+            continue
+        ahead = sorted(step_inputs(cfg, spec, step_cfgs[spec.name]) & runs)
+        if ahead:
+            rerun[spec.number] = (f"it trains from step {' and '.join(map(str, ahead))}'s output, which is "
+                                  "trained again")
+            runs.add(spec.number)
+    return rerun
+
+
+def _clear_finished(sdir: Path) -> None:
+    """A finished step about to train again from the start: no done.json (it is not finished until it is) and no
+    resumable state of the earlier training (the step would resume it)."""
+    (sdir / "done.json").unlink(missing_ok=True)
+    shutil.rmtree(sdir / "checkpoints", ignore_errors=True)
+
+
+def _announce_device(cfg: TrainPipelineConfig, step_cfgs: dict[str, Any], selected: list[StepSpec]) -> None:
+    """The device/dtype line of ``chatrlhf train``: what its steps will use."""
+    from chatrlhf.utils import accelerator_info, announce_device, train_dtype
+
+    flags = {s.name: str(getattr(step_cfgs[s.name], "dtype", "auto")) for s in selected if s.name in step_cfgs}
+    if cfg.deployment_type == "cpu":
+        from chatrlhf.engine.strategy import cpu_supports_bf16
+
+        info = {"name": "cpu", "count": 0, "how": "--deployment_type cpu"}
+        auto = ("bf16", "auto: AVX512-BF16/AMX on this CPU") if cpu_supports_bf16() else \
+            ("fp32", "auto: no AVX512-BF16/AMX on this CPU")
+        per = {k: auto if f == "auto" else (f, "--dtype") for k, f in flags.items()}
+    else:
+        info = accelerator_info()
+        per = {k: train_dtype(f) for k, f in flags.items()}
+    kinds = set(per.values())
+    if len(kinds) <= 1:
+        dtype, why = next(iter(kinds), ("fp32", "no step selected"))
+    else:
+        dtype, why = ", ".join(f"{k} {d}" for k, (d, _) in per.items()), "per step --dtype"
+    announce_device(dtype, why, info)
+
+
+def _wait_for_done(sdir: Path, timeout: float = 120.0) -> bool:
+    """--no_ssh node > 0: rank 0 (on node 0) writes done.json; on a shared filesystem it may show up here late."""
+    deadline = time.time() + timeout
+    while not is_done(sdir) and time.time() < deadline:
+        time.sleep(0.5)
+    return is_done(sdir)
+
+
 # ------------------------------------------------------------------------------------------ the pipeline
 def run_train(cfg: TrainPipelineConfig) -> dict:
     """Run the selected steps; returns {"output_dir", "deployment_type", "world_size", "steps": {name: {...}}}."""
     out = Path(cfg.output_dir)
     dep, nproc = resolve_deployment(cfg)
     world = world_size_of(cfg)
+    steps = recipe_steps(cfg)
+    # --no_ssh: every node runs this pipeline; node 0 keeps the run's books (resolved config, timings, report)
+    node0 = not cfg.no_ssh or cfg.node_rank == 0
 
-    # 1. Resolve every step's config (all three, so resolved_config.yaml is complete even for --step 3).
+    # 1. Resolve every step's config (all of the recipe's, so resolved_config.yaml is complete even for --step 3).
     missing = []
-    for spec in STEPS:
+    for spec in steps:
         if spec.number in cfg.step and spec.name == "sft" and not cfg.actor_model and "model_name_or_path" not in cfg.sft:
             missing.append("--actor_model (step 1 trains it)")
         if spec.number in cfg.step and spec.name == "reward" and not cfg.reward_model and "model_name_or_path" not in cfg.reward:
             missing.append("--reward_model (step 2 trains it)")
-    if not cfg.data_path and not all(cfg_sec.get("data_path") for cfg_sec in (cfg.sft, cfg.reward, cfg.ppo)):
+    if not cfg.data_path and not all(getattr(cfg, s.name).get("data_path") for s in steps):
         missing.append("--data_path")
     if missing:
         raise UserError("missing " + ", ".join(missing))
+    check_step_inputs(cfg)
     step_cfgs: dict[str, Any] = {}
-    for spec in STEPS:
+    for spec in steps:
         if spec.number in cfg.step or _importable(spec):
             step_cfgs[spec.name] = resolve_step_config(cfg, spec)
+    selected = [s for s in steps if s.number in cfg.step]
+    _announce_device(cfg, step_cfgs, selected)
+    for spec in selected:  # e.g. a resolved_config.yaml of an older chatrlhf, which baked each step's dir in
+        where = Path(step_cfgs[spec.name].output_dir).resolve()
+        if not where.is_relative_to(out.resolve()):
+            print(f"[chatrlhf train] note: step {spec.number} ({spec.name}) writes to {where}, outside --output_dir "
+                  f"{out} (its section sets output_dir)", flush=True)
+    rerun = plan_reruns(cfg, selected, step_cfgs)
 
     out.mkdir(parents=True, exist_ok=True)
-    resolved = resolved_config_dict(cfg, step_cfgs)
-    atomic_write_text(out / "resolved_config.yaml", _yaml_dump(resolved))
+    if node0:
+        resolved = resolved_config_dict(cfg, step_cfgs)
+        atomic_write_text(out / "resolved_config.yaml", RESOLVED_HEADER + _yaml_dump(resolved))
     logger.info("pipeline: %s, %d rank(s); resolved config -> %s", dep, world, out / "resolved_config.yaml")
 
-    selected = [s for s in STEPS if s.number in cfg.step]
-    pending = [s for s in selected if not is_done(step_dir(cfg, s))]
+    pending = [s for s in selected if s.number in rerun or not is_done(step_dir(cfg, s))]
 
     # 2. Preflight: everything that can be checked before a step trains, all problems reported at once.
     if not cfg.skip_preflight and not cfg.dry_run and (pending or cfg.preflight_only):
@@ -424,16 +735,19 @@ def run_train(cfg: TrainPipelineConfig) -> dict:
         sdir.mkdir(parents=True, exist_ok=True)
         step_config = sdir / "step_config.yaml"
         step_text = _yaml_dump(dataclasses.asdict(step_cfgs[spec.name]))
-        if is_done(sdir):
-            old = step_config.read_text(encoding="utf-8") if step_config.is_file() else None
-            if old is not None and old != step_text:
-                logger.warning("%s: its config changed since it finished; delete %s to retrain it", spec.dirname, sdir)
+        if is_done(sdir) and spec.number not in rerun:
             print(f"[chatrlhf train] step {spec.number} ({spec.name}): already done ({sdir / 'done.json'}), skipping",
                   flush=True)
             results[spec.name] = {"status": "skipped", "output_dir": str(sdir),
                                   "metrics": _read_json(sdir / "done.json").get("metrics", {}),
                                   "wall_s": timings.get(spec.name, {}).get("wall_s")}
             continue
+        if spec.number in rerun:
+            print(f"[chatrlhf train] step {spec.number} ({spec.name}): finished before; "
+                  f"{'would train' if cfg.dry_run else 'trains'} again from the start ({rerun[spec.number]})",
+                  flush=True)
+            if node0 and not cfg.dry_run:
+                _clear_finished(sdir)
         atomic_write_text(step_config, step_text)  # also on --dry_run, so the printed command runs as shown
         cmd = launch_command(cfg, spec, step_config)
         if cfg.dry_run:
@@ -445,15 +759,17 @@ def run_train(cfg: TrainPipelineConfig) -> dict:
             print(f"[chatrlhf train] step {spec.number} ({spec.name}): resuming from {ckpt}", flush=True)
         print(f"[chatrlhf train] step {spec.number} ({spec.name}): starting -> {sdir}\n  $ {shlex.join(cmd)}", flush=True)
         t0 = time.time()
-        rc = run_subprocess(cmd, launch_env(cfg), sdir / "train.log")
+        log_name = "train.log" if node0 else f"train.node{cfg.node_rank}.log"  # nodes share the step dir
+        rc = run_subprocess(cmd, launch_env(cfg), sdir / log_name)
         wall = time.time() - t0
-        if rc != 0 or not is_done(sdir):
+        if rc != 0 or not (is_done(sdir) or (not node0 and _wait_for_done(sdir))):
             why = f"exited with code {rc}" if rc != 0 else "exited without writing done.json"
-            raise UserError(f"step {spec.number} ({spec.name}) {why}; log: {sdir / 'train.log'}. "
+            raise UserError(f"step {spec.number} ({spec.name}) {why}; log: {sdir / log_name}. "
                             f"Rerun the same command to resume from its last checkpoint.")
         prev = timings.get(spec.name, {}).get("wall_s", 0.0) if ckpt else 0.0
         timings[spec.name] = {"wall_s": round(wall + prev, 2), "resumed": bool(ckpt)}
-        atomic_write_json(timings_path, timings)
+        if node0:
+            atomic_write_json(timings_path, timings)
         results[spec.name] = {"status": "ran", "output_dir": str(sdir), "wall_s": round(wall, 2),
                               "metrics": _read_json(sdir / "done.json").get("metrics", {})}
         print(f"[chatrlhf train] step {spec.number} ({spec.name}): done in {wall:.1f}s", flush=True)
@@ -463,7 +779,7 @@ def run_train(cfg: TrainPipelineConfig) -> dict:
         return summary
 
     # 4. Report.
-    if cfg.report:
+    if cfg.report and node0:
         summary["report"] = write_run_report(out)
     return summary
 
@@ -491,14 +807,14 @@ def write_run_report(out: Path) -> Optional[str]:
     return str(path) if path else str(out / "report.md")
 
 
-def _pop_section_flags(argv: list[str]) -> tuple[list[str], dict[str, dict]]:
+def _pop_section_flags(argv: list[str], names: tuple[str, ...] = ("sft", "reward", "ppo")) -> tuple[list[str], dict[str, dict]]:
     """Take ``--sft '{learning_rate: 1e-4}'`` (YAML/JSON mappings) off the command line; they are merged over the
     config file's sections after parsing, so the command line wins as for every other flag."""
     rest, sections, i = [], {}, 0
     while i < len(argv):
         a = argv[i]
         name, _, inline = a[2:].partition("=") if a.startswith("--") else ("", "", "")
-        if name in ("sft", "reward", "ppo"):
+        if name in names:
             text = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
             i += 1 if inline else 2
             import yaml
@@ -517,11 +833,14 @@ def _pop_section_flags(argv: list[str]) -> tuple[list[str], dict[str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv, cli_sections = _pop_section_flags(list(sys.argv[1:] if argv is None else argv))
+    argv, cli_sections = _pop_section_flags(list(sys.argv[1:] if argv is None else argv), SECTIONS)
     cfg = parse_config(TrainPipelineConfig, argv, prog="chatrlhf train",
-                       description="Run steps 1 -> 2 -> 3 (SFT, reward model, PPO) in one command.")
+                       description="Run steps 1 -> 2 -> 3 (SFT, reward model, PPO) in one command, or SFT -> DPO "
+                                   "with --recipe dpo.")
     for name, values in cli_sections.items():
         getattr(cfg, name).update(values)
+    if cli_sections:
+        cfg.validate()  # a --dpo section on a ppo-recipe run (and the like) is refused as a file's would be
     summary = run_train(cfg)
     if summary.get("steps"):
         done = ", ".join(f"{k}: {v['status']}" for k, v in summary["steps"].items())

@@ -19,7 +19,6 @@ DeepSpeed-Chat users found out about a wrong tokenizer, a bad data row or an out
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -55,15 +54,16 @@ def _weights_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
 
 
-def inspect_model(path: str) -> ModelInfo:
+def inspect_model(path: str, trust_remote_code: bool = False) -> ModelInfo:
     """Shape and parameter count from the config, via a meta-device skeleton (no weight memory)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    # trust_remote_code always explicit: transformers' default (None) asks on stdin
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     text = getattr(config, "get_text_config", lambda: config)()
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(text)
+        skeleton = AutoModelForCausalLM.from_config(text, trust_remote_code=trust_remote_code)
     n_params = sum(p.numel() for p in skeleton.parameters())
 
     def first(*names, default=None):
@@ -82,9 +82,12 @@ def inspect_model(path: str) -> ModelInfo:
                      vocab=int(first("vocab_size")), max_positions=positions)
 
 
-def check_model(role: str, path: Optional[str], problems: list[str]) -> tuple[Optional[ModelInfo], Any]:
+def check_model(role: str, path: Optional[str], problems: list[str],
+                trust_remote_code: bool = False) -> tuple[Optional[ModelInfo], Any]:
     """-> (ModelInfo, tokenizer), appending to ``problems`` what fails. Reward-model dirs from step 2 (a body
-    plus value head) are inspected as their body."""
+    plus value head) are inspected as their body. A custom family (its code in the folder) without
+    ``trust_remote_code`` stops the preflight at once with one ModelError naming the folder, its auto_map class and
+    --trust_remote_code: nothing else about such a model can be checked without running its code."""
     if not path:
         return None, None
     p = Path(path)
@@ -94,20 +97,26 @@ def check_model(role: str, path: Optional[str], problems: list[str]) -> tuple[Op
     if not (p / "config.json").is_file():
         problems.append(f"{role} model {path}: not a Hugging Face model dir (no config.json)")
         return None, None
-    from chatrlhf.models.loading import load_causal_lm, load_tokenizer
+    from chatrlhf.errors import ModelError
+    from chatrlhf.models.loading import check_remote_code, load_causal_lm, load_tokenizer
 
+    try:
+        check_remote_code(p, trust_remote_code)
+    except ModelError as e:
+        raise ModelError(f"{role} model {e}") from None
     info, tok = None, None
     try:
-        tok = load_tokenizer(path)
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # ModelError or whatever the tokenizer files raise: report, keep checking
         problems.append(f"{role} tokenizer {path}: {_one_line(e)}")
     try:
-        info = inspect_model(path)
+        info = inspect_model(path, trust_remote_code)
         weights = _weights_bytes(p)
         if weights == 0:
             problems.append(f"{role} model {path}: no weight files (*.safetensors / *.bin)")
         elif weights <= FULL_LOAD_LIMIT and not _is_reward_dir(p):
-            del_model = load_causal_lm(path)  # small enough to really load: catches broken weight files
+            # small enough to really load: catches broken weight files
+            del_model = load_causal_lm(path, trust_remote_code=trust_remote_code)
             del del_model
     except Exception as e:
         problems.append(f"{role} model {path}: does not load: {_one_line(e)}")
@@ -200,7 +209,7 @@ def static_memory(n_params: int, zero_stage: int, dtype: str, world_size: int, o
     weights = n_params * w / (ws if zero_stage >= 3 else 1)
     grads = trainable * w / (ws if zero_stage >= 2 else 1)
     optim = trainable * (8 if w == 4 else 12) / (ws if zero_stage >= 1 else 1)
-    if offload and not on_cpu:
+    if offload and zero_stage >= 1 and not on_cpu:  # ZeRO-0 cannot offload (the steps refuse it)
         optim = 0
         if zero_stage >= 3:
             weights = 0
@@ -276,6 +285,14 @@ def estimate_step_memory(step: str, cfg: dict, actor: Optional[ModelInfo], rewar
         trained("reward", reward, int(_get(cfg, "zero_stage", default=0)), bool(_get(cfg, "offload", default=False)),
                 2 * int(_get(cfg, "per_device_train_batch_size", default=16)), int(_get(cfg, "max_seq_len", default=512)),
                 bool(_get(cfg, "gradient_checkpointing", default=False)), False, lora)
+    elif step == "dpo" and actor:
+        lora = _lora_trainable(actor, _get(cfg, "lora_dim", default=0), _get(cfg, "only_optimize_lora", default=False))
+        # chosen and rejected go through the policy together (twice the micro-batch), and a frozen reference copy
+        trained("policy", actor, int(_get(cfg, "zero_stage", default=0)), bool(_get(cfg, "offload", default=False)),
+                2 * int(_get(cfg, "per_device_train_batch_size", default=16)), int(_get(cfg, "max_seq_len", default=512)),
+                bool(_get(cfg, "gradient_checkpointing", default=False)), True, lora)
+        frozen("reference", actor, int(_get(cfg, "zero_stage", default=0)),
+               bool(_get(cfg, "offload_reference_model", default=False)))
     elif step == "ppo" and actor and reward:
         seq = int(_get(cfg, "max_prompt_seq_len", default=256)) + int(_get(cfg, "max_answer_seq_len", default=256))
         a_stage = int(_get(cfg, "actor_zero_stage", "zero_stage", default=0))
@@ -293,8 +310,11 @@ def estimate_step_memory(step: str, cfg: dict, actor: Optional[ModelInfo], rewar
                 bool(_get(cfg, "critic_gradient_checkpointing", default=False)), False, c_lora)
         frozen("reward", reward, c_stage, bool(_get(cfg, "offload_reward_model", default=False)))
         parts["generation kv cache"] = kv_cache_memory(actor, gen_b, seq, dtype)
-        if not _get(cfg, "offload_reference_model", default=False) and not on_cpu:
-            hints.append("--offload_reference_model / --offload_reward_model (frozen models in host memory)")
+        if not on_cpu:  # parameter offload of the frozen models is ZeRO-3's (refused at other stages)
+            if not _get(cfg, "offload_reference_model", default=False):
+                hints.append("--actor_zero_stage 3 --offload_reference_model (reference weights in host memory)")
+            if not _get(cfg, "offload_reward_model", default=False):
+                hints.append("--critic_zero_stage 3 --offload_reward_model (reward-model weights in host memory)")
     return {"total": int(sum(parts.values()) * HEADROOM), "parts": parts, "hints": hints, "dtype": dtype}
 
 
@@ -347,7 +367,10 @@ def memory_advice(step: str, cfg: dict, est: dict, world_size: int, on_cpu: bool
         else:
             tips.append("more ranks with ZeRO-2/3 (--deployment_type single_node / multi_node)")
     if not on_cpu and not _get(cfg, "offload", default=False):
-        tips.append("--offload (optimizer state in host memory)")
+        # offload moves ZeRO's partitioned optimizer state: it needs stage 1-3 on every trained model
+        need = [k for k, s in zip(stage_keys, stages) if s == 0]
+        tips.append("--offload (optimizer state in host memory)" if not need else
+                    f"--offload with --{' 2 --'.join(need)} 2 (optimizer state in host memory; offload needs ZeRO 1-3)")
     lora_key = "actor_lora_dim" if step == "ppo" else "lora_dim"
     if not _get(cfg, lora_key, default=0):
         tips.append(f"LoRA (--{lora_key} 8 --only_optimize_lora: no gradients/optimizer state for base weights)")
@@ -372,12 +395,22 @@ def run_preflight(pipeline_cfg, step_cfgs: dict[str, Any], world_size: int = 1, 
     """
     cfgs = {k: (asdict(v) if is_dataclass(v) else dict(v)) for k, v in step_cfgs.items()}
     problems: list[str] = []
-    on_cpu = deployment_type == "cpu" or os.environ.get("DS_ACCELERATOR") == "cpu"
+    if deployment_type == "cpu":
+        on_cpu = True
+    else:  # DeepSpeed's detection, as the steps will see it
+        from chatrlhf.utils import accelerator_info
+
+        on_cpu = accelerator_info()["name"] == "cpu"
 
     # Models: the base models of the steps that train them; PPO's inputs when steps 1/2 are not run here
     # (their dirs do not exist yet when steps 1/2 are pending, so shapes come from the base models).
     actor_path = _get(cfgs.get("sft", {}), "model_name_or_path") or pipeline_cfg.actor_model
     reward_path = _get(cfgs.get("reward", {}), "model_name_or_path") or pipeline_cfg.reward_model
+    if getattr(pipeline_cfg, "recipe", "ppo") == "dpo":  # no reward model; DPO trains step 1's actor
+        reward_path = None
+        d = cfgs.get("dpo", {}).get("model_name_or_path")
+        if d and "sft" not in cfgs and Path(d).is_dir():
+            actor_path = d
     if "ppo" in cfgs:
         ppo = cfgs["ppo"]
         a, c = ppo.get("actor_model_name_or_path"), ppo.get("critic_model_name_or_path")
@@ -385,8 +418,11 @@ def run_preflight(pipeline_cfg, step_cfgs: dict[str, Any], world_size: int = 1, 
             actor_path = a
         if c and "reward" not in cfgs and Path(c).is_dir():
             reward_path = c
-    actor_info, actor_tok = check_model("actor", actor_path, problems)
-    reward_info, reward_tok = check_model("reward", reward_path, problems)
+    # --trust_remote_code of `chatrlhf train` (passed to every step), or set in a step's own section
+    trust = bool(getattr(pipeline_cfg, "trust_remote_code", False)) or any(
+        bool(c.get("trust_remote_code")) for c in cfgs.values())
+    actor_info, actor_tok = check_model("actor", actor_path, problems, trust)
+    reward_info, reward_tok = check_model("reward", reward_path, problems, trust)
     if actor_path and reward_path:
         check_tokenizers(actor_tok, reward_tok, actor_path, reward_path, problems)
 
@@ -397,7 +433,7 @@ def run_preflight(pipeline_cfg, step_cfgs: dict[str, Any], world_size: int = 1, 
             what, infos = "max_prompt_seq_len + max_answer_seq_len", [actor_info, reward_info]
         else:
             need = int(_get(cfg, "max_seq_len", default=0))
-            what, infos = "max_seq_len", [actor_info if step == "sft" else reward_info]
+            what, infos = "max_seq_len", [actor_info if step in ("sft", "dpo") else reward_info]
         for info in infos:
             if info and info.max_positions and need > info.max_positions:
                 problems.append(f"{step}: {what} = {need} exceeds {info.path}'s {info.max_positions} positions")

@@ -5,6 +5,11 @@ Reads what exists (any step may be missing or still running; a torn last metrics
 "throughput"), each step's ``done.json``, ``summary.json`` (the demo's before/after evaluation) and
 ``resolved_config.yaml``. Plots use matplotlib's Agg backend (no display needed). Regenerating is idempotent: the
 same inputs give the same report.md, and plots whose data disappeared are removed.
+
+A ``--recipe dpo`` run (``step1_sft/``, ``step2_dpo/``) gets the DPO step's curves and the DPO actor compared with
+the SFT actor on the DPO step's held-out pairs (log-prob preference accuracy and margins, DPO's implicit reward,
+greedy answers side by side). That comparison loads both models once and is kept in ``dpo_vs_sft.json``, redone
+only when either step finished again.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from chatrlhf.utils import atomic_write_text
 STEPS = (("sft", "step1_sft", "Step 1: supervised fine-tuning"),
          ("reward", "step2_reward", "Step 2: reward model"),
          ("ppo", "step3_ppo", "Step 3: RLHF with PPO"))
-PLOTS = ("sft_loss.png", "reward_accuracy.png", "ppo_curves.png", "throughput.png")
+DPO_STEPS = (STEPS[0], ("dpo", "step2_dpo", "Step 2: DPO (direct preference optimization)"))
+PLOTS = ("sft_loss.png", "reward_accuracy.png", "ppo_curves.png", "dpo_curves.png", "throughput.png")
+COMPARISON = "dpo_vs_sft.json"
+
+
+def run_steps(run: Path) -> tuple[tuple[str, str, str], ...]:
+    """The run's recipe, told by its dirs: SFT -> DPO when step2_dpo/ exists, else SFT -> reward -> PPO."""
+    return DPO_STEPS if (run / DPO_STEPS[1][1]).exists() else STEPS
 
 
 @dataclass
@@ -117,6 +129,7 @@ def draw_plots(run_dir: Path, metrics: dict[str, list[dict]]) -> dict[str, Path]
     """Write the plots there is data for into run_dir/plots; returns {name: path}."""
     plots = run_dir / "plots"
     sft, rm, ppo = metrics.get("sft", []), metrics.get("reward", []), metrics.get("ppo", [])
+    dpo = metrics.get("dpo", [])
     gap = [r for r in rm if r.get("kind") == "eval"]
     gap_xs = [int(r["step"]) for r in gap if _num(r.get("chosen_score")) is not None and _num(r.get("rejected_score")) is not None]
     gap_ys = [_num(r["chosen_score"]) - _num(r["rejected_score"]) for r in gap
@@ -139,10 +152,16 @@ def draw_plots(run_dir: Path, metrics: dict[str, list[dict]]) -> dict[str, Path]
             ("KL to reference", [("kl", *series(ppo, "train", "kl"))]),
             ("response length", [("tokens", *series(ppo, "train", "response_length"))]),
         ],
+        "dpo_curves.png": [
+            ("DPO loss", [("train loss", *series(dpo, "train", "loss")), ("eval loss", *series(dpo, "eval", "eval_loss"))]),
+            ("implicit reward margin (chosen - rejected)", [("train", *series(dpo, "train", "reward_margin")),
+                                                            ("eval", *series(dpo, "eval", "reward_margin"))]),
+            ("implicit reward accuracy", [("eval", *series(dpo, "eval", "accuracy"))]),
+        ],
         "throughput.png": [
-            ("samples / s", [(name, *series(metrics.get(name, []), "throughput", "samples_per_s")) for name, _, _ in STEPS]),
+            ("samples / s", [(name, *series(metrics.get(name, []), "throughput", "samples_per_s")) for name in metrics]),
             ("TFLOPs", [(name, *series(metrics.get(name, []), "throughput", key))
-                        for name, _, _ in STEPS for key in ("tflops", "e2e_tflops")
+                        for name in metrics for key in ("tflops", "e2e_tflops")
                         if series(metrics.get(name, []), "throughput", key)[0]]),
         ],
     }
@@ -221,25 +240,140 @@ def _summary_section(summary: dict) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------- DPO vs SFT actor
+def _answer_prompt(text: str) -> str:
+    """The prompt part of a DeepSpeed-Chat-format text: up to and including its last "Assistant:"."""
+    i = text.rfind("Assistant:")
+    return text[: i + len("Assistant:")] if i >= 0 else text
+
+
+def compare_dpo_actors(run: Path, max_pairs: int = 64, n_samples: int = 3, max_new_tokens: int = 32) -> dict:
+    """The SFT actor (DPO's reference) and the DPO actor on the DPO step's held-out pairs: how often each gives the
+    chosen answer a higher log-probability than the rejected one (summed over the answer tokens from where the two
+    differ, as DPO scores them), the mean margins, DPO's implicit reward with the SFT actor as reference, and
+    greedy answers to a few of the pairs' prompts. One model in memory at a time."""
+    import torch
+
+    from chatrlhf.config import parse_config
+    from chatrlhf.data import PairCollator, build_phase_datasets
+    from chatrlhf.generation import resolve_dtype
+    from chatrlhf.models.loading import load_causal_lm, load_tokenizer
+    from chatrlhf.steps.dpo import DPOConfig, pair_logps
+    from chatrlhf.utils import accelerator_info
+
+    sft_dir, dpo_dir = run / STEPS[0][1], run / DPO_STEPS[1][1]
+    cfg = parse_config(DPOConfig, ["--config", str(dpo_dir / "step_config.yaml")])
+    trust = bool(getattr(cfg, "trust_remote_code", False))
+    tok = load_tokenizer(str(dpo_dir), **({"trust_remote_code": True} if trust else {}))
+    _, eval_ds = build_phase_datasets(2, cfg, tok)
+    n = min(max_pairs, len(eval_ds))
+    if n == 0:
+        raise UserError(f"{dpo_dir}: the DPO step has no held-out pairs to compare the actors on")
+    collate = PairCollator(tok.pad_token_id)
+    batches = [collate([eval_ds[j] for j in range(i, min(i + 8, n))]) for i in range(0, n, 8)]
+    name = accelerator_info()["name"]
+    device = torch.device("cpu" if name == "cpu" else name)
+    dtype = resolve_dtype(None, device)
+    firsts = [tok.decode(eval_ds[j]["chosen_input_ids"], skip_special_tokens=True) for j in range(min(n_samples, n))]
+    prompts = [_answer_prompt(t) for t in firsts]
+
+    def measure(path: Path):
+        model = load_causal_lm(str(path), dtype=dtype, **({"trust_remote_code": True} if trust else {})).to(device)
+        model.eval()
+        cs, rs = [], []
+        with torch.no_grad():
+            for b in batches:
+                c, r = pair_logps(model, {k: b[k].to(device) for k in ("input_ids", "attention_mask")})
+                cs.append(c.float().cpu())
+                rs.append(r.float().cpu())
+            answers = []
+            for p in prompts:
+                enc = tok(p, return_tensors="pt").to(device)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                answers.append(tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        del model
+        return torch.cat(cs), torch.cat(rs), answers
+
+    sc, sr, s_ans = measure(sft_dir)
+    dc, dr, d_ans = measure(dpo_dir)
+
+    def stats(c, r) -> dict:
+        return {"preference_accuracy": float((c > r).float().mean()), "logp_margin": float((c - r).mean()),
+                "logp_chosen": float(c.mean()), "logp_rejected": float(r.mean())}
+
+    implicit = cfg.beta * ((dc - sc) - (dr - sr))
+    return {"finished": _finished(run), "pairs": n, "beta": cfg.beta, "sft": stats(sc, sr), "dpo": stats(dc, dr),
+            "implicit_reward": {"accuracy": float((implicit > 0).float().mean()), "margin": float(implicit.mean())},
+            "samples": [{"prompt": p, "sft": a, "dpo": b} for p, a, b in zip(prompts, s_ans, d_ans)]}
+
+
+def _finished(run: Path) -> list:
+    return [(_read_json(run / sub / "done.json") or {}).get("finished_at") for _, sub, _ in DPO_STEPS]
+
+
+def dpo_comparison(run: Path) -> dict | None:
+    """compare_dpo_actors' result, from dpo_vs_sft.json while both steps' done.json are the ones it was made
+    from; None until both steps finished. A failure is reported in the section, never fatal to the report."""
+    if not all((run / sub / "done.json").is_file() for _, sub, _ in DPO_STEPS):
+        return None
+    cached = _read_json(run / COMPARISON)
+    if cached is not None and cached.get("finished") == _finished(run):
+        return cached
+    try:
+        result = compare_dpo_actors(run)
+    except Exception as e:  # noqa: BLE001 - the report is a bonus: say what failed, keep the rest
+        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+    atomic_write_text(run / COMPARISON, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def _dpo_section(cmp: dict) -> list[str]:
+    lines = ["## DPO actor vs SFT actor", ""]
+    if "error" in cmp:
+        return lines + [f"_comparison failed: {cmp['error']}_", ""]
+    s, d = cmp["sft"], cmp["dpo"]
+    lines += [f"On {cmp['pairs']} held-out preference pairs (the DPO step's eval split); log-probabilities are summed "
+              "over each answer's tokens from where chosen and rejected differ.", ""]
+    rows = [("preference accuracy: log p(chosen) > log p(rejected)", s["preference_accuracy"], d["preference_accuracy"]),
+            ("log-prob margin, chosen - rejected (mean)", s["logp_margin"], d["logp_margin"]),
+            ("log p(chosen answer) (mean)", s["logp_chosen"], d["logp_chosen"]),
+            ("log p(rejected answer) (mean)", s["logp_rejected"], d["logp_rejected"])]
+    lines += _table(["metric", "SFT actor", "DPO actor"], rows) + [""]
+    ir = cmp["implicit_reward"]
+    lines += [f"- DPO implicit reward (beta {_fmt(cmp['beta'])}, SFT actor as reference): chosen above rejected on "
+              f"**{_fmt(ir['accuracy'])}** of the pairs, mean margin **{_fmt(ir['margin'])}**", ""]
+    if cmp.get("samples"):
+        lines += ["### Greedy answers", ""] + _table(["prompt", "SFT actor", "DPO actor"],
+                                                    [(x["prompt"], x["sft"], x["dpo"]) for x in cmp["samples"]]) + [""]
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------------- report
 def write_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.md (and run_dir/plots/*.png) from whatever the run has produced; returns its path."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run directory not found: {run}")
-    metrics = {name: read_metrics(run / sub / "metrics.jsonl") for name, sub, _ in STEPS}
+    steps = run_steps(run)
+    metrics = {name: read_metrics(run / sub / "metrics.jsonl") for name, sub, _ in steps}
     summary = _read_json(run / "summary.json")
-    if not any(metrics.values()) and summary is None and not any((run / sub).exists() for _, sub, _ in STEPS):
-        raise UserError(f"{run} does not look like a run directory (no step1_sft/, step2_reward/, step3_ppo/ or "
-                        "summary.json)")
+    if not any(metrics.values()) and summary is None and not any((run / sub).exists() for _, sub, _ in steps):
+        raise UserError(f"{run} does not look like a run directory (no step1_sft/, step2_reward/, step3_ppo/, "
+                        "step2_dpo/ or summary.json)")
     plots = draw_plots(run, metrics)
     lines = [f"# chatrlhf run report: `{run.resolve().name}`", ""]
-    present = [title for name, sub, title in STEPS if metrics[name] or (run / sub / "done.json").exists()]
+    present = [title for name, sub, title in steps if metrics[name] or (run / sub / "done.json").exists()]
     lines += [f"Steps with results: {', '.join(present) if present else 'none yet'}.", ""]
     if summary is not None:
         lines += _summary_section(summary)
-    plot_for = {"sft": ["sft_loss.png"], "reward": ["reward_accuracy.png"], "ppo": ["ppo_curves.png"]}
-    for name, sub, title in STEPS:
+    if steps is DPO_STEPS:
+        cmp = dpo_comparison(run)
+        if cmp is not None:
+            lines += _dpo_section(cmp)
+    plot_for = {"sft": ["sft_loss.png"], "reward": ["reward_accuracy.png"], "ppo": ["ppo_curves.png"],
+                "dpo": ["dpo_curves.png"]}
+    for name, sub, title in steps:
         lines += _step_section(title, run / sub, metrics[name])
         lines += [f"![{p}](plots/{p})\n" for p in plot_for[name] if p in plots]
     if "throughput.png" in plots:

@@ -51,6 +51,9 @@ class ServeConfig:
     cors_origins: str = field(default="", metadata={
         "help": "Comma-separated origins allowed to call the API from a browser (e.g. http://localhost:3000; * for "
                 "any). Empty (default): no CORS headers, so browsers on other origins are refused."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the Python code in the model folder (a custom model family: config.json auto_map naming "
+                "classes in its modeling_*.py). It runs with your permissions: only for folders you trust."})
 
     def origins(self) -> list[str]:
         return [o.strip().rstrip("/") for o in (self.cors_origins or "").split(",") if o.strip()]
@@ -545,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from chatrlhf.generation import load_for_inference
 
-    model, tok = load_for_inference(cfg.path, dtype=cfg.dtype)
+    model, tok = load_for_inference(cfg.path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     app = create_app(cfg, model, tok)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         logger.warning("serving on %s without --api_key: anyone who can reach this port can use the model", cfg.host)

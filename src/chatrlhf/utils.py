@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,30 +17,96 @@ logger = logging.getLogger("chatrlhf")
 
 
 def setup_env() -> None:
-    """Pick DeepSpeed's accelerator before deepspeed is imported: CPU when no GPU is visible.
+    """Process start-up of every command. Picks no device: DeepSpeed's own accelerator detection does that when a
+    command needs one (``accelerator_info``), so an NPU/XPU host is not pinned to the CPU here, and commands that
+    need no device do not pay for importing torch or DeepSpeed.
 
-    Also keeps DeepSpeed's JIT-compiled ops in a cache inside the workspace (first use compiles for ~30 s).
+    Keeps DeepSpeed's JIT-compiled ops in a per-user cache (first use compiles for ~30 s); INFO logging on rank 0
+    only (every other rank of a multi-rank run would repeat each line).
     """
-    if "DS_ACCELERATOR" not in os.environ:
-        try:
-            import torch
-
-            has_gpu = torch.cuda.is_available()
-        except Exception:
-            has_gpu = False
-        if not has_gpu:
-            os.environ["DS_ACCELERATOR"] = "cpu"
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        tune_cpu_malloc()
     # One cache per user, not per working directory: the shm_comm op takes tens of seconds to compile.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "chatrlhf" / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # our own progress bars show the work; the per-file "Loading weights"/"Writing model shards" bars only clutter
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # pinned to the CPU by the user: tune before the first big allocation (detected CPUs: accelerator_info)
+        tune_cpu_malloc()
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # launchers (torchrun, deepspeed) set RANK before the process starts
+        level = logging.INFO if _env_rank() == 0 else logging.WARNING
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+
+
+def _env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def progress_bars_enabled() -> bool:
+    """Progress bars only where someone watches them: on a terminal. ``CHATRLHF_PROGRESS=1/0`` decides instead
+    (``chatrlhf train`` sets it for its steps, whose output reaches the terminal through a pipe)."""
+    forced = os.environ.get("CHATRLHF_PROGRESS", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ---- device and dtype -----------------------------------------------------------------------------------------
+def accelerator_info() -> dict[str, Any]:
+    """The device DeepSpeed's accelerator detection picked: DS_ACCELERATOR when the user set it, else the first
+    accelerator it finds (XPU, NPU, ..., CUDA), else the CPU -> {"name", "count", "how"}. On the CPU the malloc
+    tuning below is applied."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    name = acc.device_name()
+    forced = os.environ.get("DS_ACCELERATOR")
+    if name == "cpu":
+        tune_cpu_malloc()
+        return {"name": "cpu", "count": 0,
+                "how": f"DS_ACCELERATOR={forced}" if forced else "no accelerator found: DeepSpeed fell back to CPU"}
+    return {"name": name, "count": int(acc.device_count()),
+            "how": f"DS_ACCELERATOR={forced}" if forced else "detected by DeepSpeed"}
+
+
+def train_dtype(flag: str) -> tuple[str, str]:
+    """(dtype a training step uses for ``--dtype flag``, why) -- the strategy's own resolution."""
+    from chatrlhf.engine.strategy import resolve_dtype
+
+    dtype = resolve_dtype(flag)
+    if flag != "auto":
+        return dtype, "--dtype"
+    name = accelerator_info()["name"]
+    if name == "cpu":
+        return dtype, "auto: " + ("AVX512-BF16/AMX on this CPU" if dtype == "bf16" else "no AVX512-BF16/AMX on this CPU")
+    return dtype, f"auto: {name} " + ("supports bf16" if dtype == "bf16" else "has no bf16")
+
+
+_ANNOUNCED: str | None = None
+
+
+def device_line(dtype: str, why: str, info: dict[str, Any] | None = None) -> str:
+    info = info or accelerator_info()
+    label = info["name"] if info["count"] <= 1 else f"{info['name']} x{info['count']}"
+    return f"device: {label} ({info['how']}) | dtype: {dtype} ({why})"
+
+
+def announce_device(dtype: str, why: str, info: dict[str, Any] | None = None) -> str:
+    """Print the device/dtype line once per process (rank 0, stderr: stdout may carry a command's answers)."""
+    global _ANNOUNCED
+    line = device_line(dtype, why, info)
+    if _ANNOUNCED != line and _env_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    _ANNOUNCED = line
+    return line
 
 
 _MALLOC_TUNED = False

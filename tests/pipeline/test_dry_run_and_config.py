@@ -114,8 +114,16 @@ def test_unknown_section_option_is_named(quick_assets, tmp_path):
         pipeline.main(_train(quick_assets, tmp_path, "--reward", "{learning_rat: 0.1}"))
 
 
-def test_step_subset_uses_base_models_when_earlier_steps_never_ran(quick_assets, tmp_path, capsys):
-    assert pipeline.main(_train(quick_assets, tmp_path, "--step", "3")) == 0
+def test_step_subset_without_earlier_output_is_refused_unless_models_are_named(quick_assets, tmp_path, capsys):
+    # --step 3 alone on a fresh dir would train PPO from the base actor with an untrained reward model
+    with pytest.raises(UserError, match=r"step 3 \(ppo\) trains from the output of step 1 \(sft\) and step 2 "
+                                        r"\(reward\).*no finished run.*--step 1 2 3"):
+        pipeline.main(_train(quick_assets, tmp_path, "--step", "3"))
+    assert not (tmp_path / "step3_ppo").exists()
+    # named explicitly, the models are the user's choice
+    assert pipeline.main(_train(quick_assets, tmp_path, "--step", "3", "--ppo",
+                                f"{{actor_model_name_or_path: {quick_assets['actor']}, "
+                                f"critic_model_name_or_path: {quick_assets['reward']}}}")) == 0
     assert sorted(_commands(capsys.readouterr().out)) == ["ppo"]
     ppo = yaml.safe_load((tmp_path / "step3_ppo" / "step_config.yaml").read_text())
     assert ppo["actor_model_name_or_path"] == quick_assets["actor"]

@@ -75,10 +75,10 @@ def trained(tmp_path_factory):
     return {"root": root, "data": data, "sft": root / "sft", "rm": root / "rm", "prompts": prompts, "gold_sft": gold}
 
 
-def run_algo(trained, algo: str, **kw) -> float:
+def run_algo(trained, algo: str, name: str = "", **kw) -> float:
     from chatrlhf.steps.ppo import PPOConfig, run_ppo
 
-    out = trained["root"] / f"ppo_{algo}"
+    out = trained["root"] / f"ppo_{name or algo}"
     cfg = PPOConfig(actor_model_name_or_path=str(trained["sft"]), critic_model_name_or_path=str(trained["rm"]),
                     output_dir=str(out), algo=algo, max_prompt_seq_len=32, max_answer_seq_len=MAX_NEW_TOKENS,
                     actor_learning_rate=2e-5, critic_learning_rate=2e-4, kl_ctl=0.1, log_interval=20,
@@ -118,3 +118,29 @@ def test_ppo_raises_gold(trained):
 def test_group_algorithms_raise_gold(trained, algo):
     check_gain(trained, run_algo(trained, algo, num_samples_per_prompt=4, max_steps=40,
                                  per_device_generation_batch_size=8, per_device_training_batch_size=16))
+
+
+# The critic-free variants the field now uses, each raising gold like the rest: REINFORCE++ and its group-baseline
+# form; GRPO with Dr. GRPO's length-unbiased loss, with DAPO's clip-higher, and with equal-reward groups dropped.
+VARIANTS = {
+    "reinforce_pp": dict(algo="reinforce_pp"),
+    "reinforce_pp_baseline": dict(algo="reinforce_pp_baseline"),
+    "grpo-dr_grpo_loss": dict(algo="grpo", loss_agg="seq_mean_token_sum_norm"),
+    # two epochs over each batch: the second is off-policy, so the (asymmetric) clip is active
+    "grpo-clip_higher": dict(algo="grpo", cliprange_high=0.28, ppo_epochs=2),
+    # scores clipped to +-1 often tie within a group: those groups must be dropped (asserted below)
+    "grpo-drop_uniform_groups": dict(algo="grpo", drop_uniform_groups=True, clip_reward_value=1.0),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_modern_critic_free_variants_raise_gold(trained, variant):
+    kw = dict(VARIANTS[variant])
+    algo = kw.pop("algo")
+    check_gain(trained, run_algo(trained, algo, name=variant, num_samples_per_prompt=4, max_steps=40,
+                                 per_device_generation_batch_size=8, per_device_training_batch_size=16, **kw))
+    if kw.get("drop_uniform_groups"):
+        from chatrlhf.metrics import read_metrics
+
+        rows = [r for r in read_metrics(trained["root"] / f"ppo_{variant}") if r["kind"] == "train"]
+        assert sum(r["uniform_dropped"] for r in rows) > 0, "no equal-reward group was ever dropped"

@@ -1,6 +1,7 @@
 """``chatrlhf data inspect``: see what chatrlhf makes of a dataset before training on it.
 
-    chatrlhf data inspect [--name NAME] PATH... [--json] [--tokenizer DIR] [--data_split 2,4,4] [-n N]
+    chatrlhf data inspect [--name NAME] PATH... [--json] [--tokenizer DIR [--trust_remote_code]] [--data_split 2,4,4]
+                          [-n N]
 
 Prints the adapter chosen for each PATH, train/eval row counts per phase and a few examples; with ``--tokenizer``
 also token counts after filtering, token-length statistics and decoded examples (prompt part / answer part).
@@ -20,7 +21,8 @@ from chatrlhf.data.phases import DataConfig, Encoder, plan_phase_rows, tokenize_
 from chatrlhf.data.sources import open_source
 from chatrlhf.errors import UserError
 
-USAGE = "chatrlhf data inspect [--name NAME] PATH [PATH ...] [--json] [--tokenizer DIR] [--data_split S] [-n N]"
+USAGE = ("chatrlhf data inspect [--name NAME] PATH [PATH ...] [--json] [--tokenizer DIR] [--trust_remote_code] "
+         "[--data_split S] [-n N]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="read every PATH with this dataset adapter (like NAME=PATH)")
     p.add_argument("--json", action="store_true", help="print one JSON object per mapped row")
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer dir: adds token counts and stats")
+    p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true",
+                   help="run the Python code in the --tokenizer folder (a custom tokenizer class named by its "
+                        "auto_map); it runs with your permissions: only for folders you trust")
     p.add_argument("--data_split", "--data-split", default="2,4,4", help="shares of steps 1,2,3 (default 2,4,4)")
     p.add_argument("--seed", type=int, default=1234, help="split seed (default 1234)")
     p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=512, help="steps 1-2 token limit")
@@ -63,7 +68,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         _print_json(cfg, args.n)
     else:
-        _print_summary(cfg, args.tokenizer, 3 if args.n is None else args.n)
+        _print_summary(cfg, args.tokenizer, 3 if args.n is None else args.n, args.trust_remote_code)
     return 0
 
 
@@ -87,12 +92,23 @@ def _print_json(cfg: DataConfig, limit: int | None) -> None:
             printed += 1
 
 
-def _load_tokenizer(path: str):
-    """Only encode/decode and EOS are needed here, so a plain local AutoTokenizer load is enough."""
+def _load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Only encode/decode and EOS are needed here: a local AutoTokenizer load, with the folder's own tokenizer code
+    refused (one line naming --trust_remote_code) unless trusted."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
+    from chatrlhf.errors import ModelError
+    from chatrlhf.models.loading import check_remote_code
+
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if Path(path).is_dir():
+            check_remote_code(path, trust_remote_code, which=("AutoTokenizer",))
+        # trust_remote_code explicit: transformers' default (None) would ask on stdin
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ModelError as e:
+        raise UserError(f"--tokenizer {e}") from None
     except Exception as e:  # not a dir, no tokenizer files...: one line
         raise UserError(f"--tokenizer {path}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
 
@@ -103,14 +119,15 @@ def _clip(text: str | None, width: int = 240) -> str:
     return repr(text if len(text) <= width else text[:width] + "…")
 
 
-def _print_summary(cfg: DataConfig, tokenizer_dir: str | None, n_examples: int) -> None:
+def _print_summary(cfg: DataConfig, tokenizer_dir: str | None, n_examples: int,
+                   trust_remote_code: bool = False) -> None:
     memo: dict = {}  # each source is read once for all three phases
     for entry in cfg.data_path:
         src = open_source(entry)
         memo[entry] = src.mapped(cfg.seed, cfg.skip_bad_rows)
         sizes = ", ".join(f"{name}={len(s)}" for name, s in src.splits.items())
         print(f"{entry}: adapter {src.adapter.name} ({sizes})")
-    enc = Encoder(_load_tokenizer(tokenizer_dir)) if tokenizer_dir else None
+    enc = Encoder(_load_tokenizer(tokenizer_dir, trust_remote_code)) if tokenizer_dir else None
     print(f"\nper phase (data_split {cfg.data_split}, seed {cfg.seed}):")
     for phase in (1, 2, 3):
         rows = plan_phase_rows(phase, cfg, memo)

@@ -103,7 +103,7 @@ def estimate_memory(n_params: int, zero_stage: int, dtype: str, world_size: int 
     if on_cpu is None:
         on_cpu = accelerator().device_name() == "cpu"
     dev = {"weights": weights, "gradients": grads, "optimizer": optim}
-    if offload and not on_cpu:
+    if offload and zero_stage >= 1 and not on_cpu:  # ZeRO-0 cannot offload (refused by check_offload)
         dev["optimizer"] = 0
         if zero_stage >= 3:
             dev["weights"] = 0
@@ -114,7 +114,8 @@ def estimate_memory(n_params: int, zero_stage: int, dtype: str, world_size: int 
     if zero_stage < 3 and ws == 1:
         tips.append("more ranks with --zero_stage 2 or 3 (each shards optimizer/gradient/weight state)")
     if not offload and not on_cpu:
-        tips.append("--offload (optimizer state in host memory)")
+        tips.append("--offload (optimizer state in host memory)" if zero_stage >= 1 else
+                    "--zero_stage 2 --offload (optimizer state in host memory; offload needs ZeRO 1-3)")
     if trainable == n_params:
         tips.append("LoRA: --lora_dim 8 --only_optimize_lora (no gradients/optimizer state for the base weights)")
     if dtype == "fp32":
@@ -134,6 +135,33 @@ def available_memory_bytes() -> int:
             pass
         return 1 << 62
     return int(acc.total_memory())
+
+
+def check_offload(offload: bool, zero_stage: int, flag: str = "--zero_stage") -> None:
+    """``--offload`` puts ZeRO's partitioned optimizer state (ZeRO-3: also weights) in host memory; ZeRO-0 keeps an
+    unpartitioned optimizer on the device that DeepSpeed cannot offload, so the pair is refused, not ignored."""
+    if offload and zero_stage == 0:
+        raise UserError(f"--offload needs ZeRO stage 1, 2 or 3 ({flag} is 0): offload moves ZeRO's partitioned "
+                        f"optimizer state to host memory; e.g. {flag} 2 --offload")
+
+
+def _is_cpu_adam(optimizer: Any) -> bool:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return isinstance(optimizer, DeepSpeedCPUAdam)
+
+
+def cpu_adam(param_groups: list[dict], lr: float, betas: tuple[float, float]):
+    """DeepSpeed's CPU AdamW (decoupled weight decay, as torch's AdamW) for ZeRO-Offload. Its C++ op is built on
+    first use (1-2.5 min, cached in TORCH_EXTENSIONS_DIR); a failed build is one clear line, not a compiler log."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    try:
+        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, adamw_mode=True)
+    except Exception as e:  # noqa: BLE001 - the op build fails with RuntimeError/ImportError/CalledProcessError
+        raise UserError(f"--offload needs DeepSpeed's cpu_adam op, which failed to build or load "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                        "check that a C++ compiler and ninja are installed, or train without --offload") from None
 
 
 def _free_port() -> int:
@@ -158,6 +186,7 @@ class DeepSpeedStrategy:
         self.cfg.dtype = resolve_dtype(self.cfg.dtype)
         if self.cfg.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero_stage must be 0, 1, 2 or 3; got {self.cfg.zero_stage}")
+        check_offload(self.cfg.offload, self.cfg.zero_stage)
         if self.cfg.use_liger_kernel:
             from chatrlhf.engine import liger
 
@@ -273,7 +302,8 @@ class DeepSpeedStrategy:
             "fp16": {"enabled": c.dtype == "fp16", "loss_scale_window": 100, "initial_scale_power": 16},
             "steps_per_print": 10 ** 9,  # our loop logs; keep DeepSpeed quiet
             "wall_clock_breakdown": False,
-            "zero_allow_untested_optimizer": True,  # the client torch AdamW (avoids 40 s op compiles)
+            # the client torch AdamW (avoids 40 s op compiles); offload gets DeepSpeed's CPU Adam (create_optimizer)
+            "zero_allow_untested_optimizer": True,
         }
         if train:
             cfg["gradient_clipping"] = c.gradient_clipping
@@ -316,8 +346,9 @@ class DeepSpeedStrategy:
     # ---- optimizer / engines -----------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
                          lora_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95)):
-        """torch AdamW (client optimizer) over trainable params in up to 3 groups: decayed, no-decay (bias and
-        norm weights), LoRA (own learning rate, no decay)."""
+        """AdamW over trainable params in up to 3 groups: decayed, no-decay (bias and norm weights), LoRA (own
+        learning rate, no decay). torch's fused AdamW, or DeepSpeed's CPU Adam when ``--offload``: ZeRO-Offload runs
+        the update on the host copy of the fp32 state and refuses any other optimizer."""
         groups: dict[str, list] = {"decay": [], "no_decay": [], "lora": []}
         for n, p in unwrap(model).named_parameters():
             if not p.requires_grad:
@@ -337,6 +368,8 @@ class DeepSpeedStrategy:
             pg.append({"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr})
         if not pg:
             raise UserError("no trainable parameters (check --only_optimize_lora / --lora_module_name)")
+        if self.cfg.offload:
+            return cpu_adam(pg, lr=lr, betas=betas)
         # fused AdamW: one kernel per parameter group instead of ~10 elementwise ops per tensor (about 0.3 s of
         # every PPO step on the mid bench model was unfused Adam); torch has fused kernels for CPU and GPUs.
         # Clipping is set by ``prepare``, which knows whether DeepSpeed or the optimizer does it (engine/optim.py).
@@ -360,6 +393,13 @@ class DeepSpeedStrategy:
         self._liger(model)
         stage = self.cfg.zero_stage if zero_stage is None else zero_stage
         config = self.ds_config(train=True, zero_stage=zero_stage, offload=offload)
+        offloaded = "offload_optimizer" in config["zero_optimization"]
+        if offloaded != _is_cpu_adam(optimizer):
+            # DeepSpeed refuses a client optimizer under offload, and CPU Adam cannot update device-resident
+            # weights without it: the optimizer must come from create_optimizer with the same offload setting
+            raise UserError(f"ZeRO-{stage}{' with' if offloaded else ' without'} --offload needs "
+                            f"{'DeepSpeed CPU Adam' if offloaded else 'a device optimizer'}, got "
+                            f"{type(optimizer).__name__}; --offload needs ZeRO stage 1-3 for every trained model")
         if self._optimizer_clips(optimizer, stage):
             # 0, not absent: DeepSpeed's default when the key is missing is to clip at 1.0
             optimizer.max_grad_norm, config["gradient_clipping"] = config.get("gradient_clipping", 0.0), 0.0
@@ -456,19 +496,24 @@ class DeepSpeedStrategy:
                 save_lora_adapter: bool = False) -> Path:
         """Rank 0 writes a Hugging Face dir (safetensors, config, tokenizer, generation_config,
         chatrlhf_config.json) atomically. RewardModel bodies are written with their value head."""
-        from chatrlhf.models.lora import has_lora, save_lora_adapter as _save_adapter
+        from chatrlhf.models import lora
         from chatrlhf.models.reward_model import RewardModel
 
         out = Path(out_dir)
         module = unwrap(engine_or_module)
         sd = self.full_state_dict(module)
         adapter_sd = None
-        if save_lora_adapter and has_lora(module):
-            from peft import get_peft_model_state_dict
-
+        if save_lora_adapter and lora.has_lora(module):
             with self.gathered_params(module):
                 if self.is_rank0:
-                    adapter_sd = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+                    adapter_sd = lora.adapter_state_dict(module)
+            if self.is_rank0 and lora.base_weights_trained(module):
+                import logging
+
+                logging.getLogger("chatrlhf").warning(
+                    "%s: the base weights were trained too (no --only_optimize_lora), so the adapter reproduces this "
+                    "run only on those trained weights, not on the original base model; use the merged checkpoint",
+                    out / "lora_adapter")
         if self.is_rank0:
             with _publish_dir(out) as tmp:
                 if isinstance(module, RewardModel):
@@ -482,7 +527,14 @@ class DeepSpeedStrategy:
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
                 if adapter_sd is not None:
-                    _save_adapter(module, adapter_sd, tmp / "lora_adapter")
+                    # the base the adapter applies to: the dir the model was loaded from (peft records it too),
+                    # unless the run changed that base's weights as well
+                    base_path = getattr(getattr(module, "config", None), "name_or_path", None) or None
+                    if base_path and Path(base_path).is_dir():
+                        base_path = str(Path(base_path).resolve())
+                    lora.save_lora_adapter(module, adapter_sd, tmp / "lora_adapter",
+                                           None if lora.base_weights_trained(module) else base_path,
+                                           causal_lm=not isinstance(module, RewardModel))
                 atomic_write_json(tmp / "chatrlhf_config.json", extra_config or {})
         self.barrier()
         return out

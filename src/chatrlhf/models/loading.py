@@ -2,9 +2,13 @@
 early with a clear ModelError: a directory that is not a model, a tokenizer with neither pad nor eos, a
 --max_seq_len beyond the model's positions, and an actor and reward model with different tokenizers.
 
-Nothing loaded here can run code: weights are read from safetensors only (a folder holding only a pickled
-``pytorch_model.bin`` is refused, never unpickled), and ``check_model_files`` reads the safetensors headers first,
-so a truncated or corrupt file is one line naming it instead of a traceback from inside the loader.
+Nothing loaded here can run code (unless the user trusts a model folder's own, see below): weights are read from
+safetensors only (a folder holding only a pickled ``pytorch_model.bin`` is refused, never unpickled), and
+``check_model_files`` reads the safetensors headers first, so a truncated or corrupt file is one line naming it
+instead of a traceback from inside the loader. A model whose code is Python in its own folder (config.json's
+``auto_map``: a family transformers does not know) is only loaded with ``trust_remote_code=True``
+(``--trust_remote_code``); without it the loaders refuse it in one line naming the folder, the class and the flag,
+before transformers imports anything from the folder.
 
 Local directories are always loaded with ``local_files_only=True`` and from the directory itself (the original
 re-downloaded the tokenizer named by config.json's ``_name_or_path``, which broke local checkpoints).
@@ -36,6 +40,120 @@ DROPOUT_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "hidden_
 # Attributes naming a hard position limit (learned absolute position embeddings).
 _MAX_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 PROBE_TEXT = " Human: Reverse the word: cat Assistant: tac 1234 ÄÖ ok!\n"
+TRUST_FLAG = "--trust_remote_code"
+# auto_map entries named in the refusal, most telling first
+_AUTO_ORDER = ("AutoModelForCausalLM", "AutoModel", "AutoConfig", "AutoTokenizer")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None  # unreadable files get their own error where they are loaded
+    return raw if isinstance(raw, dict) else None
+
+
+def _auto_map_refs(auto_map: Any) -> dict[str, str]:
+    """{auto class: "module.Class"} from an ``auto_map`` (values may be [slow, fast] pairs for tokenizers; an old
+    tokenizer_config.json has the bare pair)."""
+    if isinstance(auto_map, (list, tuple)):
+        auto_map = {"AutoTokenizer": auto_map}
+    if not isinstance(auto_map, dict):
+        return {}
+    out = {}
+    for key, ref in auto_map.items():
+        refs = [r for r in (ref if isinstance(ref, (list, tuple)) else [ref]) if isinstance(r, str) and r]
+        if refs:
+            out[str(key)] = refs[-1]
+    return out
+
+
+def remote_code_refs(local: str | Path) -> dict[str, str]:
+    """The classes a local model dir would import from its own Python files: {auto class: "module.Class"} from
+    config.json's ``auto_map`` when its model_type is not one transformers knows, plus tokenizer_config.json's
+    AutoTokenizer when its tokenizer_class is not built in. Empty when transformers' own code loads the folder
+    (an ``auto_map`` beside a known model_type is ignored without ``trust_remote_code``). Reads JSON only."""
+    local = Path(local)
+    refs: dict[str, str] = {}
+    cfg = _read_json(local / "config.json") or {}
+    model_refs = _auto_map_refs(cfg.get("auto_map"))
+    if model_refs:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if cfg.get("model_type") not in CONFIG_MAPPING:
+            refs.update({k: v for k, v in model_refs.items() if k != "AutoTokenizer"})
+    tok_cfg = _read_json(local / "tokenizer_config.json") or {}
+    tok_ref = _auto_map_refs(tok_cfg.get("auto_map")).get("AutoTokenizer") or model_refs.get("AutoTokenizer")
+    if tok_ref:
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        name = tok_cfg.get("tokenizer_class")
+        if not isinstance(name, str) or tokenizer_class_from_name(name) is None:
+            refs["AutoTokenizer"] = tok_ref
+    return refs
+
+
+def _remote_code_refusal(local: Path, refs: dict[str, str]) -> ModelError:
+    key = next((k for k in _AUTO_ORDER if k in refs), next(iter(refs)))
+    return ModelError(f"{local}: its model code is Python in that folder (auto_map {key} -> {refs[key]}), which "
+                      f"chatrlhf runs only with {TRUST_FLAG}; pass {TRUST_FLAG} if you trust that code")
+
+
+def check_remote_code(local: str | Path, trust_remote_code: bool, which: tuple[str, ...] | None = None) -> None:
+    """Before transformers sees a local dir: ModelError naming the folder, the auto_map class and the flag when
+    the folder's own Python would have to run and ``trust_remote_code`` is off; with it on, ModelError when a
+    module auto_map names is not in the folder (offline, nothing is fetched). ``which``: only these auto classes
+    (e.g. ("AutoTokenizer",) for a tokenizer load)."""
+    local = Path(local)
+    refs = remote_code_refs(local)
+    if which is not None:
+        refs = {k: v for k, v in refs.items() if k in which}
+    if not refs:
+        return
+    if not trust_remote_code:
+        raise _remote_code_refusal(local, refs)
+    for key, ref in refs.items():
+        module = ref.rsplit(".", 1)[0]
+        if "--" in ref or not (local / f"{module.replace('.', '/')}.py").is_file():
+            raise ModelError(f"{local}: auto_map {key} -> {ref} names code that is not in the folder "
+                             f"(expected {module.split('--')[-1].replace('.', '/')}.py next to config.json); "
+                             "copy the model's .py files into it")
+
+
+def _is_remote_code_refusal(e: BaseException) -> bool:
+    """transformers' own refusal (a safety net behind check_remote_code's reading of the files)."""
+    return isinstance(e, ValueError) and "trust_remote_code" in str(e)
+
+
+def copy_model_code(src: str | Path, out: str | Path) -> list[str]:
+    """Copy the Python files a model dir's auto_map names (and the files they import relatively) from ``src`` to
+    ``out`` when ``out`` lacks them, so a checkpoint of a custom family loads on its own. Source text is copied,
+    never imported. Returns the names copied."""
+    src, out = Path(src), Path(out)
+    files: set[Path] = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        for ref in _auto_map_refs((_read_json(src / name) or {}).get("auto_map")).values():
+            f = src / f"{ref.rsplit('.', 1)[0].replace('.', '/')}.py"
+            if "--" not in ref and f.is_file():
+                files.add(f)
+    try:
+        from transformers.dynamic_module_utils import get_relative_import_files  # parses imports, runs nothing
+
+        for f in list(files):
+            files.update(Path(x) for x in get_relative_import_files(str(f)))
+    except (ImportError, OSError):
+        pass
+    copied = []
+    for f in sorted(files):
+        try:
+            rel = f.resolve().relative_to(src.resolve())
+        except ValueError:
+            continue
+        if not (out / rel).exists():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(f.read_bytes())
+            copied.append(str(rel))
+    return copied
 
 
 def _local_dir(path: str | Path) -> Path | None:
@@ -169,7 +287,7 @@ def weight_names(path: str | Path) -> set[str]:
     return {name for f in safetensors_files(Path(path)) for name in read_safetensors_header(f)}
 
 
-def check_weight_shapes(path: str | Path, config, flag: str = "") -> None:
+def check_weight_shapes(path: str | Path, config, flag: str = "", trust_remote_code: bool = False) -> None:
     """ModelError when a stored tensor's shape differs from what config.json builds (e.g. vocab_size or
     hidden_size edited, or weights copied from another model): compared against a meta-device skeleton, so no
     memory is used; tensors the skeleton does not name (value head, renamed legacy keys) are not compared."""
@@ -178,7 +296,7 @@ def check_weight_shapes(path: str | Path, config, flag: str = "") -> None:
 
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # a config without a causal-LM class: the loader will say so
         return
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -209,17 +327,18 @@ def check_vocab(tokenizer, config, path: str | Path) -> None:
 
 
 def preflight_model(path: str, flag: str, seq_len: int | None = None, seq_flag: str = "--max_seq_len",
-                    value_head: bool = False):
+                    value_head: bool = False, trust_remote_code: bool = False):
     """A step's model checks before anything is built or written: the files (check_model_files), the tokenizer
     loads and fits the embedding, ``seq_len`` fits the positions, and (``value_head``) it is a trained reward
-    model. Each failure is one ModelError naming ``flag`` and the path. Returns the tokenizer (None for a hub
-    name, which is not checked here)."""
-    config = check_model_files(path, flag)
+    model. Each failure is one ModelError naming ``flag`` and the path (a folder whose own code would have to
+    run, without ``trust_remote_code``, names --trust_remote_code). Returns the tokenizer (None for a hub name,
+    which is not checked here)."""
+    config = check_model_files(path, flag, trust_remote_code=trust_remote_code)
     if config is None:
         return None
-    check_weight_shapes(path, config, flag)
+    check_weight_shapes(path, config, flag, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     except ModelError as e:
         raise ModelError(f"{flag} {e}") from None
     check_vocab(tokenizer, config, f"{flag} {path}")
@@ -257,7 +376,8 @@ def check_finite_weights(model, path: str | Path) -> None:
 def load_tokenizer(path: str | Path, padding_side: str = "right", trust_remote_code: bool = False):
     """The tokenizer saved in ``path`` (a local dir; a hub name only when it is not a path), with a pad token.
 
-    pad = eos (with a warning) when the tokenizer has no pad token; ModelError when it has neither.
+    pad = eos (with a warning) when the tokenizer has no pad token; ModelError when it has neither. A tokenizer
+    (or a config it reads) whose class is Python in the folder loads only with ``trust_remote_code``.
     """
     from transformers import AutoTokenizer
 
@@ -265,10 +385,14 @@ def load_tokenizer(path: str | Path, padding_side: str = "right", trust_remote_c
     if local is not None and not any((local / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"{local}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
                          "save the tokenizer next to the model with tokenizer.save_pretrained(dir)")
+    if local is not None:  # a built-in tokenizer class beside a custom model loads without running its code
+        check_remote_code(local, trust_remote_code, which=("AutoTokenizer",))
     try:
         tok = AutoTokenizer.from_pretrained(str(local or path), local_files_only=local is not None,
                                             trust_remote_code=trust_remote_code)
     except Exception as e:  # a corrupt tokenizer.json raises tokenizers' bare Exception: still one line
+        if local is not None and _is_remote_code_refusal(e):
+            raise _remote_code_refusal(local, remote_code_refs(local) or {"AutoTokenizer": "?"}) from None
         raise ModelError(f"{path}: cannot load the tokenizer: {_one_line(e)}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -296,12 +420,17 @@ def _read_config(local: Path, trust_remote_code: bool):
     if not isinstance(raw, dict):
         raise ModelError(f"{cfg_file}: not a model config (a JSON object is expected)")
     model_type = raw.get("model_type")
+    check_remote_code(local, trust_remote_code, which=("AutoConfig", "AutoModel", "AutoModelForCausalLM"))
     try:
         return AutoConfig.from_pretrained(str(local), local_files_only=True, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refusal(local, remote_code_refs(local) or {"AutoConfig": str(model_type)}) from None
         raise ModelError(f"{cfg_file}: unknown or unsupported model_type {model_type!r} ({_one_line(e)})") from None
     except (OSError, TypeError, AttributeError) as e:  # e.g. a field of the wrong type
         raise ModelError(f"{cfg_file}: not a usable model config ({_one_line(e)})") from None
+    except ImportError as e:  # the folder's code needs a package this environment lacks
+        raise ModelError(f"{local}: cannot import the folder's model code: {_one_line(e)}") from None
 
 
 def _to_dtype(dtype: Any):
@@ -343,6 +472,9 @@ def load_causal_lm(path: str | Path, dtype: Any = None, dropout: float | None = 
         try:
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
+            if _is_remote_code_refusal(e):
+                raise ModelError(f"{path}: its model code comes with the model, which chatrlhf runs only with "
+                                 f"{TRUST_FLAG}; pass {TRUST_FLAG} if you trust that code") from None
             raise ModelError(f"{path}: cannot load the model config: {_one_line(e)}") from None
     apply_dropout(config, dropout)
     if tokenizer is not None:
@@ -370,7 +502,12 @@ def _from_pretrained(auto_cls, where, config, dtype, trust_remote_code: bool, wh
         model = auto_cls.from_pretrained(str(where), config=config, dtype=_to_dtype(dtype), local_files_only=local,
                                          trust_remote_code=trust_remote_code, use_safetensors=True, **kw)
     except ValueError as e:  # e.g. a config of a model type without a causal-LM head
+        if local and _is_remote_code_refusal(e):
+            raise _remote_code_refusal(where, remote_code_refs(where) or {"AutoModel": str(config.model_type)}) \
+                from None
         raise ModelError(f"{where}: cannot load as {what}: {_one_line(e)}") from None
+    except ImportError as e:  # the folder's code needs a package this environment lacks
+        raise ModelError(f"{where}: cannot import the folder's model code: {_one_line(e)}") from None
     except (OSError, KeyError, RuntimeError, SafetensorError) as e:  # unreadable shard, shape mismatch, bad dtype
         raise ModelError(f"{where}: cannot load the weights: {_one_line(e)}") from None
     check_finite_weights(model, where)

@@ -10,7 +10,6 @@ grad"). Saving merges LoRA into the base weights without touching the training w
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -130,15 +129,46 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
             m.get_base_layer().weight.data.copy_(w)
 
 
-def save_lora_adapter(model: nn.Module, adapter_state: dict[str, torch.Tensor], out_dir: str | Path) -> None:
-    """adapter_model.safetensors + adapter_config.json (peft layout) next to the merged model."""
+# Adapters are injected into the model itself (inject_adapter_in_model), but peft's checkpoints are written from a
+# PeftModel, whose LoraModel holds the model as ``base_model.model``: PeftModel.from_pretrained reads keys under that
+# prefix (transformers' save_peft_format adds the same prefix to adapters injected by ``add_adapter``). Without it
+# every LoRA weight was "missing" and peft silently kept a freshly initialised adapter.
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights as a PeftModel checkpoint names them: peft's own selection (get_peft_model_state_dict,
+    adapter name removed) under ``PEFT_PREFIX``. Under ZeRO-3 call it inside gathered params."""
+    from peft import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {PEFT_PREFIX + k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
+
+
+def base_weights_trained(model: nn.Module) -> bool:
+    """True when weights besides LoRA's were trained (no --only_optimize_lora): the adapter alone then does not
+    reproduce the run on the original base model."""
+    return any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def save_lora_adapter(model: nn.Module, adapter_state: dict[str, torch.Tensor], out_dir: str | Path,
+                      base_model_name_or_path: str | None = None, causal_lm: bool = True) -> None:
+    """adapter_model.safetensors + adapter_config.json as ``PeftModel.save_pretrained`` writes them, so
+    ``PeftModel.from_pretrained(base, out_dir)`` (and AutoPeftModelForCausalLM for causal LMs) loads every weight.
+    ``adapter_state`` comes from :func:`adapter_state_dict`."""
+    import copy
+
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(out / "adapter_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
     cfg = getattr(model, "_chatrlhf_lora_config", None)
     if cfg is not None:
-        d = cfg.to_dict()
-        d["target_modules"] = sorted(d["target_modules"]) if d.get("target_modules") else d.get("target_modules")
-        (out / "adapter_config.json").write_text(json.dumps(d, indent=2, default=str))
+        cfg = copy.deepcopy(cfg)
+        cfg.inference_mode = True  # as peft saves it; from_pretrained(is_trainable=True) turns training back on
+        cfg.base_model_name_or_path = base_model_name_or_path
+        if causal_lm:
+            cfg.task_type = "CAUSAL_LM"
+        cfg.save_pretrained(str(out))

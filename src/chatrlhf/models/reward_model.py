@@ -4,7 +4,9 @@ Saved as a Hugging Face dir that needs no custom code to inspect: config.json is
 ``architectures`` naming the body class and a ``chatrlhf_reward`` block; weights are safetensors (sharded when large)
 holding the body's own keys plus ``v_head.weight``. ``load_reward_model`` reads that back offline, and also turns a
 plain causal-LM dir into a fresh reward model (value head initialised) for step 2. The original's critic loader
-demanded pytorch_model.bin (problem 13): nothing here reads pickles.
+demanded pytorch_model.bin (problem 13): nothing here reads pickles. A custom family (its code in the folder, named
+by config.json's ``auto_map``) loads only with ``trust_remote_code``; its .py files are copied into every reward
+model saved from it, so the checkpoint loads on its own.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class RewardModel(nn.Module):
         self.v_head = nn.Linear(_value_dim(body.config), 1, bias=False)
         self.num_padding_at_beginning = num_padding_at_beginning
         self.pad_token_id = pad_token_id if pad_token_id is not None else getattr(body.config, "pad_token_id", None)
+        self.code_dir: Path | None = None  # a custom family's folder: its .py files go with every save
 
     def gradient_checkpointing_enable(self, **kw):
         self.rwtransformer.gradient_checkpointing_enable(**kw)
@@ -77,6 +80,11 @@ class RewardModel(nn.Module):
                            "num_padding_at_beginning": self.num_padding_at_beginning,
                            "value_head": "v_head.weight", "value_dim": self.v_head.in_features}
         (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if self.code_dir is not None:
+            # transformers copies a body's code only when it was loaded through its own auto_map entry
+            from chatrlhf.models.loading import copy_model_code
+
+            copy_model_code(self.code_dir, out)
 
 
 def is_reward_dir(path: str | os.PathLike) -> bool:
@@ -105,19 +113,24 @@ def _read_v_head(path: Path) -> torch.Tensor | None:
 
 def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                       num_padding_at_beginning: int | None = None, dropout: float | None = None,
-                      pad_token_id: int | None = None, require_value_head: bool = False) -> RewardModel:
+                      pad_token_id: int | None = None, require_value_head: bool = False,
+                      trust_remote_code: bool = False) -> RewardModel:
     """A saved reward model (value head restored) or a causal-LM dir (fresh value head; ModelError instead with
-    ``require_value_head``, e.g. for PPO's critic and reward model). Local safetensors files only.
+    ``require_value_head``, e.g. for PPO's critic and reward model). Local safetensors files only. A custom family
+    needs ``trust_remote_code`` (ModelError naming --trust_remote_code otherwise); when its auto_map registers
+    only a causal LM (GPT-Pangu's), the body is that LM's base model.
 
     Call inside ``strategy.zero3_init_context()`` to build a ZeRO-3-partitioned body."""
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    from chatrlhf.models.loading import _from_pretrained, check_model_files
+    from chatrlhf.models.loading import _from_pretrained, check_model_files, remote_code_refs
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ModelError(f"{p}: not a model directory (no config.json)")
-    config = check_model_files(p)  # no pickles, complete safetensors, a readable config
+    # no pickles, complete safetensors, a readable config; the folder's own code refused unless trusted
+    config = check_model_files(p, trust_remote_code=trust_remote_code)
+    remote = remote_code_refs(p) if trust_remote_code else {}
     if dropout is not None:
         from chatrlhf.models.loading import apply_dropout
 
@@ -130,17 +143,29 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
-    if meta:
-        hf_logging.set_verbosity_error()  # v_head.weight is read below; the "UNEXPECTED key" report is noise
+    body_from_lm = bool(remote) and "AutoModel" not in remote and "AutoModelForCausalLM" in remote
+    if meta or body_from_lm:
+        # v_head.weight is read below, and a discarded lm_head is not a missing weight: that report is noise
+        hf_logging.set_verbosity_error()
     try:
-        # The saved config names the body class (e.g. OPTModel) or a causal LM; AutoModel picks the body either way.
-        body = _from_pretrained(AutoModel, p, config, kw.get("dtype"), False, "a model body")
+        if body_from_lm:
+            lm = _from_pretrained(AutoModelForCausalLM, p, config, kw.get("dtype"), True, "a causal LM")
+            body = lm.base_model
+            if body is lm:
+                raise ModelError(f"{p}: cannot find the body of {type(lm).__name__} (no base_model_prefix) and its "
+                                 "auto_map has no AutoModel entry; add one naming the body class")
+        else:
+            # The saved config names the body class (e.g. OPTModel) or a causal LM; AutoModel picks the body either
+            # way (for a custom family through its auto_map's AutoModel entry).
+            body = _from_pretrained(AutoModel, p, config, kw.get("dtype"), trust_remote_code, "a model body")
     finally:
         hf_logging.set_verbosity(level)
     npb = num_padding_at_beginning
     if npb is None:
         npb = int(meta.get("num_padding_at_beginning", 0)) if meta else 0
     rm = RewardModel(body, num_padding_at_beginning=npb, pad_token_id=pad_token_id)
+    if remote:
+        rm.code_dir = p
     if meta:
         w = _read_v_head(p)
         if w is None:

@@ -56,7 +56,9 @@ class TrainConfig:
                                 "for the model's type: GPUs only, needs the liger-kernel package.", False)
     dropout: Optional[float] = _h("Set every dropout probability of the model to this value.", None, ge=0, lt=1)
     disable_dropout: bool = _h("Set every dropout probability to 0 (deterministic training).", False)
-    offload: bool = _h("ZeRO offload: optimizer states (and ZeRO-3 weights) in host memory.", False)
+    offload: bool = _h("ZeRO-Offload: optimizer states (and ZeRO-3 weights) in host memory, updated by DeepSpeed's "
+                       "CPU Adam (its op is compiled on first use, 1-2 min). Needs ZeRO stage 1-3 (ZeRO-0 has no "
+                       "partitioned state to offload: refused). On a CPU-only machine it saves no memory.", False)
     dtype: str = _h("Training dtype: auto, fp32, bf16, fp16. auto = bf16 where the device does bf16 natively "
                     "(GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32 on CPU / fp16 on old GPUs. fp16 is "
                     "refused on CPU.", "auto", choices=DTYPE_CHOICES)
@@ -94,6 +96,10 @@ class TrainConfig:
                            ge=0)
     gradient_clipping: float = _h("Clip the global gradient norm to this value (0: no clipping).", 1.0, ge=0)
     skip_memory_check: bool = _h("Skip the out-of-memory preflight estimate.", False)
+    trust_remote_code: bool = _h("Run the Python code in the model folder: needed for a custom model family whose "
+                                 "config.json auto_map names classes in the folder's modeling_*.py / "
+                                 "configuration_*.py. That code runs with your permissions: only for folders you "
+                                 "trust. Off: such a folder is refused.", False)
 
     def validate_train(self) -> None:
         """Every field's type and rule (declared with the field), then what spans fields or touches the disk."""
@@ -133,7 +139,7 @@ def dropout_value(cfg: TrainConfig) -> float | None:
 def load_tokenizer_for(cfg: TrainConfig, padding_side: str = "right"):
     from chatrlhf.models.loading import load_tokenizer
 
-    tok = load_tokenizer(cfg.model_name_or_path, padding_side=padding_side)
+    tok = load_tokenizer(cfg.model_name_or_path, padding_side=padding_side, trust_remote_code=cfg.trust_remote_code)
     if cfg.add_eot_token:
         tok.add_special_tokens({"additional_special_tokens": [cfg.eot_token]})
         tok.eos_token = cfg.eot_token
@@ -147,13 +153,14 @@ def check_model_dir(path: str) -> None:
                          "--model_name_or_path")
 
 
-def count_params_from_config(path: str) -> int:
+def count_params_from_config(path: str, trust_remote_code: bool = False) -> int:
     """Parameter count without materialising weights (meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    # trust_remote_code always explicit: transformers' default (None) asks on stdin
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(config)
+        m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in m.parameters())
 
 
@@ -184,7 +191,8 @@ def load_causal_lm_for(cfg: TrainConfig, strategy, tokenizer=None):
     from chatrlhf.models.loading import load_causal_lm
 
     with strategy.zero3_init_context():
-        model = load_causal_lm(cfg.model_name_or_path, dtype=strategy.torch_dtype, dropout=dropout_value(cfg))
+        model = load_causal_lm(cfg.model_name_or_path, dtype=strategy.torch_dtype, dropout=dropout_value(cfg),
+                               trust_remote_code=cfg.trust_remote_code)
         # inside the context so transformers gathers ZeRO-3 embeddings while resizing
         if tokenizer is not None and len(tokenizer) > embedding_rows(model):
             model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
@@ -365,7 +373,8 @@ RESUME_FREE_FIELDS = frozenset({
     "per_device_eval_batch_size", "skip_memory_check", "data_output_path", "reload", "offload",
     "gradient_checkpointing", "actor_gradient_checkpointing", "critic_gradient_checkpointing",
     "offload_reference_model", "offload_reward_model", "enable_hybrid_engine", "reuse_experience_forward",
-    "print_answers", "print_answers_interval", "max_consecutive_skips"})
+    "print_answers", "print_answers_interval", "max_consecutive_skips", "trust_remote_code", "length_guard_steps",
+    "length_guard_min_tokens"})
 # The run's length may change (extending a run): noted, not refused. A non-constant schedule then follows the new
 # length from the resume step on (the scheduler's position is restored, its length comes from the new flags).
 RESUME_LENGTH_FIELDS = ("max_steps", "num_train_epochs", "enable_test_mode", "test_stop_step")
@@ -538,16 +547,18 @@ def setup_step(cfg: TrainConfig, what: str, frozen_copies: int = 0):
     Returns (strategy, output dir, tokenizer)."""
     from transformers import AutoConfig
 
-    from chatrlhf.models.loading import check_seq_len
+    from chatrlhf.models.loading import check_remote_code, check_seq_len
 
     check_model_dir(cfg.model_name_or_path)
+    if Path(cfg.model_name_or_path).is_dir():  # run_<step>(cfg) without main's preflight: still one line
+        check_remote_code(cfg.model_name_or_path, cfg.trust_remote_code)
     strategy = build_strategy(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer_for(cfg)
-    check_seq_len(AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=Path(cfg.model_name_or_path).exists()),
-                  cfg.max_seq_len)
-    n = count_params_from_config(cfg.model_name_or_path)
+    check_seq_len(AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=Path(cfg.model_name_or_path).exists(),
+                                             trust_remote_code=cfg.trust_remote_code), cfg.max_seq_len)
+    n = count_params_from_config(cfg.model_name_or_path, cfg.trust_remote_code)
     memory_preflight(strategy, n, cfg, what=what, extra_frozen_params=frozen_copies * n)
     return strategy, out, tokenizer
 
@@ -607,6 +618,7 @@ def write_done(output_dir: str | os.PathLike, step: str, metrics: dict) -> None:
         why = f" ({metrics['stopped_reason']})" if metrics.get("stopped_reason") else ""
         raise UserError(f"{step}: no optimizer step was taken{why}; done.json not written, so this step does not "
                         f"count as finished. Check the data and the step flags, then rerun")
+    metrics = _with_run_totals(output_dir, metrics)
     bad: list[str] = []
     clean = _json_safe(metrics, "", bad)
     record = {"step": step, "metrics": clean, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -615,6 +627,27 @@ def write_done(output_dir: str | os.PathLike, step: str, metrics: dict) -> None:
         log_line(f"[{step}] non-finite metrics written as null in done.json: {', '.join(bad)}")
     if is_rank0():
         atomic_write_json(Path(output_dir) / "done.json", record)
+
+
+# Per-step counters a step's summary takes from its last train record; done.json reports them summed over the run.
+RUN_TOTALS = ("skipped",)
+
+
+def _with_run_totals(output_dir: str | os.PathLike, metrics: dict) -> dict:
+    """``metrics`` with each RUN_TOTALS counter summed over the run's train records in metrics.jsonl (cut back to
+    the resume step on resume, so a resumed run counts each step once); the last step's own value stays as
+    ``<name>_last_step``."""
+    keys = [k for k in RUN_TOTALS if k in metrics]
+    if not keys:
+        return metrics
+    from chatrlhf.metrics import read_metrics
+
+    rows = [r for r in read_metrics(Path(output_dir)) if r.get("kind") == "train"]
+    out = dict(metrics)
+    for k in keys:
+        out[f"{k}_last_step"] = metrics[k]
+        out[k] = sum(int(r.get(k) or 0) for r in rows)
+    return out
 
 
 def _json_safe(value: Any, where: str, bad: list[str]) -> Any:
@@ -634,7 +667,11 @@ def _json_safe(value: Any, where: str, bad: list[str]) -> Any:
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    from chatrlhf.utils import progress_bars_enabled
+
+    # bars only on a terminal: in a log file every redraw is one more line of noise
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and progress_bars_enabled()),
+                dynamic_ncols=True, leave=False)
 
 
 def finite(x: float) -> float | None:
@@ -646,6 +683,9 @@ def run_main(run_fn, cfg) -> int:
     """Shared ``main`` tail: the config's preflight (model files, value heads, lengths against positions: every
     check that needs the model dirs but no model), run, then a clean multi-process exit (barrier + os._exit, see
     stack notes). A run refused with a UserError leaves no output dir of its own making behind."""
+    from chatrlhf.utils import announce_device, train_dtype
+
+    announce_device(*train_dtype(getattr(cfg, "dtype", "auto")))
     out = Path(getattr(cfg, "output_dir", "") or ".")
     existed = out.exists()
     preflight = getattr(cfg, "preflight", None)

@@ -39,7 +39,8 @@ class DPOConfig(DataConfig, TrainConfig):
         """Model checks before anything is built or written (run by ``main``): files, tokenizer, positions."""
         from chatrlhf.models.loading import preflight_model
 
-        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len)
+        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len,
+                        trust_remote_code=self.trust_remote_code)
 
 
 def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     model = C.load_causal_lm_for(cfg, strategy, tokenizer)
     with strategy.zero3_init_context(train=False):
-        ref = load_causal_lm(cfg.model_name_or_path, dtype=strategy.torch_dtype, tokenizer=tokenizer)
+        ref = load_causal_lm(cfg.model_name_or_path, dtype=strategy.torch_dtype, tokenizer=tokenizer,
+                             trust_remote_code=cfg.trust_remote_code)
     ref = strategy.prepare_eval(ref, offload=cfg.offload_reference_model)
     optimizer, scheduler = C.create_optimizer_and_scheduler(strategy, model, cfg, total_steps)
     engine = strategy.prepare(model, optimizer, scheduler)

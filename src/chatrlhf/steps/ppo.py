@@ -9,6 +9,7 @@ trained; PPO only), reward model (step 2, frozen), optional EMA of the actor. Th
             rewards + GAE (PPO) or group baselines (GRPO/RLOO)
             ppo_epochs passes over shuffled micro-batches: actor (+ critic) step, ptx step, EMA update
             log, print answers, checkpoint every save_interval, stop on repeated guard skips / test_stop_step
+            stop as failed (exit 2, no done.json) on non-finite weights/outputs or a collapsed answer length
     save actor, critic, actor_ema (Hugging Face dirs), done.json
 
 Math lives in :mod:`chatrlhf.rlhf_math`, experience and micro-steps in :mod:`chatrlhf.steps.ppo_experience`.
@@ -33,7 +34,8 @@ from chatrlhf.steps import ppo_experience as px
 from chatrlhf.steps.common import TrainConfig
 from chatrlhf.utils import print_rank0
 
-ALGOS = ("ppo", "grpo", "rloo")
+ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_BASELINES = ("grpo", "rloo", "reinforce_pp_baseline")  # need several answers per prompt
 
 
 def _h(text: str, default: Any = None, **check: Any):
@@ -50,9 +52,12 @@ class PPOConfig(TrainConfig, DataConfig):
     critic_model_name_or_path: str = _h("Step-2 reward-model checkpoint: the critic (trained, PPO only) and, unless "
                                         "--reward_model_name_or_path is given, the frozen reward model.", "")
     reward_model_name_or_path: str = _h("Frozen reward model (default: --critic_model_name_or_path).", "")
-    algo: str = _h("ppo (actor + critic, GAE), grpo (group-normalized scores, KL in the loss) or rloo "
-                   "(leave-one-out baseline, KL in the reward); grpo/rloo build no critic.", "ppo", choices=ALGOS)
-    num_samples_per_prompt: int = _h("Answers sampled per prompt for grpo/rloo (group size, >= 2).", 4, ge=1)
+    algo: str = _h("ppo (actor + critic, GAE), grpo (group-normalized scores, KL in the loss), rloo "
+                   "(leave-one-out baseline, KL in the reward), reinforce_pp (REINFORCE++: KL in per-token rewards, "
+                   "returns normalized over the batch) or reinforce_pp_baseline (its group-mean baseline form); "
+                   "all but ppo build no critic.", "ppo", choices=ALGOS)
+    num_samples_per_prompt: int = _h("Answers sampled per prompt for the critic-free algorithms (group size; >= 2 "
+                                     "for grpo, rloo and reinforce_pp_baseline).", 4, ge=1)
     # ---- batch sizes and schedule
     per_device_generation_batch_size: int = _h("Prompts per device per generation batch.", 16, ge=1)
     per_device_training_batch_size: int = _h("Experience rows per device per PPO micro-batch.", 16, ge=1)
@@ -74,8 +79,10 @@ class PPOConfig(TrainConfig, DataConfig):
     actor_zero_stage: int = _h("ZeRO stage of the actor (and of the reference and EMA when 3).", 0,
                                choices=(0, 1, 2, 3))
     critic_zero_stage: int = _h("ZeRO stage of the critic (and of the reward model when 3).", 0, choices=(0, 1, 2, 3))
-    offload_reference_model: bool = _h("ZeRO-3 parameter offload for the frozen reference model.", False)
-    offload_reward_model: bool = _h("ZeRO-3 parameter offload for the frozen reward model.", False)
+    offload_reference_model: bool = _h("ZeRO-3 parameter offload for the frozen reference model (needs "
+                                       "--actor_zero_stage 3).", False)
+    offload_reward_model: bool = _h("ZeRO-3 parameter offload for the frozen reward model (needs --critic_zero_stage "
+                                    "3).", False)
     actor_lora_dim: int = _h("LoRA rank of the actor (0: off).", 0, ge=0)
     actor_lora_module_name: str = _h("Actor LoRA modules (default: --lora_module_name).", "")
     critic_lora_dim: int = _h("LoRA rank of the critic (0: off).", 0, ge=0)
@@ -94,6 +101,15 @@ class PPOConfig(TrainConfig, DataConfig):
     kl_ctl: float = _h("KL penalty coefficient (initial value when --adaptive_kl).", 0.1, ge=0)
     clip_reward_value: float = _h("Reward scores are clamped to [-v, v].", 5.0, gt=0)
     cliprange: float = _h("PPO ratio clip epsilon.", 0.2, gt=0)
+    cliprange_high: Optional[float] = _h("Upper ratio clip epsilon (DAPO's clip-higher, e.g. 0.28): lets unlikely "
+                                         "tokens gain more per step than likely ones lose. Default: --cliprange.",
+                                         None, gt=0)
+    loss_agg: str = _h("How the actor's token losses become one number: token_mean (every answer token of the batch "
+                       "weighs the same; DeepSpeed-Chat, DAPO), seq_mean_token_mean (each answer weighs the same; "
+                       "the original GRPO) or seq_mean_token_sum_norm (token sums over the generation budget; "
+                       "Dr. GRPO, no length bias).", "token_mean", choices=rm.LOSS_AGGREGATIONS)
+    drop_uniform_groups: bool = _h("Critic-free algorithms: leave out of the loss the groups whose rewards are all "
+                                   "equal (no learning signal; DAPO's dynamic-sampling filter).", False)
     cliprange_value: float = _h("Value clip epsilon.", 0.2, gt=0)
     gamma: float = _h("Discount.", 1.0, ge=0, le=1)
     lam: float = _h("GAE lambda.", 0.95, ge=0, le=1)
@@ -129,6 +145,14 @@ class PPOConfig(TrainConfig, DataConfig):
                        "(0: off).", 50.0, ge=0)
     max_consecutive_skips: int = _h("Stop (cleanly, with the reason) after this many consecutive skipped steps.", 10,
                                     ge=1)
+    length_guard_steps: int = _h(
+        "Stop when the answers' length collapses for this many consecutive generation batches (= steps with "
+        "--generation_batches 1): every answer empty (at most --length_guard_min_tokens tokens, EOS included) or "
+        "every answer cut at --max_answer_seq_len without an end-of-text token. Such a run is not marked done "
+        "(exit 2; its final models and checkpoints are kept for inspection). The max-length check is off when "
+        "--min_new_tokens fixes the length. 0: off.", 20, ge=0)
+    length_guard_min_tokens: int = _h("Answers of at most this many tokens (EOS included) count as empty for "
+                                      "--length_guard_steps.", 1, ge=0)
 
     def validate(self) -> None:
         """Every field's type and rule (declared with the field), then what spans fields or touches the disk."""
@@ -144,8 +168,21 @@ class PPOConfig(TrainConfig, DataConfig):
         if self.algo == "ppo" and not self.critic_model_name_or_path:
             raise UserError("--algo ppo trains a critic: --critic_model_name_or_path is required (the step-2 reward "
                             "model)")
-        if self.algo != "ppo" and self.num_samples_per_prompt < 2:
+        if self.algo in GROUP_BASELINES and self.num_samples_per_prompt < 2:
             raise UserError(f"--algo {self.algo} needs --num_samples_per_prompt >= 2")
+        if self.drop_uniform_groups and (self.algo == "ppo" or self.num_samples_per_prompt < 2):
+            raise UserError("--drop_uniform_groups needs a critic-free --algo with --num_samples_per_prompt >= 2")
+        from chatrlhf.engine.strategy import check_offload
+
+        check_offload(self.offload, self.actor_zero_stage, "--actor_zero_stage")
+        if self.algo == "ppo":
+            check_offload(self.offload, self.critic_zero_stage, "--critic_zero_stage")
+        # the frozen models are DeepSpeed engines only under ZeRO-3; elsewhere these flags would do nothing
+        for flag, on, stage_flag in (("--offload_reference_model", self.offload_reference_model, "actor_zero_stage"),
+                                     ("--offload_reward_model", self.offload_reward_model, "critic_zero_stage")):
+            if on and getattr(self, stage_flag) != 3:
+                raise UserError(f"{flag} is ZeRO-3 parameter offload: it needs --{stage_flag} 3 (got "
+                                f"{getattr(self, stage_flag)})")
         if self.min_new_tokens > self.max_answer_seq_len:
             raise UserError(f"--min_new_tokens {self.min_new_tokens} cannot exceed --max_answer_seq_len "
                             f"{self.max_answer_seq_len}")
@@ -163,7 +200,8 @@ class PPOConfig(TrainConfig, DataConfig):
         seq = self.max_prompt_seq_len + self.max_answer_seq_len
         seq_flag = "--max_prompt_seq_len + --max_answer_seq_len ="
         actor_flag = "--actor_model_name_or_path"
-        actor_tok = preflight_model(self.actor_model_name_or_path, actor_flag, seq, seq_flag)
+        actor_tok = preflight_model(self.actor_model_name_or_path, actor_flag, seq, seq_flag,
+                                    trust_remote_code=self.trust_remote_code)
         others = [("critic", "--critic_model_name_or_path", self.critic_model_name_or_path)] if self.algo == "ppo" \
             else []
         if self.reward_model_name_or_path:
@@ -171,7 +209,7 @@ class PPOConfig(TrainConfig, DataConfig):
         elif self.algo != "ppo":
             others.append(("reward model", "--critic_model_name_or_path", self.critic_model_name_or_path))
         for role, flag, path in others:
-            tok = preflight_model(path, flag, seq, seq_flag, value_head=True)
+            tok = preflight_model(path, flag, seq, seq_flag, value_head=True, trust_remote_code=self.trust_remote_code)
             if actor_tok is not None and tok is not None:
                 try:  # PPO feeds the actor's token ids to these models: they must read them the same way
                     check_tokenizers_compatible(actor_tok, tok, ("actor", role))
@@ -205,7 +243,7 @@ def load_actor_like(cfg: PPOConfig, strategy, tokenizer, zero_stage: int, train:
     view = _view(cfg, "actor")
     with strategy.zero3_init_context(stage=zero_stage, train=train):
         model = load_causal_lm(cfg.actor_model_name_or_path, dtype=strategy.torch_dtype, dropout=cfg.actor_dropout,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code)
     if lora:
         model = common.maybe_lora(model, view)
     if train and cfg.actor_gradient_checkpointing:
@@ -217,7 +255,8 @@ def load_reward_like(cfg: PPOConfig, strategy, path: str, zero_stage: int, train
     from chatrlhf.models.reward_model import load_reward_model
 
     with strategy.zero3_init_context(stage=zero_stage, train=train):
-        model = load_reward_model(path, dtype=strategy.torch_dtype, dropout=cfg.critic_dropout)
+        model = load_reward_model(path, dtype=strategy.torch_dtype, dropout=cfg.critic_dropout,
+                                  trust_remote_code=cfg.trust_remote_code)
     if train:
         model = common.maybe_lora(model, _view(cfg, "critic"))
         if cfg.critic_gradient_checkpointing:
@@ -327,10 +366,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
     from chatrlhf.models.loading import check_tokenizers_compatible, load_tokenizer
 
     reward_path = cfg.reward_model_name_or_path or cfg.critic_model_name_or_path
-    tokenizer = load_tokenizer(cfg.actor_model_name_or_path, padding_side="left")
-    check_tokenizers_compatible(tokenizer, load_tokenizer(reward_path), ("actor", "reward model"))
+    trust = cfg.trust_remote_code
+    tokenizer = load_tokenizer(cfg.actor_model_name_or_path, padding_side="left", trust_remote_code=trust)
+    check_tokenizers_compatible(tokenizer, load_tokenizer(reward_path, trust_remote_code=trust), ("actor", "reward model"))
     if ppo and cfg.critic_model_name_or_path and cfg.critic_model_name_or_path != reward_path:
-        check_tokenizers_compatible(tokenizer, load_tokenizer(cfg.critic_model_name_or_path), ("actor", "critic"))
+        check_tokenizers_compatible(tokenizer, load_tokenizer(cfg.critic_model_name_or_path, trust_remote_code=trust),
+                                    ("actor", "critic"))
 
     # ---- data
     train_ds, _ = build_phase_datasets(3, cfg, tokenizer)
@@ -387,7 +428,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     kl_ctl = (rm.AdaptiveKLController(cfg.kl_ctl, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else rm.FixedKLController(cfg.kl_ctl))
     reward_stats = rm.RunningMoments()
-    policy_loss = rm.PolicyLoss(cfg.cliprange, cfg.entropy_coef)
+    policy_loss = rm.PolicyLoss(cfg.cliprange, cfg.entropy_coef, cfg.cliprange_high, cfg.loss_agg)
     value_loss = rm.ValueLoss(cfg.cliprange_value)
     gen_params = px.GenerationParams(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_new_tokens,
                                      do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0,
@@ -403,7 +444,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     # ---- resume
     # trained_rounds: rounds in which at least one micro-step updated the weights (the guards may skip all)
     state = {"round": 0, "epoch": 0, "batch_in_epoch": 0, "ema_reward": None, "consecutive_skips": 0,
-             "trained_rounds": 0}
+             "trained_rounds": 0, "length_streak": 0, "length_kind": ""}
     ckpt_root = out_dir / "checkpoints"
     resume_dir = common.resolve_resume(cfg)
     engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
@@ -427,7 +468,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     bar = common.progress_bar(total_rounds, state["round"], f"step3 {cfg.algo}", rank0)
     print_rank0(f"***** step 3 ({cfg.algo}): {len(train_ds)} prompts, {per_epoch} steps/epoch, {total_rounds} steps, "
                 f"{strategy.world_size} rank(s), dtype {strategy.cfg.dtype}, actor ZeRO-{cfg.actor_zero_stage}, "
-                f"critic ZeRO-{cfg.critic_zero_stage} *****")
+                + (f"critic ZeRO-{cfg.critic_zero_stage}" if ppo else f"reward model ZeRO-{3 if critic_z3 else 0}")
+                + " *****")
 
     # on-policy: the experience pass's actor/critic forward is the training forward (see make_experience)
     reuse_fwd = (cfg.reuse_experience_forward and cfg.ppo_epochs == 1 and micro_batches_per_round(cfg) == 1
@@ -435,10 +477,11 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if cfg.reuse_experience_forward and not reuse_fwd:
         print_rank0("experience forwards are repeated for training: --reuse_experience_forward needs --ppo_epochs 1, "
                     "one micro-batch per step (generation rows <= --per_device_training_batch_size, "
-                    "--generation_batches 1) and no dropout in actor/critic")
+                    f"--generation_batches 1) and no dropout in the {'actor and critic' if ppo else 'actor'}")
 
     last: dict[str, Any] = {}
     stop_reason = ""
+    failed = False  # a stop that leaves no finished run: weights blew up, or the answers' length collapsed
     buffer: list[px.Experience] = []
     round_t0 = time.time()
     timing = {"generation_s": 0.0, "inference_s": 0.0, "training_s": 0.0, "gen_tokens": 0, "rows": 0, "seq_tokens": 0,
@@ -464,6 +507,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
             timing["rows"] += t["generated_rows"]
             timing["seq_tokens"] += t["seq_len"] * t["generated_rows"]
             timing["dropped"] += t["dropped"]  # answers with <= 1 real token (reported with the step line)
+            # counted per generation batch, before the short-answer drop: a batch of only empty answers is skipped
+            # below without a step, and would otherwise go unnoticed until a whole pass produced nothing
+            stop_reason = _length_guard(state, cfg, t, strategy)
+            if stop_reason:
+                failed = True
+                break
             n_valid = strategy.all_reduce_sum(0 if exp.info["placeholder"] else len(exp)).item()
             if n_valid == 0:
                 print_rank0(f"step {state['round'] + 1}: every answer of this generation batch had <= 1 real "
@@ -489,6 +538,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 if stop_reason or state["round"] >= total_rounds:
                     break
                 continue
+            uniform = 0  # samples of equal-reward groups left out of the loss (--drop_uniform_groups)
             for e in buffer:
                 if ppo:
                     px.finalize_ppo(e, kl_ctl.value, cfg.clip_reward_value, cfg.gamma, cfg.lam, cfg.kl_estimator,
@@ -496,7 +546,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
                                     cfg.whiten_advantages)
                 else:
                     px.finalize_group(e, cfg.algo, cfg.group_size, kl_ctl.value, cfg.clip_reward_value,
-                                      cfg.kl_estimator, reward_fn if cfg.reward_normalization != "none" else None)
+                                      cfg.kl_estimator, reward_fn if cfg.reward_normalization != "none" else None,
+                                      cfg.drop_uniform_groups)
+                    uniform += e.info.get("uniform_dropped", 0)
 
             # ---- ppo_epochs passes over shuffled micro-batches
             t_train = time.time()
@@ -533,11 +585,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
             else:
                 state["consecutive_skips"] = 0
                 state["trained_rounds"] += 1
-            agg = _aggregate(done, strategy)
+            agg = _aggregate(done, strategy, critic=ppo)
             state["ema_reward"] = (stats["reward_mean"] if state["ema_reward"] is None
                                    else 0.9 * state["ema_reward"] + 0.1 * stats["reward_mean"])
             last = {**stats, **agg, "ema_reward": state["ema_reward"], "kl_coef": kl_ctl.value,
                     "skipped": len(results) - len(done),
+                    **({"uniform_dropped": uniform} if cfg.drop_uniform_groups else {}),
                     "actor_lr": strategy.get_lr(actor)[0],
                     **({"unsup_loss": sum(unsup_losses) / len(unsup_losses)} if unsup_losses else {})}
             last.pop("n", None)
@@ -550,8 +603,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
                           or state["round"] == total_rounds):
                 print_rank0(f"step {state['round']}/{total_rounds} | reward {last['reward_mean']:.4f} "
                             f"(ema {last['ema_reward']:.4f}) | kl {last['kl']:.4f} | actor_loss "
-                            f"{last.get('actor_loss', float('nan')):.4f} | critic_loss "
-                            f"{last.get('critic_loss', float('nan')):.4f} | clipfrac {last.get('clipfrac', 0):.3f} | "
+                            f"{last.get('actor_loss', float('nan')):.4f} | "
+                            + (f"critic_loss {last.get('critic_loss', float('nan')):.4f} | " if ppo else "")
+                            + f"clipfrac {last.get('clipfrac', 0):.3f} | "
                             f"ratio_max {last.get('ratio_max', 0):.3f} | len {last['response_length']:.1f}"
                             + (f" | dropped {timing['dropped']} short" if timing["dropped"] else ""))
                 print_rank0(tput.pop("_lines"))
@@ -562,6 +616,13 @@ def run_ppo(cfg: PPOConfig) -> dict:
             generated.clear()
             timing = {k: 0 for k in timing}
             round_t0 = time.time()
+
+            # ---- non-finite guard: the weights just written must still give finite outputs, else the next
+            # generation samples from NaN probabilities (and no checkpoint of this step may be saved)
+            bad = px.nonfinite_after_update(actor, critic, micro[-1], strategy) if done else ""
+            if bad:
+                stop_reason, failed = f"non-finite {bad} after the update of step {state['round']}", True
+                break
 
             # ---- checkpoint / stop
             if cfg.save_interval > 0 and state["round"] % cfg.save_interval == 0 and state["round"] < total_rounds:
@@ -579,12 +640,15 @@ def run_ppo(cfg: PPOConfig) -> dict:
     bar.close()
     if stop_reason:
         print_rank0(f"step 3 stopped: {stop_reason}")
+    if failed:
+        _stop_failed(cfg, strategy, writer, actor, critic, ema, tokenizer, out_dir, ckpt_root, stop_reason)
 
     # ---- final checkpoints
     extra = {"step": "ppo", "algo": cfg.algo, **{k: v for k, v in vars(cfg).items() if not k.startswith("_")}}
-    strategy.save_hf(actor, tokenizer, out_dir / "actor", extra_config=extra)
+    strategy.save_hf(actor, tokenizer, out_dir / "actor", extra_config=extra, save_lora_adapter=cfg.save_lora_adapter)
     if critic is not None:
-        strategy.save_hf(critic, tokenizer, out_dir / "critic", extra_config=extra)
+        strategy.save_hf(critic, tokenizer, out_dir / "critic", extra_config=extra,
+                         save_lora_adapter=cfg.save_lora_adapter)
     if ema is not None:
         strategy.save_hf(ema, tokenizer, out_dir / "actor_ema", extra_config=extra)
     summary = {k: v for k, v in last.items() if isinstance(v, (int, float))}
@@ -597,6 +661,53 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ loop helpers
+def _length_guard(state: dict, cfg: PPOConfig, t: dict, strategy) -> str:
+    """The stop reason once every answer of --length_guard_steps consecutive generation batches (all ranks) was
+    empty or ran to the length limit without EOS; '' otherwise. Lengths the flags force are not a collapse."""
+    if not cfg.length_guard_steps:
+        return ""
+    lengths = t["answer_tokens"]
+    n, short, cut = strategy.all_reduce_sum(torch.tensor(
+        [len(lengths), int((lengths <= cfg.length_guard_min_tokens).sum()), t["truncated"]])).tolist()
+    kind = ""
+    if short == n and cfg.max_answer_seq_len > cfg.length_guard_min_tokens:
+        kind = "empty"
+    elif cut == n and cfg.min_new_tokens < cfg.max_answer_seq_len:
+        kind = "max"
+    state["length_streak"] = (state["length_streak"] + 1 if kind == state["length_kind"] else 1) if kind else 0
+    state["length_kind"] = kind
+    if not kind or state["length_streak"] < cfg.length_guard_steps:
+        return ""
+    what = (f"every answer had at most {cfg.length_guard_min_tokens} token(s)" if kind == "empty" else
+            f"every answer ran to --max_answer_seq_len {cfg.max_answer_seq_len} without an end-of-text token")
+    return (f"answer length collapsed: {what} in {state['length_streak']} consecutive generation batches "
+            "(--length_guard_steps; 0 turns this guard off)")
+
+
+def _stop_failed(cfg: PPOConfig, strategy, writer, actor, critic, ema, tokenizer, out_dir: Path, ckpt_root: Path,
+                 reason: str) -> None:
+    """A run stopped by the non-finite or length guard is not finished: no done.json, and UserError (exit 2) naming
+    the reason and the last good checkpoint. Finite weights (a length collapse) are saved for inspection; blown-up
+    ones are not, so the run's output holds nothing non-finite."""
+    from chatrlhf.engine.strategy import find_latest_checkpoint
+
+    blown_up = reason.startswith("non-finite")
+    if not blown_up:
+        extra = {"step": "ppo", "algo": cfg.algo, "stopped_reason": reason,
+                 **{k: v for k, v in vars(cfg).items() if not k.startswith("_")}}
+        for name, model in (("actor", actor), ("critic", critic), ("actor_ema", ema)):
+            if model is not None:
+                strategy.save_hf(model, tokenizer, out_dir / name, extra_config=extra)
+    writer.close()
+    strategy.barrier()
+    good = find_latest_checkpoint(ckpt_root)
+    keep = (f"the last {'good ' if blown_up else ''}checkpoint is {good}" if good is not None
+            else "no checkpoint was saved before it (--save_interval)")
+    if not blown_up:
+        keep = f"the models as they ended are in {out_dir} for inspection; {keep}"
+    raise UserError(f"step 3 stopped: {reason}; {keep}; done.json not written")
+
+
 def _skip(state: dict, cfg: PPOConfig, reason: str) -> str:
     state["consecutive_skips"] += 1
     print_rank0(f"step {state['round'] + 1}: skipped ({reason}); {state['consecutive_skips']} in a row")
@@ -642,13 +753,14 @@ def _experience_stats(buffer: list[px.Experience], strategy) -> dict:
             "response_length": float(s[4]) / n}
 
 
-def _aggregate(results: list[px.MicroStepResult], strategy) -> dict:
+def _aggregate(results: list[px.MicroStepResult], strategy, critic: bool = True) -> dict:
     if not results:
         return {}
     keys = ["actor_loss", "critic_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "value_error"]
     t = torch.tensor([[getattr(r, k) for k in keys] for r in results]).mean(0)
     t = strategy.all_reduce_mean(t).cpu()
-    out = {k: float(v) for k, v in zip(keys, t)}
+    out = {k: float(v) for k, v in zip(keys, t)
+           if critic or k not in ("critic_loss", "vf_clipfrac", "value_error")}  # GRPO/RLOO have no critic
     out["ratio_max"] = _all_reduce_max(strategy, max(r.ratio_max for r in results))
     return out
 

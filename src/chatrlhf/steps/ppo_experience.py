@@ -29,8 +29,8 @@ def unwrap(model):
 # ---------------------------------------------------------------------------------------------- experience
 @dataclass
 class Experience:
-    """One batch of rollouts. Tensors [B, L] / [B, L-1]; ``advantages``/``returns`` are [B, L-1-start] for PPO and
-    ``advantages`` is [B] (per sequence) for GRPO/RLOO."""
+    """One batch of rollouts. Tensors [B, L] / [B, L-1]; ``advantages``/``returns`` are [B, L-1-start] for PPO,
+    ``advantages`` is [B] (per sequence) for GRPO/RLOO and [B, L-1-start] (per token) for REINFORCE++."""
 
     seq: torch.Tensor
     attention_mask: torch.Tensor
@@ -221,6 +221,13 @@ def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, promp
     n_gen, n_drop = seq.shape[0], seq.shape[0] - keep.numel()
     gen_tokens = seq.shape[1] - prompt_len
     timings = {"generation_s": gen_time, "generated_tokens": gen_tokens, "seq_len": seq.shape[1], "generated_rows": n_gen, "dropped": n_drop}
+    # for the length guard (steps/ppo.py): every answer's real tokens (EOS included) and how many ran to the limit
+    # without ending; such an answer fills the whole width, so its last token tells whether it ended
+    n_real = mask[:, prompt_len:].sum(1)
+    eos = torch.as_tensor(tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, (list, tuple))
+                          else [tokenizer.eos_token_id], device=seq.device)
+    cut = (n_real >= params.max_new_tokens) & ~torch.isin(seq[:, -1], eos)
+    timings.update(answer_tokens=n_real.cpu(), truncated=int(cut.sum()))
     # Every rank must take part in the forward passes below (ZeRO-3 gathers weights collectively), even with
     # nothing left to score: a rank whose whole batch was dropped keeps its first group as a placeholder with an
     # all-zero action mask (no loss, no gradient; flagged in info["placeholder"]).
@@ -272,17 +279,35 @@ def finalize_ppo(exp: Experience, kl_ctl: float, clip_reward_value: float, gamma
 
 
 def finalize_group(exp: Experience, algo: str, group_size: int, kl_ctl: float, clip_reward_value: float,
-                   kl_estimator: str = "k1", reward_fn=None) -> Experience:
-    """Critic-free advantages [B]: GRPO normalizes the clipped scores by the group's mean/std (KL goes into the
-    loss); RLOO uses score - kl_ctl * sum KL minus the leave-one-out mean of the group."""
+                   kl_estimator: str = "k1", reward_fn=None, drop_uniform: bool = False) -> Experience:
+    """Critic-free advantages: GRPO normalizes the clipped scores by the group's mean/std (KL goes into the loss);
+    RLOO uses score - kl_ctl * sum KL minus the leave-one-out mean of the group (both [B]); REINFORCE++ puts the
+    KL into per-token rewards and normalizes the returns over the batch ([B, T];
+    ``reinforce_pp_baseline`` first centres each score on its group).
+
+    ``drop_uniform`` (DAPO): the samples of groups whose clipped scores are all equal carry no signal; their answer
+    tokens leave the loss (the rows stay, so every rank runs the same micro-steps). ``exp.info["uniform_dropped"]``
+    counts them."""
     score = exp.reward_score if reward_fn is None else reward_fn(exp.reward_score)
     score = torch.clamp(score.float(), -clip_reward_value, clip_reward_value)
     mask = exp.action_mask[:, exp.start:]
-    if algo == "rloo":
+    same = rm.uniform_groups(score, group_size) if drop_uniform and group_size > 1 else None
+    if algo in ("reinforce_pp", "reinforce_pp_baseline"):
         kl = rm.kl_estimate(exp.logprobs[:, exp.start:], exp.ref_logprobs[:, exp.start:], kl_estimator)
-        score = score - kl_ctl * (kl * mask).sum(1)
-    exp.rewards = score
-    exp.advantages = rm.group_advantages(score, group_size, algo)
+        exp.rewards = score
+        exp.advantages = rm.reinforce_pp_advantages(score, kl, mask, kl_ctl,
+                                                    group_size=group_size if algo.endswith("baseline") else None)
+    else:
+        if algo == "rloo":
+            kl = rm.kl_estimate(exp.logprobs[:, exp.start:], exp.ref_logprobs[:, exp.start:], kl_estimator)
+            score = score - kl_ctl * (kl * mask).sum(1)
+        exp.rewards = score
+        exp.advantages = rm.group_advantages(score, group_size, algo)
+    if same is not None:
+        exp.info["uniform_dropped"] = int(same.sum())
+        if same.any():
+            exp.action_mask = exp.action_mask.clone()
+            exp.action_mask[same, exp.start:] = 0
     return exp
 
 
@@ -304,6 +329,33 @@ def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+def _params_finite(model) -> bool:
+    """Every weight finite (ZeRO-3: this rank's partition of each)."""
+    for p in unwrap(model).parameters():
+        t = getattr(p, "ds_tensor", p)
+        if t.numel() and not _finite(t):
+            return False
+    return True
+
+
+@torch.no_grad()
+def nonfinite_after_update(actor, critic, exp: Experience, strategy) -> str:
+    """What the last updates left non-finite ('' when nothing): the actor's and critic's weights, and their outputs
+    on one row of the experience just trained on. Outputs matter as much as weights: a learning rate of 1e12 leaves
+    finite weights of ~1e12 whose logits overflow to inf/NaN, and the next generation would then sample from NaN
+    probabilities. Decided over all ranks; every rank must call it (ZeRO-3 forwards gather weights together)."""
+    seq, mask = exp.seq[:1], exp.attention_mask[:1]
+    names, bad = [], []
+    for who, model in (("actor", actor), ("critic", critic)):
+        if model is None:
+            continue
+        out = lm_forward(model, seq, mask) if who == "actor" else model(seq, attention_mask=mask)
+        names += [f"{who} weights", f"{who} {'logits' if who == 'actor' else 'values'}"]
+        bad += [not _params_finite(model), not _finite(out)]
+    flags = strategy.all_reduce_sum(torch.tensor([float(b) for b in bad])).tolist()
+    return ", ".join(n for n, f in zip(names, flags) if f > 0)
+
+
 def train_micro_batch(exp: Experience, actor, critic, strategy, policy_loss: rm.PolicyLoss,
                       value_loss: rm.ValueLoss | None, algo: str = "ppo", kl_coef_in_loss: float = 0.0,
                       kl_estimator_in_loss: str = "k3", max_ratio: float = 0.0) -> MicroStepResult:
@@ -322,7 +374,8 @@ def train_micro_batch(exp: Experience, actor, critic, strategy, policy_loss: rm.
     else:
         out = rm.sequence_policy_loss(logprobs, exp.logprobs[:, start:], exp.advantages, mask,
                                       policy_loss.clip_eps, exp.ref_logprobs[:, start:], kl_coef_in_loss,
-                                      kl_estimator_in_loss, entropy, policy_loss.entropy_coef)
+                                      kl_estimator_in_loss, entropy, policy_loss.entropy_coef,
+                                      policy_loss.clip_eps_high, policy_loss.loss_agg)
     v_loss = torch.zeros((), device=logprobs.device)
     vf_clip = torch.zeros(())
     value_error = torch.zeros(())

@@ -39,7 +39,8 @@ class RewardConfig(DataConfig, TrainConfig):
         """Model checks before anything is built or written (run by ``main``): files, tokenizer, positions."""
         from chatrlhf.models.loading import preflight_model
 
-        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len)
+        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len,
+                        trust_remote_code=self.trust_remote_code)
 
 
 def reward_loss(model, values: torch.Tensor, batch: dict, cfg: RewardConfig):
@@ -91,7 +92,8 @@ def run_reward(cfg: RewardConfig) -> dict:
 
     with strategy.zero3_init_context():
         model = load_reward_model(cfg.model_name_or_path, dtype=strategy.torch_dtype, num_padding_at_beginning=npb,
-                                  dropout=C.dropout_value(cfg), pad_token_id=tokenizer.pad_token_id)
+                                  dropout=C.dropout_value(cfg), pad_token_id=tokenizer.pad_token_id,
+                                  trust_remote_code=cfg.trust_remote_code)
         if len(tokenizer) > C.embedding_rows(model.rwtransformer):
             model.rwtransformer.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
     C.maybe_lora(model.rwtransformer, cfg)

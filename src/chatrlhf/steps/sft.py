@@ -31,7 +31,8 @@ class SFTConfig(DataConfig, TrainConfig):
         """Model checks before anything is built or written (run by ``main``): files, tokenizer, positions."""
         from chatrlhf.models.loading import preflight_model
 
-        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len)
+        preflight_model(self.model_name_or_path, "--model_name_or_path", self.max_seq_len,
+                        trust_remote_code=self.trust_remote_code)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = False, reduction: str = "mean"):
