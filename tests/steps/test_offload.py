@@ -110,43 +110,13 @@ def test_sft_with_offload_trains_like_without_and_saves(base_args, tmp_path, sta
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_offload_checkpoint_resumes_exactly(tmp_path, stage):
+def test_offload_checkpoint_resumes_exactly(tmp_path, stage, checkpoint_resumes_exactly):
     """A ZeRO-Offload checkpoint (CPU Adam state) passes the weights-only check and continues bit for bit."""
-    import torch.nn as nn
-    from transformers import get_scheduler
-
     from chatrlhf.engine import DeepSpeedStrategy
-    from chatrlhf.engine.strategy import verify_checkpoint_files
 
     s = DeepSpeedStrategy(zero_stage=stage, offload=True, dtype="fp32", per_device_train_batch_size=4)
     s.setup_distributed()
-
-    def engine():
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 1))
-        opt = s.create_optimizer(m, 1e-2, weight_decay=0.1)
-        return s.prepare(m, opt, get_scheduler("cosine", optimizer=opt, num_warmup_steps=1, num_training_steps=8))
-
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(4, 8, generator=g) for _ in range(4)]
-
-    def step(e, x):
-        s.backward(e(x).float().pow(2).mean(), e)
-        s.step(e)
-
-    a = engine()
-    for x in xs[:2]:
-        step(a, x)
-    sdir = s.save_state({"model": a}, tmp_path / "ckpt", 2)
-    verify_checkpoint_files(sdir)
-    for x in xs[2:]:
-        step(a, x)
-    b = engine()
-    s.load_state({"model": b}, sdir)
-    for x in xs[2:]:
-        step(b, x)
-    wa, wb = s.full_state_dict(a), s.full_state_dict(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    checkpoint_resumes_exactly(s, tmp_path)
 
 
 @pytest.mark.slow

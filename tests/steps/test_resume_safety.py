@@ -110,47 +110,15 @@ def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(trained, run_f
 
 @pytest.mark.parametrize("stage,dtype", [(0, "fp32"), (0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32"),
                                          (3, "bf16")])
-def test_every_zero_stage_and_dtype_checkpoint_passes_the_check_and_resumes_exactly(tmp_path, stage, dtype):
+def test_every_zero_stage_and_dtype_checkpoint_passes_the_check_and_resumes_exactly(tmp_path, stage, dtype,
+                                                                                   checkpoint_resumes_exactly):
     """Real DeepSpeed checkpoints (model, optimizer, scheduler) pass the weights-only check with the allow-list, and
     the state loaded after it continues bit for bit."""
-    import torch.nn as nn
-    from transformers import get_scheduler
-
     from chatrlhf.engine import DeepSpeedStrategy
-    from chatrlhf.engine.strategy import verify_checkpoint_files
 
     s = DeepSpeedStrategy(zero_stage=stage, dtype=dtype, per_device_train_batch_size=4)
     s.setup_distributed()
-
-    def engine():
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 1))
-        opt = s.create_optimizer(m, 1e-2, weight_decay=0.1)
-        return s.prepare(m, opt, get_scheduler("cosine", optimizer=opt, num_warmup_steps=1, num_training_steps=8))
-
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(4, 8, generator=g).to(s.device, s.torch_dtype) for _ in range(4)]
-
-    def step(e, x):
-        s.backward(e(x).float().pow(2).mean(), e)
-        s.step(e)
-
-    a = engine()
-    for x in xs[:2]:
-        step(a, x)
-    sdir = s.save_state({"model": a}, tmp_path / "ckpt", 2)
-    verify_checkpoint_files(sdir)
-    for x in xs[2:]:
-        step(a, x)
-    b = engine()
-    s.load_state({"model": b}, sdir)
-    for x in xs[2:]:
-        step(b, x)
-    wa, wb = s.full_state_dict(a), s.full_state_dict(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    assert s.get_lr(a) == s.get_lr(b)
+    checkpoint_resumes_exactly(s, tmp_path)
 
 
 # ---- 2. no silent resume of another run ------------------------------------------------------------------------
