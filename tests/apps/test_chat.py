@@ -5,11 +5,13 @@ import sys
 from pathlib import Path
 
 import pexpect
+import pytest
 
 CHATRLHF = str(Path(sys.executable).with_name("chatrlhf"))
 ASK = r"Enter input \(type 'quit' to exit, 'clear' to clean memory\): "
 
 
+@pytest.mark.slow  # a chat subprocess: ~5-8 s with its start-up
 def test_chat_multi_round_clear_quit_in_a_terminal(apps_model_dir):
     child = pexpect.spawn(CHATRLHF, ["chat", "--path", str(apps_model_dir), "--greedy", "--show_prompt",
                                      "--max_new_tokens", "24"], encoding="utf-8", timeout=90,
@@ -41,6 +43,7 @@ def test_chat_multi_round_clear_quit_in_a_terminal(apps_model_dir):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow  # a chat subprocess: ~5-8 s with its start-up
 def test_chat_with_piped_stdin_exits_cleanly_at_end_of_input(apps_model_dir):
     r = subprocess.run([CHATRLHF, "chat", "--path", str(apps_model_dir), "--greedy", "--max_new_tokens", "24"],
                        input="hello\n", capture_output=True, text=True, timeout=90)
