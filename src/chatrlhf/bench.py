@@ -156,24 +156,16 @@ def set_threads(n: int) -> int:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from chatrlhf.engine.calibrate import processor
+
+    return processor()["model"]
 
 
 def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                fl = line.split(":", 1)[1].split()
-                return sorted(f for f in fl if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma"))
-    except OSError:
-        pass
-    return []
+    """The instruction-set flags that decide which kernels are fast (a subset of calibrate.processor's)."""
+    from chatrlhf.engine.calibrate import processor
+
+    return [f for f in processor()["simd"] if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma")]
 
 
 def _best_rate(fn, work: float, min_time: float, trials: int, acc) -> float:

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+
+from chatrlhf.engine import calibrate
 
 logger = logging.getLogger("chatrlhf.native")
 
@@ -75,7 +77,7 @@ def _compiler_version(cc: str) -> str:
 def _kernel_key(src: bytes, cc: str) -> str:
     """What a built library depends on: source, compiler (path and version), flags and processor."""
     parts = [src, repr((BASE_FLAGS, ARCH_FLAGS)).encode(), _compiler_version(cc).encode(),
-             platform.machine().encode(), platform.processor().encode(), _cpu_model().encode()]
+             json.dumps(calibrate.processor(), sort_keys=True).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -185,16 +187,6 @@ def load(name: str = "decode") -> ctypes.CDLL | None:
 
 def reason(name: str = "decode") -> str | None:
     return _whys.get(name)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return ""
 
 
 def _ptr(t: torch.Tensor):
