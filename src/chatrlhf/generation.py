@@ -2,33 +2,38 @@
 
 - ``load_for_inference(path)``: model + tokenizer from one local checkpoint dir (never the hub, never the config's
   ``_name_or_path``), on the accelerator torch/DeepSpeed reports (CPU otherwise), in eval mode, tokenizer left-padded.
-- ``build_prompt(history, user_msg, tokenizer)``: DeepSpeed-Chat's multi-round text format, or the tokenizer's chat
-  template when it has one.
-- ``ReplyCutter`` / ``cut_reply``: cut a reply at the next ``Human:`` turn marker. Streaming and non-streaming use the
-  same cutter, so a streamed answer concatenates to exactly the non-streamed one.
+- ``format_for_checkpoint(path, tokenizer, choice)``: the ``ChatFormat`` (chatrlhf.template) a checkpoint was trained
+  with, from its ``chatrlhf_config.json`` record (``--template`` overrides it), so chat, serve and eval render
+  conversations -- and tokenize them -- exactly as training did.
+- ``build_prompt(history, user_msg, tokenizer, fmt=...)`` / ``messages_to_prompt``: a conversation rendered by that
+  format (DeepSpeed-Chat's multi-round text, or the tokenizer's chat template).
+- ``ReplyCutter`` / ``cut_reply``: cut a reply at the format's stop markers (``Human:`` for DeepSpeed-Chat text; EOS
+  ends a reply in every format). Streaming and non-streaming use the same cutter, so a streamed answer concatenates
+  to exactly the non-streamed one.
 - ``generate`` / ``generate_batch`` / ``stream_generate``: greedy, sampling, beam and contrastive search (the last is
   implemented here because transformers 5 moved it to the Hub, which offline runs cannot reach).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from chatrlhf.errors import ModelError, UserError
-from chatrlhf.template import HUMAN_MARKER, format_prompt
+from chatrlhf.template import (DSCHAT, HUMAN_MARKER, TEMPLATE_CHOICES, ChatFormat, has_chat_template,
+                               resolve_format)
 
 logger = logging.getLogger("chatrlhf.generation")
 
-# The training template (chatrlhf.template): each round is " Human: x Assistant:" followed by " reply"; the whole
-# conversation is the context. Chatting in the exact format the model was trained on matters for small models
-# (DeepSpeed-Chat's chat used "\n Assistant: ", a mismatch with its own data).
-ROUND_TEMPLATE = format_prompt("{user}")
-ROUND_SEPARATOR = ""
+# Chatting in the exact format the model was trained on matters for small models (DeepSpeed-Chat's chat used
+# "\n Assistant: ", a mismatch with its own data): every prompt is rendered by the checkpoint's ChatFormat.
+RUN_CONFIG = "chatrlhf_config.json"  # written next to every trained checkpoint; its "chat_format" is the record
 
 # Roles accepted in a message list (OpenAI style).
 ROLES = ("system", "user", "assistant")
@@ -137,8 +142,76 @@ def context_length(model, tokenizer=None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- prompts
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def recorded_format(path: str | os.PathLike) -> dict | None:
+    """The ``chat_format`` record (``{"name": "chat"|"dschat", "sha256": ...}``) of the checkpoint at ``path``, or
+    None when there is none (a model this project did not train, or one trained before the record existed)."""
+    try:
+        f = resolve_checkpoint_dir(path) / RUN_CONFIG
+    except ModelError:
+        return None
+    if not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8")).get("chat_format")
+    except (OSError, ValueError, AttributeError) as e:
+        logger.warning("%s: unreadable (%s); the chat format is chosen as for an unrecorded model", f, e)
+        return None
+    if not isinstance(rec, dict) or rec.get("name") not in ("chat", "dschat"):
+        if rec is not None:
+            logger.warning("%s: chat_format %r is not a record this version knows; ignored", f, rec)
+        return None
+    return rec
+
+
+def checkpoint_format(path: str | os.PathLike, tokenizer, choice: str = "auto") -> tuple[ChatFormat, str]:
+    """(format, why): how conversations are rendered for the checkpoint at ``path`` (see ``format_for_checkpoint``);
+    ``why`` says where the choice came from (``from checkpoint record``, ``--template``, ``auto: ...``)."""
+    choice = (choice or "auto").strip().lower()
+    if choice not in TEMPLATE_CHOICES:
+        raise UserError(f"--template {choice!r}: choose one of {', '.join(TEMPLATE_CHOICES)}")
+    rec = recorded_format(path)
+    trained = rec["name"] if rec else None
+    if choice != "auto":
+        try:
+            fmt = resolve_format(choice, tokenizer)
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+        why = "--template"
+        if trained and trained != fmt.name:
+            logger.warning("--template %s overrides the checkpoint's record: %s was trained with the %s format",
+                           fmt.name, path, trained)
+    elif trained == "chat":
+        if not has_chat_template(tokenizer):
+            raise UserError(f"{path} was trained with its tokenizer's chat template, but the tokenizer there has "
+                            "none now; restore it, or pass --template dschat to render DeepSpeed-Chat text anyway")
+        fmt, why = resolve_format("chat", tokenizer), "from checkpoint record"
+    elif trained == "dschat":
+        fmt, why = DSCHAT, "from checkpoint record"
+    else:
+        fmt = resolve_format("auto", tokenizer)
+        why = "auto: " + ("the tokenizer has a chat template" if fmt.name == "chat" else "no chat template")
+    want = (rec or {}).get("sha256")
+    have = fmt.record().get("sha256")
+    if fmt.name == "chat" and trained == "chat" and want and want != have:
+        logger.warning("%s was trained with a chat template of sha256 %s, but its tokenizer's template is %s now; "
+                       "rendering with the current one", path, want, have)
+    return fmt, why
+
+
+def format_for_checkpoint(path: str | os.PathLike, tokenizer, choice: str = "auto", *, label: str | None = None,
+                          announce: bool = True) -> ChatFormat:
+    """The ChatFormat to render conversations for the checkpoint at ``path``.
+
+    The checkpoint's ``chatrlhf_config.json`` records the format it was trained with (``chat_format``): ``auto``
+    follows it (a model trained on DeepSpeed-Chat text renders that text even when its tokenizer has a chat template),
+    and with no record picks as training's ``--template auto`` does (the chat template when the tokenizer has one).
+    An explicit ``chat``/``dschat`` overrides the record, with a one-line warning when they differ; a recorded
+    template hash that differs from the tokenizer's current template is warned about too. ``announce`` prints the
+    ``template: NAME (why)`` line to stderr (beside the device/dtype line); ``label`` names the model in it."""
+    fmt, why = checkpoint_format(path, tokenizer, choice)
+    if announce and os.environ.get("RANK", "0") in ("0", ""):
+        print(f"template{f' [{label}]' if label else ''}: {fmt.name} ({why})", file=sys.stderr, flush=True)
+    return fmt
 
 
 def history_to_messages(history: Sequence[tuple[str, str]], user_msg: str | None = None,
@@ -151,44 +224,42 @@ def history_to_messages(history: Sequence[tuple[str, str]], user_msg: str | None
     return msgs
 
 
-def build_prompt(history: Sequence[tuple[str, str]], user_msg: str, tokenizer=None, system: str | None = None) -> str:
-    """The prompt for the next reply, with the whole conversation as context.
+def _fmt(fmt: ChatFormat | None, tokenizer) -> ChatFormat:
+    """``fmt``, or (none given) what training's ``--template auto`` picks for ``tokenizer``."""
+    return fmt if fmt is not None else resolve_format("auto", tokenizer)
 
-    Without a chat template (every model this project trains): DeepSpeed-Chat's
-    ``" Human: u1 Assistant: r1 Human: u2 Assistant:"`` (the training template); a system text goes first on its
-    own line.
-    With a chat template: ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``.
+
+def build_prompt(history: Sequence[tuple[str, str]], user_msg: str, tokenizer=None, system: str | None = None,
+                 fmt: ChatFormat | None = None) -> str:
+    """The prompt for the next reply, with the whole conversation as context, rendered by ``fmt``
+    (``ChatFormat.conversation_prompt``; by default what ``--template auto`` picks for ``tokenizer``).
+
+    ``dschat``: DeepSpeed-Chat's ``" Human: u1 Assistant: r1 Human: u2 Assistant:"`` (the training text); a system
+    text goes first on its own line. ``chat``: the tokenizer's chat template with the generation prompt.
     """
-    if tokenizer is not None and has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(history_to_messages(history, user_msg, system), tokenize=False,
-                                             add_generation_prompt=True)
-    parts = [f"{system}\n"] if system else []
-    for u, a in history:
-        parts.append(ROUND_TEMPLATE.format(user=u) + " " + a.strip() + ROUND_SEPARATOR)
-    parts.append(ROUND_TEMPLATE.format(user=user_msg))
-    return "".join(parts)
+    return _fmt(fmt, tokenizer).conversation_prompt(history_to_messages(history, user_msg, system), tokenizer)
 
 
-def messages_to_prompt(messages: Sequence[dict], tokenizer=None) -> str:
-    """OpenAI-style messages -> prompt. Raises ValueError (a client error) for an unusable list."""
+def messages_to_prompt(messages: Sequence[dict], tokenizer=None, fmt: ChatFormat | None = None) -> str:
+    """OpenAI-style messages -> prompt, rendered by ``fmt`` as ``build_prompt`` does. Raises ValueError (a client
+    error) for an unusable list."""
     if not messages:
         raise ValueError("messages must be a non-empty list")
-    system = [m["content"] for m in messages if m["role"] == "system"]
     turns = [m for m in messages if m["role"] != "system"]
     if not turns or turns[-1]["role"] != "user":
         raise ValueError("the last non-system message must have role 'user'")
-    if tokenizer is not None and has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    history: list[tuple[str, str]] = []
-    pending_user: list[str] = []
-    for m in turns[:-1]:
-        if m["role"] == "user":
-            pending_user.append(m["content"])
-        else:  # consecutive messages of one role are joined, an assistant turn without a user turn gets an empty one
-            history.append(("\n".join(pending_user), m["content"]))
-            pending_user = []
-    user = "\n".join(pending_user + [turns[-1]["content"]])
-    return build_prompt(history, user, None, system="\n".join(system) or None)
+    return _fmt(fmt, tokenizer).conversation_prompt(list(messages), tokenizer)
+
+
+def prompt_token_ids(tokenizer, prompt: str, fmt: ChatFormat | None = None) -> list[int]:
+    """The ids generation continues from: ``prompt`` tokenized as training tokenized prompts of ``fmt`` (a chat
+    template writes its own BOS and turn markers, so no automatic special tokens then). ``fmt=None``: raw text, with
+    the tokenizer's own special tokens (DeepSpeed-Chat text, a raw completion)."""
+    return list(tokenizer(prompt, add_special_tokens=_adds_special(fmt))["input_ids"])
+
+
+def _adds_special(fmt: ChatFormat | None) -> bool:
+    return True if fmt is None else fmt.add_special_tokens
 
 
 # -------------------------------------------------------------------------------------------------- reply cutting
@@ -256,7 +327,9 @@ class SamplingParams:
     num_beams: int = field(default=4, metadata={"help": "Beams for beam search."})
     penalty_alpha: float = field(default=0.6, metadata={"help": "Degeneration penalty for contrastive search."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off."})
-    stop: tuple[str, ...] = field(default=(HUMAN_MARKER,), metadata={"help": "Strings that end a reply."})
+    stop: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "Strings that end a reply (None: the chat format's stop markers, ``Human:`` for DeepSpeed-Chat text; "
+                "EOS always ends one)."})
     seed: int | None = field(default=None, metadata={"help": "Seed for sampling (None: not reseeded)."})
 
     def validate(self) -> None:
@@ -315,24 +388,36 @@ class Generation:
     finish_reason: str  # "stop" (eos or a stop string) or "length"
 
 
-def _encode(tokenizer, prompts: Sequence[str], device):
-    # Prompts carry their own turn markers; BOS is whatever the tokenizer adds by default (OPT adds </s>).
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+def _encode(tokenizer, prompts: Sequence[str], device, fmt: ChatFormat | None = None):
+    # Prompts carry their own turn markers. DeepSpeed-Chat text (and raw text, fmt None) gets the BOS the tokenizer
+    # adds by default (OPT adds </s>), as in training; a chat template writes its own, so nothing is added then.
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=_adds_special(fmt))
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
+def _with_stops(params: SamplingParams, fmt: ChatFormat | None) -> SamplingParams:
+    """``params`` with ``stop`` resolved: unset means the format's stop markers (fmt None: DeepSpeed-Chat's)."""
+    import dataclasses
+
+    if params.stop is not None:
+        return params
+    return dataclasses.replace(params, stop=tuple((fmt or DSCHAT).stop_markers))
+
+
 def generate_batch(model, tokenizer, prompts: Sequence[str], params: SamplingParams | None = None,
-                   cut: bool = True, strip: bool = True) -> list[Generation]:
-    """Generate one reply per prompt in one left-padded batch. ``cut``: cut each reply at the first of
-    ``params.stop`` (and strip whitespace unless ``strip=False``); otherwise return the raw text."""
+                   cut: bool = True, strip: bool = True, fmt: ChatFormat | None = None) -> list[Generation]:
+    """Generate one reply per prompt in one left-padded batch. ``fmt``: the ChatFormat the prompts were rendered
+    with (how they are tokenized, and the default stop markers); None: raw text with the tokenizer's own special
+    tokens and DeepSpeed-Chat's ``Human:`` marker. ``cut``: cut each reply at the first of ``params.stop`` (and
+    strip whitespace unless ``strip=False``); otherwise return the raw text. EOS ends every reply."""
     import torch
 
-    params = params or SamplingParams()
+    params = _with_stops(params or SamplingParams(), fmt)
     params.validate()
     if params.seed is not None:
         torch.manual_seed(params.seed)
     device = next(model.parameters()).device
-    enc = _encode(tokenizer, prompts, device)
+    enc = _encode(tokenizer, prompts, device, fmt)
     plen = enc["input_ids"].shape[1]
     if params.method == "contrastive":  # unbatched: run each prompt without padding
         gen_rows = []
@@ -377,10 +462,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def generate(model, tokenizer, prompt: str, params: SamplingParams | None = None, cut: bool = True,
-             strip: bool = True, **overrides) -> Generation:
-    """One reply. ``overrides`` are SamplingParams fields (``max_new_tokens=32, method="sample"``)."""
+             strip: bool = True, fmt: ChatFormat | None = None, **overrides) -> Generation:
+    """One reply. ``fmt`` as in ``generate_batch``; ``overrides`` are SamplingParams fields (``max_new_tokens=32,
+    method="sample"``)."""
     params = _with(params, overrides)
-    return generate_batch(model, tokenizer, [prompt], params, cut, strip)[0]
+    return generate_batch(model, tokenizer, [prompt], params, cut, strip, fmt)[0]
 
 
 def _with(params: SamplingParams | None, overrides: dict) -> SamplingParams:
@@ -401,18 +487,18 @@ class StreamResult:
 
 def stream_generate(model, tokenizer, prompt: str, params: SamplingParams | None = None, cut: bool = True,
                     strip: bool = True, result: StreamResult | None = None, cancel: threading.Event | None = None,
-                    **overrides) -> Iterator[str]:
+                    fmt: ChatFormat | None = None, **overrides) -> Iterator[str]:
     """Yield reply text pieces as tokens are generated (TextIteratorStreamer; generation runs in a thread).
 
-    The pieces concatenate to ``generate(...).text`` for the same params (greedy: the same tokens). Closing the
-    generator early (a client disconnect) stops generation at the next token."""
+    ``fmt`` as in ``generate_batch``. The pieces concatenate to ``generate(...).text`` for the same params (greedy:
+    the same tokens). Closing the generator early (a client disconnect) stops generation at the next token."""
     import torch
     from transformers import TextIteratorStreamer
 
-    params = _with(params, overrides)
+    params = _with_stops(_with(params, overrides), fmt)
     params.validate()
     if params.method in ("beam", "contrastive"):  # no token-by-token view of these: generate, then yield once
-        g = generate(model, tokenizer, prompt, params, cut, strip)
+        g = generate(model, tokenizer, prompt, params, cut, strip, fmt)
         if result is not None:
             result.prompt_tokens, result.completion_tokens, result.finish_reason, result.text = (
                 g.prompt_tokens, g.completion_tokens, g.finish_reason, g.text)
@@ -422,7 +508,7 @@ def stream_generate(model, tokenizer, prompt: str, params: SamplingParams | None
     if params.seed is not None:
         torch.manual_seed(params.seed)
     device = next(model.parameters()).device
-    enc = _encode(tokenizer, [prompt], device)
+    enc = _encode(tokenizer, [prompt], device, fmt)
     plen = enc["input_ids"].shape[1]
     cancel = cancel or threading.Event()
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)

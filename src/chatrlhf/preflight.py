@@ -90,6 +90,9 @@ def check_model(role: str, path: Optional[str], problems: list[str],
     --trust_remote_code: nothing else about such a model can be checked without running its code."""
     if not path:
         return None, None
+    from chatrlhf.models.registry import resolve_model_path  # smollm2 / x.gguf -> its converted folder
+
+    path = resolve_model_path(path, f"{role} model")
     p = Path(path)
     if not p.is_dir():
         problems.append(f"{role} model {path}: directory not found (local Hugging Face model dirs only)")

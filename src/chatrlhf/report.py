@@ -29,7 +29,7 @@ STEPS = (("sft", "step1_sft", "Step 1: supervised fine-tuning"),
          ("reward", "step2_reward", "Step 2: reward model"),
          ("ppo", "step3_ppo", "Step 3: RLHF with PPO"))
 DPO_STEPS = (STEPS[0], ("dpo", "step2_dpo", "Step 2: DPO (direct preference optimization)"))
-PLOTS = ("sft_loss.png", "reward_accuracy.png", "ppo_curves.png", "dpo_curves.png", "throughput.png")
+PLOTS = ("sft_loss.png", "reward_accuracy.png", "ppo_curves.png", "ppo_eval.png", "dpo_curves.png", "throughput.png")
 COMPARISON = "dpo_vs_sft.json"
 
 
@@ -125,6 +125,17 @@ def _plot(path: Path, panels: list[tuple[str, list[tuple[str, list[int], list[fl
     return True
 
 
+def _eval_keys(records: Sequence[dict], limit: int = 6) -> list[str]:
+    """The eval function's headline metrics in a step's eval records (per-type breakdowns like 'pass_rate/x' and
+    the generic ones left out)."""
+    keys: dict[str, None] = {}
+    for r in records:
+        if r.get("kind") == "eval":
+            keys.update({k: None for k, v in r.items() if _num(v) is not None and "/" not in k
+                         and k not in ("step", "time", "rm_score", "response_length", "n")})
+    return list(keys)[:limit]
+
+
 def draw_plots(run_dir: Path, metrics: dict[str, list[dict]]) -> dict[str, Path]:
     """Write the plots there is data for into run_dir/plots; returns {name: path}."""
     plots = run_dir / "plots"
@@ -151,6 +162,11 @@ def draw_plots(run_dir: Path, metrics: dict[str, list[dict]]) -> dict[str, Path]
                             ("ema_reward", *series(ppo, "train", "ema_reward"))]),
             ("KL to reference", [("kl", *series(ppo, "train", "kl"))]),
             ("response length", [("tokens", *series(ppo, "train", "response_length"))]),
+        ],
+        # --eval_interval: greedy held-out answers scored by --eval_fn (not only by the reward model)
+        "ppo_eval.png": [
+            ("held-out eval (--eval_fn)", [(k, *series(ppo, "eval", k)) for k in _eval_keys(ppo)]),
+            ("held-out reward-model score", [("rm_score", *series(ppo, "eval", "rm_score"))]),
         ],
         "dpo_curves.png": [
             ("DPO loss", [("train loss", *series(dpo, "train", "loss")), ("eval loss", *series(dpo, "eval", "eval_loss"))]),
@@ -371,7 +387,7 @@ def write_report(run_dir: str | Path) -> Path:
         cmp = dpo_comparison(run)
         if cmp is not None:
             lines += _dpo_section(cmp)
-    plot_for = {"sft": ["sft_loss.png"], "reward": ["reward_accuracy.png"], "ppo": ["ppo_curves.png"],
+    plot_for = {"sft": ["sft_loss.png"], "reward": ["reward_accuracy.png"], "ppo": ["ppo_curves.png", "ppo_eval.png"],
                 "dpo": ["dpo_curves.png"]}
     for name, sub, title in steps:
         lines += _step_section(title, run / sub, metrics[name])

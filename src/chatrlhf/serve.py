@@ -5,8 +5,9 @@ events ``data: {...}`` ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /h
 
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
 
-Chat messages become DeepSpeed-Chat's multi-round prompt (or the tokenizer's chat template) and replies are cut at
-the next ``Human:`` turn. Robustness: every client mistake (malformed JSON, wrong field types, unknown model,
+Chat messages are rendered as the model was trained (the checkpoint's recorded format, or ``--template``):
+DeepSpeed-Chat's multi-round prompt, with replies cut at the next ``Human:`` turn, or the tokenizer's chat template,
+tokenized as training tokenized it (no automatic special tokens); EOS ends a reply. Robustness: every client mistake (malformed JSON, wrong field types, unknown model,
 over-long prompt, too many tokens asked, empty messages, oversized or chunked-oversized body, non-JSON content
 type, out-of-range numbers, bad key) is a 4xx with an OpenAI-style ``{"error": {"message", "type", "code", "param"}}``
 body, never a 500, and the connection stays usable. Generation runs in worker threads behind a bounded admission
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from chatrlhf.config import parse_config
+from chatrlhf.config import Check, parse_config
 from chatrlhf.errors import UserError
+from chatrlhf.template import TEMPLATE_CHOICES
 
 logger = logging.getLogger("chatrlhf.serve")
 
@@ -47,6 +49,12 @@ class ServeConfig:
     default_max_tokens: int = field(default=128, metadata={"help": "max_tokens when a request gives none."})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body accepted (413 beyond)."})
     dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on accelerators), fp32, bf16, fp16."})
+    template: str = field(default="auto", metadata={
+        "help": "How chat messages become text: auto (the format the checkpoint records it was trained with; with "
+                "no record, the tokenizer's chat template when it has one, else DeepSpeed-Chat's "
+                "' Human: ... Assistant:'), chat (the tokenizer's chat template) or dschat. /v1/completions "
+                "continues the client's text as given.",
+        "check": Check(choices=TEMPLATE_CHOICES)})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level: debug, info, warning, error."})
     cors_origins: str = field(default="", metadata={
         "help": "Comma-separated origins allowed to call the API from a browser (e.g. http://localhost:3000; * for "
@@ -61,6 +69,9 @@ class ServeConfig:
     def validate(self) -> None:
         if not self.path:
             raise UserError("--path is required (a trained actor checkpoint dir)")
+        from chatrlhf.models.registry import resolve_model_path  # smollm2 / x.gguf -> its converted folder
+
+        self.path = resolve_model_path(self.path, "--path")
         if self.max_concurrency < 1 or self.max_queue < 0:
             raise UserError("--max_concurrency must be >= 1 and --max_queue >= 0")
         if not 0 < self.port < 65536:
@@ -238,8 +249,10 @@ class _AnswerUnhandled:
 
 
 # ------------------------------------------------------------------------------------------------------- app
-def create_app(cfg: ServeConfig, model, tokenizer):
-    """The FastAPI app serving ``model``/``tokenizer`` (already loaded, e.g. by ``load_for_inference``)."""
+def create_app(cfg: ServeConfig, model, tokenizer, fmt=None):
+    """The FastAPI app serving ``model``/``tokenizer`` (already loaded, e.g. by ``load_for_inference``). ``fmt``:
+    the ChatFormat chat messages are rendered with (default: ``--template`` resolved against the checkpoint's
+    record, as ``format_for_checkpoint`` does)."""
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -250,8 +263,9 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import ClientDisconnect
 
-    from chatrlhf.generation import (HUMAN_MARKER, SamplingParams, StreamResult, context_length,
-                                     generate, messages_to_prompt, stream_generate)
+    from chatrlhf.generation import (SamplingParams, StreamResult, checkpoint_format, context_length, generate,
+                                     messages_to_prompt, prompt_token_ids, stream_generate)
+    from chatrlhf.template import resolve_format
 
     ChatRequest, CompletionRequest = _schemas()
     try:
@@ -259,12 +273,16 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     except ImportError:  # no jinja2, no chat templates
         TemplateError = ValueError
     model_name = cfg.model_name or Path(cfg.path or "model").resolve().name
+    if fmt is None:
+        fmt = (checkpoint_format(cfg.path, tokenizer, cfg.template)[0] if cfg.path
+               else resolve_format(cfg.template, tokenizer))
     ctx_len = context_length(model, tokenizer)
     admission = Admission(cfg.max_concurrency, cfg.max_queue)
     created = int(time.time())
     app = FastAPI(title="chatrlhf", version="1", docs_url=None, redoc_url=None)
     app.state.admission = admission
     app.state.model_name = model_name
+    app.state.chat_format = fmt
     app.add_middleware(_AnswerUnhandled)
     if cfg.origins():  # added last = outermost, so error responses carry the CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=cfg.origins(), allow_methods=["GET", "POST"],
@@ -368,8 +386,8 @@ def create_app(cfg: ServeConfig, model, tokenizer):
         return tuple(x for x in s if x)
 
     def plan(prompt: str, req, requested: int | None, stop: tuple[str, ...], prompt_param: str,
-             tokens_param: str = "max_tokens") -> tuple[SamplingParams, int]:
-        n_prompt = len(tokenizer(prompt)["input_ids"])
+             tokens_param: str = "max_tokens", prompt_fmt=None) -> tuple[SamplingParams, int]:
+        n_prompt = len(prompt_token_ids(tokenizer, prompt, prompt_fmt))
         if n_prompt >= ctx_len:
             raise APIError(400, f"this model's maximum context length is {ctx_len} tokens; the prompt has "
                                 f"{n_prompt}", param=prompt_param, code="context_length_exceeded")
@@ -407,13 +425,15 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def streaming(prompt: str, params: SamplingParams, strip: bool, chunk, include_usage: bool):
+    def streaming(prompt: str, params: SamplingParams, strip: bool, chunk, include_usage: bool, prompt_fmt=None):
         """SSE response for a reply generated in a worker thread. ``chunk(text | None, finish_reason)`` builds
-        one event; the admission slot is held until the stream ends or the client goes away."""
+        one event; the admission slot is held until the stream ends or the client goes away. ``prompt_fmt``: the
+        ChatFormat ``prompt`` was rendered with (None: raw text)."""
         admission.reserve()  # 429 before any bytes are sent
         cancel = threading.Event()
         result = StreamResult()
-        it = stream_generate(model, tokenizer, prompt, params, cut=True, strip=strip, result=result, cancel=cancel)
+        it = stream_generate(model, tokenizer, prompt, params, cut=True, strip=strip, result=result, cancel=cancel,
+                             fmt=prompt_fmt)
         done = object()
         started = False
 
@@ -486,12 +506,12 @@ def create_app(cfg: ServeConfig, model, tokenizer):
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in (m.content or []))
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         try:
-            prompt = messages_to_prompt(msgs, tokenizer)
+            prompt = messages_to_prompt(msgs, tokenizer, fmt=fmt)
         except (ValueError, TemplateError) as e:  # our checks, or a chat template's raise_exception()
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
         tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params, n_prompt = plan(prompt, req, req.max_completion_tokens or req.max_tokens,
-                                (HUMAN_MARKER,) + stops(req), "messages", tokens_param)
+                                tuple(fmt.stop_markers) + stops(req), "messages", tokens_param, prompt_fmt=fmt)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             def chunk(text, finish):
@@ -503,8 +523,8 @@ def create_app(cfg: ServeConfig, model, tokenizer):
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
             return streaming(prompt, params, True, chunk,
-                             bool(req.stream_options and req.stream_options.include_usage))
-        g = await run_blocking(generate, model, tokenizer, prompt, params)
+                             bool(req.stream_options and req.stream_options.include_usage), prompt_fmt=fmt)
+        g = await run_blocking(generate, model, tokenizer, prompt, params, fmt=fmt)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": now, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
@@ -546,10 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ServeConfig, argv, prog="chatrlhf serve", description=__doc__.split("\n")[0])
     import uvicorn
 
-    from chatrlhf.generation import load_for_inference
+    from chatrlhf.generation import format_for_checkpoint, load_for_inference
 
     model, tok = load_for_inference(cfg.path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    app = create_app(cfg, model, tok)
+    fmt = format_for_checkpoint(cfg.path, tok, cfg.template)  # prints "template: NAME (why)"
+    app = create_app(cfg, model, tok, fmt)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         logger.warning("serving on %s without --api_key: anyone who can reach this port can use the model", cfg.host)
     print(f"chatrlhf serve: model '{app.state.model_name}' at http://{cfg.host}:{cfg.port}/v1", flush=True)

@@ -203,6 +203,16 @@ def gold_summary(prompts: Sequence[str], answers: Sequence[str]) -> dict:
     return out
 
 
+def reward(prompts: Sequence[str], answers: Sequence[str], metas: Sequence[dict]) -> list[float]:
+    """The gold scorer as a reward function (``--reward_fn chatrlhf.task:reward``)."""
+    return [gold_score(p, a) for p, a in zip(prompts, answers)]
+
+
+def evaluate(prompts: Sequence[str], answers: Sequence[str], metas: Sequence[dict]) -> dict[str, float]:
+    """The gold summary as an eval function (``--eval_fn chatrlhf.task:evaluate``): gold_mean, gold_pass, kind_*."""
+    return {k: float(v) for k, v in gold_summary(prompts, answers).items() if k != "n"}
+
+
 # ------------------------------------------------------------------------------------------- answer generators
 def _all_items() -> list[tuple[str, dict]]:
     return [(t.name, args) for t in TEMPLATES for args in t.items()]
@@ -485,5 +495,6 @@ def read_heldout(path: str | Path) -> list[dict]:
 __all__ = [
     "PROMPT_PREFIX", "PROMPT_SUFFIX", "TEMPLATES", "WORDS", "FILLERS", "format_prompt", "extract_question",
     "parse_question", "expected_answer", "gold_score", "gold_pass", "gold_win_rate", "gold_summary",
-    "classify_answer", "make_answer", "SFT_FLAWS", "task_corpus", "write_task_dataset", "read_heldout",
+    "classify_answer", "make_answer", "SFT_FLAWS", "task_corpus", "write_task_dataset", "read_heldout", "reward",
+    "evaluate",
 ]

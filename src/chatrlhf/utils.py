@@ -40,6 +40,12 @@ def setup_env() -> None:
                             datefmt="%H:%M:%S")
 
 
+def cache_dir() -> Path:
+    """chatrlhf's own cache root: ``$CHATRLHF_CACHE_DIR``, default ``~/.cache/chatrlhf`` (engine/calibrate.py's
+    path choices, models/gguf.py's converted models). Here, not in the engine, so finding it imports no DeepSpeed."""
+    return Path(os.environ.get("CHATRLHF_CACHE_DIR") or Path.home() / ".cache" / "chatrlhf")
+
+
 def _env_rank() -> int:
     try:
         return int(os.environ.get("RANK", "0"))

@@ -25,7 +25,8 @@ def _full_run(run):
     write_metrics(run / "step3_ppo" / "metrics.jsonl", [
         {"kind": "train", "step": s, "reward_mean": 0.1 * s, "kl": 0.01 * s, "response_length": 20 - s,
          "ema_reward": 0.05 * s, "actor_loss": "nan"} for s in range(1, 6)
-    ])
+    ] + [{"kind": "eval", "step": s, "pass_rate": 0.1 * s, "pass_rate/lowercase": 0.2, "rm_score": s,
+          "response_length": 9} for s in (0, 2, 4)])
     (run / "summary.json").write_text(json.dumps({"wall_s": {"sft": 10.0, "ppo": 30.0}, "eval": {
         "n_prompts": 2, "gold_sft": 0.4, "gold_final": 0.8, "pass_sft": 0.25, "pass_final": 0.75,
         "kinds_sft": {"clean": 0.25, "ramble": 0.75}, "kinds_final": {"clean": 0.75, "ramble": 0.25},
@@ -44,7 +45,7 @@ def test_full_report_sections_and_plots(tmp_path):
                     "## Step 2: reward model", "## Step 3: RLHF with PPO", "## Throughput", "## Resolved config",
                     "### Sample answers"):
         assert heading in md, heading
-    for png in ("sft_loss.png", "reward_accuracy.png", "ppo_curves.png", "throughput.png"):
+    for png in ("sft_loss.png", "reward_accuracy.png", "ppo_curves.png", "ppo_eval.png", "throughput.png"):
         assert f"](plots/{png})" in md
         data = (run / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000

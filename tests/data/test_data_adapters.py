@@ -44,11 +44,14 @@ CASES = [
      " Human: 富士山の高さは？ Assistant:", " 3776メートル。", None),
     ("lmqg/qg_jaquad", "qg_jaquad.jsonl", 0, " Human: 日本の首都はどこ？ Assistant:", " 日本の首都は東京である。", None),
     ("lmqg/qag_jaquad", "qag_jaquad.jsonl", 0, " Human: 日本一高い山は？ Assistant:", " 富士山は日本一高い山である。", None),
+    ("prompts", "prompts.jsonl", 0,  # a plain request gets the template; no answers (step 3 only)
+     " Human: Write a short paragraph about owls. Use only lowercase letters. Assistant:", "", None),
+    ("prompts", "prompts.jsonl", 1, " Human: Name a colour. Assistant:", "", None),  # formatted: kept
 ]
 
 
-def test_all_sixteen_names_are_registered():
-    assert len(ADAPTERS) == 16
+def test_all_seventeen_names_are_registered():
+    assert len(ADAPTERS) == 17
     assert {c[0] for c in CASES} == set(ADAPTERS)
 
 

@@ -36,7 +36,8 @@ class Row:
 
     ``rejected`` is None for SFT-only data; it may be "" (an answer that says nothing is a valid bad answer).
     ``answers`` holds a k-wise ranking, best first (``chosen == answers[0]``, ``rejected == answers[-1]``).
-    ``source`` = (file, 1-based row), for messages.
+    ``source`` = (file, 1-based row), for messages. ``meta``: the row's ``metadata`` object (any JSON), handed to
+    reward and eval functions (``--reward_fn``) with its prompt. A prompt-only row (step 3) has ``chosen == ""``.
     """
 
     prompt: str
@@ -45,6 +46,7 @@ class Row:
     split: str = "train"
     answers: tuple[str, ...] | None = None
     source: tuple[str, int] | None = field(default=None, compare=False, repr=False)
+    meta: dict | None = field(default=None, compare=False, repr=False)
 
 
 class FieldError(ValueError):
@@ -224,6 +226,19 @@ class LocalJsonfile(PairsAdapter):
     note = "DIR/data/train.json + DIR/data/eval.json; prompt and answers verbatim; optional k-wise 'answers'"
 
 
+class Prompts(Adapter):
+    """Prompt-only rows (step 3 prompts, e.g. for a reward function): a plain request gets the template, an already
+    formatted prompt (ending with "Assistant:") is kept. Phases 1 and 2 skip them (nothing to imitate or rank)."""
+
+    name, eval_split = "prompts", "eval"
+    columns = ("prompt",)
+    note = "prompt only (+ optional metadata): step-3 prompts; plain prompts get the template"
+
+    def map(self, raw):
+        text = get_text(raw, "prompt")
+        return Row(text if text.rstrip().endswith("Assistant:") else format_prompt(text), "", None)
+
+
 class Yitingxie(Adapter):
     name, hub_id, eval_split = "yitingxie/rlhf-reward-datasets", "yitingxie/rlhf-reward-datasets", "test"
     columns = ("prompt", "chosen", "rejected")
@@ -354,7 +369,7 @@ class QagJaquad(TemplateAdapter):
 
 ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
     RmStatic(), FullHH(), GptjPairwise(), Yitingxie(), Webgpt(), SHP(), Sharegpt(), LocalJsonfile(), ZhihuKOL(),
-    MiraclZh(), HC3Chinese(), MkqaChinese(), MkqaJapanese(), MiraclJa(), QgJaquad(), QagJaquad(),
+    MiraclZh(), HC3Chinese(), MkqaChinese(), MkqaJapanese(), MiraclJa(), QgJaquad(), QagJaquad(), Prompts(),
 )}
 
 

@@ -31,11 +31,12 @@ from chatrlhf.config import Check, check_fields, check_output_dir
 from chatrlhf.data.adapters import Row, derived_seed, split_indices
 from chatrlhf.data.sources import fingerprint, open_source
 from chatrlhf.errors import DataError, ModelError
+from chatrlhf.template import DSCHAT, TEMPLATE_CHOICES, ChatFormat, resolve_format
 from chatrlhf.utils import atomic_dir, get_local_rank
 
 logger = logging.getLogger("chatrlhf")
 
-CACHE_VERSION = 1  # bump when the stored format or tokenization rules change
+CACHE_VERSION = 2  # bump when the stored format or tokenization rules change
 IGNORE_INDEX = -100
 
 
@@ -54,6 +55,10 @@ class DataConfig:
         "help": "Cache of tokenized phase data. Default: OUTPUT/data_cache, private to the run (in a per-node subdir "
                 "when the ranks span several nodes, so nodes never race on a shared disk). A dir given here must "
                 "be node-local and trusted: whatever it holds is read back as training data."})
+    template: str = field(default="auto", metadata={
+        "help": "How conversations become text in every step: auto (the tokenizer's chat template when it has one, "
+                "else DeepSpeed-Chat's ' Human: ... Assistant:'), chat, or dschat. DeepSpeed-Chat-format rows are "
+                "parsed into messages for a chat template.", "check": Check(choices=TEMPLATE_CHOICES)})
     max_seq_len: int = field(default=512, metadata={
         "help": "Token limit of prompt + answer in steps 1 and 2 (longer texts are truncated).", "check": Check(ge=1)})
     max_prompt_seq_len: int = field(default=256, metadata={
@@ -189,24 +194,33 @@ def _check_phase(phase: int) -> None:
 
 
 class Encoder:
-    """Tokenizes prompt/answer texts: BOS as the tokenizer adds it, EOS appended to answers, and the number of
-    leading tokens that belong to the prompt (from offsets, so a joint tokenization is masked exactly)."""
+    """Tokenizes prompt/answer texts rendered by a ChatFormat (chatrlhf.template): answers end with EOS, and the
+    number of leading tokens that belong to the prompt is known exactly.
 
-    def __init__(self, tokenizer: Any):
+    ``dschat``: prompt + answer tokenized jointly (BOS as the tokenizer adds it; the prompt/answer boundary from
+    offsets). ``chat``: the template's prompt text and its answer text are tokenized separately without automatic
+    special tokens and concatenated, so the prompt ids are exactly the ones a rollout generates after."""
+
+    def __init__(self, tokenizer: Any, fmt: ChatFormat = DSCHAT):
         self.tok = tokenizer
+        self.fmt = fmt
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ModelError("the tokenizer has no EOS token; answers must end with one (set tokenizer.eos_token)")
         probe = tokenizer("a")["input_ids"]
-        self.adds_eos = bool(probe) and probe[-1] == self.eos_id  # e.g. a Llama tokenizer with add_eos_token
+        self.adds_eos = fmt.add_special_tokens and bool(probe) and probe[-1] == self.eos_id  # Llama add_eos_token
 
     def _batch(self, texts: list[str], **kw) -> dict:
         # verbose=False: texts are cut to max_seq_len right after, so the "longer than model_max_length" warning
         # transformers would print here is noise
-        return self.tok(texts, add_special_tokens=True, truncation=False, verbose=False, **kw)
+        return self.tok(texts, add_special_tokens=self.fmt.add_special_tokens, truncation=False, verbose=False, **kw)
 
     def answer_ids(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], int]]:
         """(prompt + answer + EOS ids, number of prompt tokens) per pair."""
+        if self.fmt.name != "dschat":
+            heads = self.prompt_ids(prompts)
+            tails = self._batch([self.fmt.answer_from_row(p, a, self.tok) for p, a in zip(prompts, answers)])
+            return [(h + self._until_eos(list(t)), len(h)) for h, t in zip(heads, tails["input_ids"])]
         texts = [p + a for p, a in zip(prompts, answers)]
         try:
             enc = self._batch(texts, return_offsets_mapping=True)
@@ -220,9 +234,14 @@ class Encoder:
             out.append((ids, n))
         return out
 
+    def _until_eos(self, ids: list[int]) -> list[int]:
+        """An answer ends at its first EOS (a template's text after it, such as a newline, is not generated)."""
+        return ids[:ids.index(self.eos_id) + 1] if self.eos_id in ids else ids + [self.eos_id]
+
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         out = []
-        for ids in self._batch(prompts)["input_ids"]:
+        texts = [self.fmt.prompt_from_row(p, self.tok) for p in prompts]
+        for ids in self._batch(texts)["input_ids"]:
             ids = list(ids)
             if self.adds_eos and ids and ids[-1] == self.eos_id:
                 ids.pop()  # generation continues after the prompt: no EOS there
@@ -265,6 +284,12 @@ def _tokenize_sft(rows, cfg, enc, firsts):
     cols: dict[str, list] = {"input_ids": [], "labels": []}
     stats: Counter = Counter()
     for chunk in _chunks(rows):
+        for row in chunk:
+            if not row.chosen:
+                _drop(stats, firsts, "dropped_prompt_only", row)  # a step-3 prompt: no answer to imitate
+        chunk = [r for r in chunk if r.chosen]
+        if not chunk:
+            continue
         for row, (ids, n_prompt) in zip(chunk, enc.answer_ids([r.prompt for r in chunk], [r.chosen for r in chunk])):
             stats["truncated"] += len(ids) > cfg.max_seq_len
             ids = ids[:cfg.max_seq_len]
@@ -333,7 +358,8 @@ def _tokenize_kwise(rows, cfg, enc, firsts):
 
 
 def _tokenize_prompts(rows, cfg, enc, firsts):
-    cols: dict[str, list] = {"prompt_input_ids": []}
+    # prompt/meta: the row's own prompt text and metadata, for reward and eval functions (--reward_fn)
+    cols: dict[str, list] = {"prompt_input_ids": [], "prompt": [], "meta": []}
     stats: Counter = Counter()
     for chunk in _chunks(rows):
         for row, ids in zip(chunk, enc.prompt_ids([r.prompt for r in chunk])):
@@ -341,6 +367,8 @@ def _tokenize_prompts(rows, cfg, enc, firsts):
                 _drop(stats, firsts, "dropped_prompt_too_long", row)
                 continue
             cols["prompt_input_ids"].append(ids)
+            cols["prompt"].append(row.prompt)
+            cols["meta"].append(json.dumps(row.meta or {}, sort_keys=True, ensure_ascii=False))
     return cols, stats
 
 
@@ -362,19 +390,24 @@ class PhaseDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.table[int(i)]
-        return {k: [torch.tensor(s, dtype=torch.long) for s in v] if k == "input_ids_list"
-                else torch.tensor(v, dtype=torch.long) for k, v in item.items()}
+        return {k: v if k in _TEXT_COLUMNS else [torch.tensor(s, dtype=torch.long) for s in v]
+                if k == "input_ids_list" else torch.tensor(v, dtype=torch.long) for k, v in item.items()}
+
+
+_TEXT_COLUMNS = ("prompt", "meta")  # phase 3: the row's prompt text and its metadata (JSON)
 
 
 def _features(phase: int, kwise: bool):
     import datasets
 
     seq = datasets.List(datasets.Value("int32"))
-    names = {1: ["input_ids", "labels"], 3: ["prompt_input_ids"]}.get(phase)
-    if names is None:
-        return datasets.Features({"input_ids_list": datasets.List(seq)} if kwise else
-                                 {"chosen_input_ids": seq, "rejected_input_ids": seq})
-    return datasets.Features({n: seq for n in names})
+    if phase == 1:
+        return datasets.Features({"input_ids": seq, "labels": seq})
+    if phase == 3:
+        return datasets.Features({"prompt_input_ids": seq, "prompt": datasets.Value("string"),
+                                  "meta": datasets.Value("string")})
+    return datasets.Features({"input_ids_list": datasets.List(seq)} if kwise else
+                             {"chosen_input_ids": seq, "rejected_input_ids": seq})
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -392,12 +425,22 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
             "bos": [tokenizer.bos_token, tokenizer.bos_token_id], "probe": list(probe)}
 
 
+def chat_format(cfg: DataConfig, tokenizer: Any) -> ChatFormat:
+    """--template resolved against the tokenizer (``auto``: its chat template when it has one)."""
+    try:
+        return resolve_format(cfg.template, tokenizer)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
 def cache_key(phase: int, cfg: DataConfig, tokenizer: Any) -> str:
     """Hash of every input that changes phase ``phase``'s items (only those: step 3's cache survives a new
     max_seq_len)."""
+    fmt = chat_format(cfg, tokenizer)
     key: dict[str, Any] = {
         "version": CACHE_VERSION, "phase": phase, "data_split": parse_data_split(cfg.data_split), "seed": cfg.seed,
         "skip_bad_rows": cfg.skip_bad_rows, "tokenizer": tokenizer_identity(tokenizer),
+        "template": [fmt.name, fmt.source],
         "data_path": [[e, fingerprint(e)] for e in cfg.data_path],
     }
     if phase == 1:
@@ -472,10 +515,11 @@ def _save_quietly(ds: Any, path: Path) -> None:
 def _build(phase: int, cfg: DataConfig, tokenizer: Any, out: Path) -> None:
     import datasets
 
-    enc = Encoder(tokenizer)
+    enc = Encoder(tokenizer, chat_format(cfg, tokenizer))
     planned = plan_phase_rows(phase, cfg)
     meta: dict[str, Any] = {"phase": phase, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                            "data_path": list(cfg.data_path), "stats": dict(planned.stats)}
+                            "data_path": list(cfg.data_path), "stats": dict(planned.stats),
+                            "template": enc.fmt.record()}
     for split, rows in (("train", planned.train), ("eval", planned.eval)):
         firsts: dict[str, Row] = {}
         cols, stats = tokenize_phase(phase, rows, cfg, enc, firsts)
@@ -496,6 +540,7 @@ _DROP_HINTS = {
     "dropped_identical_after_truncation": "raise --max_seq_len: chosen and rejected only differ after it",
     "dropped_identical_answers": "each ranking needs distinct answers",
     "dropped_prompt_too_long": "raise --max_prompt_seq_len",
+    "dropped_prompt_only": "prompt-only rows feed step 3; give step 1 rows with answers",
 }
 
 
@@ -642,6 +687,10 @@ class PromptCollator:
 
     pad_token_id: int
 
-    def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ids, mask = _pad([it["prompt_input_ids"] for it in items], _check_pad(self.pad_token_id), left=True)
-        return {"prompt_input_ids": ids, "prompt_attention_mask": mask}
+        out: dict[str, Any] = {"prompt_input_ids": ids, "prompt_attention_mask": mask}
+        if any("prompt" in it for it in items):  # texts and metadata ride along for reward/eval functions
+            out["prompt"] = [it.get("prompt", "") for it in items]
+            out["meta"] = [json.loads(it.get("meta") or "{}") for it in items]
+        return out

@@ -19,6 +19,7 @@ Column-detection rule (first match wins; "columns" = the keys of the first rows)
   question+sentence                          -> lmqg/qg_jaquad
   prompt+label                               -> pvduy/sharegpt_alpaca_oa_vicuna_format
   prompt+response+chosen+rejected            -> Dahoas/rm-static (prompts verbatim)
+  prompt (+ metadata), nothing else         -> prompts (step-3 prompts; plain ones get the template)
   prompt + (chosen | answers | ranked)       -> by content of the first 100 rows:
       chosen starts with "Assistant:"         -> yitingxie/rlhf-reward-datasets
       every prompt ends with "Assistant:"     -> local/jsonfile (prompt and answers verbatim)
@@ -144,7 +145,14 @@ class Source:
                 logger.debug("skipping: %s", err)
                 return None
             raise err from None
-        return Row(row.prompt, row.chosen, row.rejected, row.split, row.answers, (file, rowno))
+        meta = raw.get("metadata")
+        if meta is not None and not isinstance(meta, Mapping):
+            err = DataError(f"must be an object (reward/eval functions get it with the prompt), got "
+                            f"{type(meta).__name__}", file=file, row=rowno, field="metadata")
+            if skip:
+                return None
+            raise err
+        return replace(row, source=(file, rowno), meta=dict(meta) if meta else None)
 
 
 def _with_split(row: Row | None, split: str) -> Row | None:
@@ -449,6 +457,8 @@ def detect_adapter(splits: Mapping[str, RawSplit], location: str) -> Adapter:
             return ADAPTERS[name]
     if "prompt" in cols and cols & {"chosen", "answers", "ranked"}:
         return ADAPTERS[_detect_by_content(split, location)]
+    if "prompt" in cols and cols <= {"prompt", "metadata"}:
+        return ADAPTERS["prompts"]
     expected = "; ".join(f"{a.name}: {', '.join(a.columns)}" for a in ADAPTERS.values())
     raise DataError(f"columns {sorted(cols)} match no dataset adapter. Adapters expect -- {expected}; "
                     "k-wise: prompt, answers. Rename the columns or choose the adapter with NAME=PATH", file=location)

@@ -34,8 +34,9 @@ _decided: dict[str, dict] = {}  # key -> record, for this process
 
 
 def cache_file() -> Path:
-    root = os.environ.get("CHATRLHF_CACHE_DIR") or Path.home() / ".cache" / "chatrlhf"
-    return Path(root) / "calibration.json"
+    from chatrlhf.utils import cache_dir
+
+    return cache_dir() / "calibration.json"
 
 
 @lru_cache(maxsize=1)

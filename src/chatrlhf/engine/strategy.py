@@ -268,6 +268,16 @@ class DeepSpeedStrategy:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            out: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(out, obj)
+            return out
+        return [obj]
+
     def finish(self, exit_code: int | None = None) -> None:
         """Barrier so no rank leaves while others still save; in multi-process runs ``exit_code`` given ends the
         process with os._exit (interpreter teardown of gloo groups sometimes aborts after a finished run)."""

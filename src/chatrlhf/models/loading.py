@@ -12,6 +12,9 @@ before transformers imports anything from the folder.
 
 Local directories are always loaded with ``local_files_only=True`` and from the directory itself (the original
 re-downloaded the tokenizer named by config.json's ``_name_or_path``, which broke local checkpoints).
+
+A known model name (``smollm2``) or a GGUF file becomes its converted folder first (registry.resolve_model_path):
+the configs resolve it in validate(); the public loaders and checks here resolve again for direct callers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from chatrlhf.errors import ModelError
+from chatrlhf.models.registry import resolve_model_path
 
 logger = logging.getLogger("chatrlhf.models")
 
@@ -253,6 +257,7 @@ def check_model_files(path: str | Path, flag: str = "", trust_remote_code: bool 
     in safetensors (a folder with only pickles is refused), every safetensors file complete and well-formed.
     Returns the transformers config (None for a hub name, which cannot be checked offline). ``flag`` (e.g.
     ``--model_name_or_path``) starts the message."""
+    path = resolve_model_path(str(path), flag)
     who = f"{flag} {path}" if flag else str(path)
     try:
         local = _local_dir(path)
@@ -333,6 +338,7 @@ def preflight_model(path: str, flag: str, seq_len: int | None = None, seq_flag: 
     model. Each failure is one ModelError naming ``flag`` and the path (a folder whose own code would have to
     run, without ``trust_remote_code``, names --trust_remote_code). Returns the tokenizer (None for a hub name,
     which is not checked here)."""
+    path = resolve_model_path(path, flag)
     config = check_model_files(path, flag, trust_remote_code=trust_remote_code)
     if config is None:
         return None
@@ -381,6 +387,7 @@ def load_tokenizer(path: str | Path, padding_side: str = "right", trust_remote_c
     """
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(str(path))
     local = _local_dir(path)
     if local is not None and not any((local / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"{local}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
@@ -464,6 +471,7 @@ def load_causal_lm(path: str | Path, dtype: Any = None, dropout: float | None = 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    path = resolve_model_path(str(path))
     local = _local_dir(path)
     if local is not None:
         # config, no pickles, complete safetensors: before the loader sees them

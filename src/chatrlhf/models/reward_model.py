@@ -124,8 +124,9 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     from transformers import AutoModel, AutoModelForCausalLM
 
     from chatrlhf.models.loading import _from_pretrained, check_model_files, remote_code_refs
+    from chatrlhf.models.registry import resolve_model_path
 
-    p = Path(path)
+    p = Path(resolve_model_path(str(path)))  # a model name or GGUF: its converted folder
     if not (p / "config.json").is_file():
         raise ModelError(f"{p}: not a model directory (no config.json)")
     # no pickles, complete safetensors, a readable config; the folder's own code refused unless trusted

@@ -108,6 +108,9 @@ class TrainConfig:
         check_fields(self)
         if not self.model_name_or_path:
             raise UserError("--model_name_or_path is required")
+        from chatrlhf.models.registry import resolve_model_path  # smollm2 / x.gguf -> its converted folder
+
+        self.model_name_or_path = resolve_model_path(self.model_name_or_path, "--model_name_or_path")
         if self.add_eot_token and not self.eot_token:
             raise UserError("--add_eot_token needs a non-empty --eot_token")
         check_output_dir(self.output_dir, "--output_dir")
@@ -548,7 +551,10 @@ def setup_step(cfg: TrainConfig, what: str, frozen_copies: int = 0):
     from transformers import AutoConfig
 
     from chatrlhf.models.loading import check_remote_code, check_seq_len
+    from chatrlhf.models.registry import resolve_model_path
 
+    # run_<step>(cfg) called without validate(): a model name (smollm2) or a .gguf still becomes its folder
+    cfg.model_name_or_path = resolve_model_path(cfg.model_name_or_path, "--model_name_or_path")
     check_model_dir(cfg.model_name_or_path)
     if Path(cfg.model_name_or_path).is_dir():  # run_<step>(cfg) without main's preflight: still one line
         check_remote_code(cfg.model_name_or_path, cfg.trust_remote_code)
@@ -576,8 +582,10 @@ def phase_loaders(phase: int, cfg, tokenizer, strategy, collate):
 def start_run(step: str, cfg: TrainConfig, strategy, engine, tokenizer, out: Path, run_config: dict):
     """Resume from the latest checkpoint (when there is one), open the metrics writer, and return a
     ``save_checkpoint()`` that writes resumable state plus a Hugging Face copy under ``out/checkpoints``."""
+    from chatrlhf.data.phases import chat_format
     from chatrlhf.metrics import MetricsWriter
 
+    run_config["chat_format"] = chat_format(cfg, tokenizer).record()  # chat/serve/eval render as trained
     prog = Progress()
     ckpt = resolve_resume(cfg)
     if ckpt is not None:

@@ -15,8 +15,10 @@ import torch
 
 from chatrlhf.config import option, parse_config
 from chatrlhf.data import DataConfig, PairCollator
-from chatrlhf.losses import DPOLoss, sequence_logprobs
+from chatrlhf.losses import DPOLoss, chunked_token_logprobs, sequence_logprobs
 from chatrlhf.steps import common as C
+from chatrlhf.steps import lm_head
+from chatrlhf.steps.sft import labelled_span
 from chatrlhf.steps.common import TrainConfig
 
 STEP = "dpo"
@@ -60,9 +62,18 @@ def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torc
 
 
 def pair_logps(model, batch: dict, fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    lp = sequence_logprobs(logits.float() if fp32 else logits, answer_labels(batch["input_ids"],
-                                                                             batch["attention_mask"]))
+    """Summed answer log-probs of the chosen and rejected rows. Chunked where the model allows it
+    (steps/lm_head.py): from the lm head's input over the labelled span, never the [2B, L, V] logits (fp32 maths
+    either way then)."""
+    labels = answer_labels(batch["input_ids"], batch["attention_mask"])
+    keep = labelled_span(labels)
+    head = lm_head.head_inputs(model, batch["input_ids"], batch["attention_mask"], keep)
+    if head is not None:
+        lp = chunked_token_logprobs(head.hidden, head.weight, lm_head.next_token_targets(labels, keep),
+                                    bias=head.bias, ignore_index=-100)[0].sum(-1)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        lp = sequence_logprobs(logits.float() if fp32 else logits, labels)
     b = lp.shape[0] // 2
     return lp[:b], lp[b:]
 

@@ -4,11 +4,13 @@ Models: actor (step-1 checkpoint, trained), reference (a frozen copy of it), cri
 trained; PPO only), reward model (step 2, frozen), optional EMA of the actor. The loop, top to bottom:
 
     for each batch of prompts:
-        experience = generate -> drop answers with <= 1 real token -> reward score, log-probs, values
+        experience = generate -> drop answers with <= 1 real token -> score (reward model and/or --reward_fn),
+                     log-probs, values
         buffer it; when generation_batches are buffered:
             rewards + GAE (PPO) or group baselines (GRPO/RLOO)
             ppo_epochs passes over shuffled micro-batches: actor (+ critic) step, ptx step, EMA update
-            log, print answers, checkpoint every save_interval, stop on repeated guard skips / test_stop_step
+            log, print answers, evaluate every eval_interval (best actor kept), checkpoint every save_interval,
+            stop on repeated guard skips / test_stop_step
             stop as failed (exit 2, no done.json) on non-finite weights/outputs or a collapsed answer length
     save actor, critic, actor_ema (Hugging Face dirs), done.json
 
@@ -28,10 +30,13 @@ import torch
 
 from chatrlhf import rlhf_math as rm
 from chatrlhf.data import DataConfig, PromptCollator, build_phase_datasets
+from chatrlhf.data.phases import chat_format
 from chatrlhf.errors import UserError
 from chatrlhf.steps import common
 from chatrlhf.steps import ppo_experience as px
 from chatrlhf.steps.common import TrainConfig
+from chatrlhf.steps.ppo_eval import PolicyEval, metric_value
+from chatrlhf.steps.rewards import Scorer, load_function
 from chatrlhf.utils import print_rank0
 
 ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
@@ -51,7 +56,25 @@ class PPOConfig(TrainConfig, DataConfig):
     actor_model_name_or_path: str = _h("Step-1 (SFT) checkpoint: the actor and its frozen reference copy.", "")
     critic_model_name_or_path: str = _h("Step-2 reward-model checkpoint: the critic (trained, PPO only) and, unless "
                                         "--reward_model_name_or_path is given, the frozen reward model.", "")
-    reward_model_name_or_path: str = _h("Frozen reward model (default: --critic_model_name_or_path).", "")
+    reward_model_name_or_path: str = _h("Frozen reward model (default: --critic_model_name_or_path; 'none': no "
+                                        "reward model, the score is --reward_fn's alone).", "")
+    reward_model_weight: float = _h("Weight of the reward model's score in the reward.", 1.0)
+    reward_fn: str = _h("Reward as code: module:function or path/to/file.py:function, called on batches of (prompts, "
+                        "answers, row metadata) -> floats (see chatrlhf.steps.rewards; the built-in task's gold "
+                        "scorer is chatrlhf.task:reward). Added to the reward model's score, or alone with "
+                        "--reward_model_name_or_path none.", "")
+    reward_fn_weight: float = _h("Weight of --reward_fn's value in the reward.", 1.0)
+    # ---- evaluation during RL (never trusting the reward model alone)
+    eval_interval: int = _h("Every N steps (and before the first): greedy answers to --eval_samples held-out prompts "
+                            "(the step-3 eval split), scored by the reward model and --eval_fn, logged as eval/* "
+                            "(0: off).", 0, ge=0)
+    eval_samples: int = _h("Held-out prompts per evaluation.", 64, ge=1)
+    eval_fn: str = _h("Evaluation as code: module:function or file.py:function, called on (prompts, answers, "
+                      "metadata) -> dict of metrics (e.g. a verifier's pass rate; chatrlhf.task:evaluate for the "
+                      "built-in task).", "")
+    save_best_by: str = _h("Keep the actor of the best evaluation as OUTPUT/best_actor, by this eval metric (e.g. "
+                           "pass_rate, reward; a name from --eval_fn or the reward model's 'rm_score'); append ':min' "
+                           "when lower is better. Needs --eval_interval.", "")
     algo: str = _h("ppo (actor + critic, GAE), grpo (group-normalized scores, KL in the loss), rloo "
                    "(leave-one-out baseline, KL in the reward), reinforce_pp (REINFORCE++: KL in per-token rewards, "
                    "returns normalized over the batch) or reinforce_pp_baseline (its group-mean baseline form); "
@@ -163,11 +186,26 @@ class PPOConfig(TrainConfig, DataConfig):
             self.actor_model_name_or_path = self.model_name_or_path
         if not self.actor_model_name_or_path:
             raise UserError("--actor_model_name_or_path is required (the step-1 checkpoint)")
-        if not self.critic_model_name_or_path and not self.reward_model_name_or_path:
-            raise UserError("--critic_model_name_or_path is required (the step-2 reward model)")
+        if not self.critic_model_name_or_path and not self.reward_model_name_or_path and not self.reward_fn:
+            raise UserError("--critic_model_name_or_path is required (the step-2 reward model), or a --reward_fn")
+        if self.uses_reward_model and self.reward_model_weight == 0 and not self.reward_fn:
+            raise UserError("--reward_model_weight 0 with no --reward_fn leaves nothing to reward")
+        if self.reward_model_name_or_path.lower() == "none" and not self.reward_fn:
+            raise UserError("--reward_model_name_or_path none needs a --reward_fn (something must score answers)")
+        if self.save_best_by and not self.eval_interval:
+            raise UserError("--save_best_by needs --eval_interval N (the evaluations it picks from)")
+        for flag in ("reward_fn", "eval_fn"):
+            if getattr(self, flag):
+                from chatrlhf.steps.rewards import load_function
+
+                load_function(getattr(self, flag), f"--{flag}")  # a wrong name fails now, not after the models load
         if self.algo == "ppo" and not self.critic_model_name_or_path:
             raise UserError("--algo ppo trains a critic: --critic_model_name_or_path is required (the step-2 reward "
                             "model)")
+        from chatrlhf.models.registry import resolve_model_path  # smollm2 / x.gguf -> its converted folder
+
+        for f in ("actor_model_name_or_path", "critic_model_name_or_path", "reward_model_name_or_path"):
+            setattr(self, f, resolve_model_path(getattr(self, f), f"--{f}"))
         if self.algo in GROUP_BASELINES and self.num_samples_per_prompt < 2:
             raise UserError(f"--algo {self.algo} needs --num_samples_per_prompt >= 2")
         if self.drop_uniform_groups and (self.algo == "ppo" or self.num_samples_per_prompt < 2):
@@ -204,9 +242,9 @@ class PPOConfig(TrainConfig, DataConfig):
                                     trust_remote_code=self.trust_remote_code)
         others = [("critic", "--critic_model_name_or_path", self.critic_model_name_or_path)] if self.algo == "ppo" \
             else []
-        if self.reward_model_name_or_path:
+        if self.uses_reward_model and self.reward_model_name_or_path:
             others.append(("reward model", "--reward_model_name_or_path", self.reward_model_name_or_path))
-        elif self.algo != "ppo":
+        elif self.uses_reward_model and self.algo != "ppo":
             others.append(("reward model", "--critic_model_name_or_path", self.critic_model_name_or_path))
         for role, flag, path in others:
             tok = preflight_model(path, flag, seq, seq_flag, value_head=True, trust_remote_code=self.trust_remote_code)
@@ -215,6 +253,13 @@ class PPOConfig(TrainConfig, DataConfig):
                     check_tokenizers_compatible(actor_tok, tok, ("actor", role))
                 except ModelError as e:
                     raise ModelError(f"{actor_flag} {self.actor_model_name_or_path} and {flag} {path}: {e}") from None
+
+    @property
+    def uses_reward_model(self) -> bool:
+        """False with --reward_model_name_or_path none, or with a --reward_fn and no reward model path at all."""
+        if self.reward_model_name_or_path.lower() == "none":
+            return False
+        return bool(self.reward_model_name_or_path or self.critic_model_name_or_path)
 
     @property
     def group_size(self) -> int:
@@ -365,16 +410,19 @@ def run_ppo(cfg: PPOConfig) -> dict:
     # ---- tokenizers: actor and reward model must agree before anything trains
     from chatrlhf.models.loading import check_tokenizers_compatible, load_tokenizer
 
-    reward_path = cfg.reward_model_name_or_path or cfg.critic_model_name_or_path
+    use_rm = cfg.uses_reward_model and cfg.reward_model_weight != 0
+    reward_path = (cfg.reward_model_name_or_path or cfg.critic_model_name_or_path) if use_rm else ""
     trust = cfg.trust_remote_code
     tokenizer = load_tokenizer(cfg.actor_model_name_or_path, padding_side="left", trust_remote_code=trust)
-    check_tokenizers_compatible(tokenizer, load_tokenizer(reward_path, trust_remote_code=trust), ("actor", "reward model"))
+    if use_rm:
+        check_tokenizers_compatible(tokenizer, load_tokenizer(reward_path, trust_remote_code=trust),
+                                    ("actor", "reward model"))
     if ppo and cfg.critic_model_name_or_path and cfg.critic_model_name_or_path != reward_path:
         check_tokenizers_compatible(tokenizer, load_tokenizer(cfg.critic_model_name_or_path, trust_remote_code=trust),
                                     ("actor", "critic"))
 
     # ---- data
-    train_ds, _ = build_phase_datasets(3, cfg, tokenizer)
+    train_ds, eval_ds = build_phase_datasets(3, cfg, tokenizer)
     if len(train_ds) == 0:
         raise UserError("no step-3 prompts (check --data_path / --data_split / --max_prompt_seq_len)")
     prompt_loader = common.make_dataloader(train_ds, PromptCollator(tokenizer.pad_token_id),
@@ -402,9 +450,17 @@ def run_ppo(cfg: PPOConfig) -> dict:
         critic = load_reward_like(cfg, strategy, cfg.critic_model_name_or_path, cfg.critic_zero_stage, train=True)
         c_opt, c_sched = common.create_optimizer_and_scheduler(strategy, critic, _view(cfg, "critic"), opt_steps)
         critic = strategy.prepare(critic, c_opt, c_sched, zero_stage=cfg.critic_zero_stage)
-    reward_model = load_reward_like(cfg, strategy, reward_path, 3 if critic_z3 else 0, train=False)
-    reward_model = strategy.prepare_eval(reward_model, zero_stage=3 if critic_z3 else 0,
-                                         offload=cfg.offload_reward_model)
+    reward_model = None
+    if use_rm:
+        reward_model = load_reward_like(cfg, strategy, reward_path, 3 if critic_z3 else 0, train=False)
+        reward_model = strategy.prepare_eval(reward_model, zero_stage=3 if critic_z3 else 0,
+                                             offload=cfg.offload_reward_model)
+    scorer = Scorer(tokenizer, reward_model, load_function(cfg.reward_fn, "--reward_fn") if cfg.reward_fn else None,
+                    cfg.reward_fn, cfg.reward_model_weight, cfg.reward_fn_weight)
+    evaluator = None
+    if cfg.eval_interval:
+        evaluator = PolicyEval(eval_ds if len(eval_ds) else train_ds, cfg, strategy, tokenizer,
+                               Scorer(tokenizer, reward_model), cfg.eval_fn)
 
     # ---- ptx data
     unsup_iter = None
@@ -444,7 +500,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     # ---- resume
     # trained_rounds: rounds in which at least one micro-step updated the weights (the guards may skip all)
     state = {"round": 0, "epoch": 0, "batch_in_epoch": 0, "ema_reward": None, "consecutive_skips": 0,
-             "trained_rounds": 0, "length_streak": 0, "length_kind": ""}
+             "trained_rounds": 0, "length_streak": 0, "length_kind": "", "best": None, "best_round": None}
     ckpt_root = out_dir / "checkpoints"
     resume_dir = common.resolve_resume(cfg)
     engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
@@ -464,7 +520,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     tb_dir = (cfg.tensorboard_path or str(out_dir / "tensorboard")) if cfg.enable_tensorboard else None
     writer = MetricsWriter(out_dir, tb_dir)
     a_dims, c_dims = px.model_dims(actor), (px.model_dims(critic) if critic is not None else None)
-    r_dims = px.model_dims(reward_model)
+    r_dims = px.model_dims(reward_model) if reward_model is not None else None
     bar = common.progress_bar(total_rounds, state["round"], f"step3 {cfg.algo}", rank0)
     print_rank0(f"***** step 3 ({cfg.algo}): {len(train_ds)} prompts, {per_epoch} steps/epoch, {total_rounds} steps, "
                 f"{strategy.world_size} rank(s), dtype {strategy.cfg.dtype}, actor ZeRO-{cfg.actor_zero_stage}, "
@@ -480,6 +536,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
                     f"--generation_batches 1) and no dropout in the {'actor and critic' if ppo else 'actor'}")
 
     last: dict[str, Any] = {}
+    evals: dict[str, float] = {}
+    if evaluator is not None and resume_dir is None:  # the starting point of the eval curve
+        evals = _evaluate(evaluator, actor, state, cfg, strategy, writer, tokenizer, out_dir)
     stop_reason = ""
     failed = False  # a stop that leaves no finished run: weights blew up, or the answers' length collapsed
     buffer: list[px.Experience] = []
@@ -497,10 +556,11 @@ def run_ppo(cfg: PPOConfig) -> dict:
         for batch in prompt_loader:
             state["batch_in_epoch"] += 1
             batch = common.to_device(batch, device)
-            exp, t = px.make_experience(actor, ref, critic, reward_model, strategy, tokenizer,
+            exp, t = px.make_experience(actor, ref, critic, scorer, strategy, tokenizer,
                                         batch["prompt_input_ids"], batch["prompt_attention_mask"], gen_params,
                                         cfg.group_size, train_forward=reuse_fwd,
-                                        entropy_grad=policy_loss.entropy_coef != 0)
+                                        entropy_grad=policy_loss.entropy_coef != 0, prompts=batch.get("prompt"),
+                                        metas=batch.get("meta"))
             timing["generation_s"] += t["generation_s"]
             timing["inference_s"] += t["inference_s"]
             timing["gen_tokens"] += t["generated_tokens"]
@@ -624,6 +684,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 stop_reason, failed = f"non-finite {bad} after the update of step {state['round']}", True
                 break
 
+            # ---- evaluation by code, not only by the reward model (and the best actor kept)
+            if evaluator is not None and (state["round"] % cfg.eval_interval == 0 or state["round"] >= total_rounds):
+                evals = _evaluate(evaluator, actor, state, cfg, strategy, writer, tokenizer, out_dir)
+
             # ---- checkpoint / stop
             if cfg.save_interval > 0 and state["round"] % cfg.save_interval == 0 and state["round"] < total_rounds:
                 _save_state(strategy, engines, ema, ckpt_root, state, kl_ctl, reward_stats, cfg)
@@ -644,7 +708,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         _stop_failed(cfg, strategy, writer, actor, critic, ema, tokenizer, out_dir, ckpt_root, stop_reason)
 
     # ---- final checkpoints
-    extra = {"step": "ppo", "algo": cfg.algo, **{k: v for k, v in vars(cfg).items() if not k.startswith("_")}}
+    extra = {"step": "ppo", "algo": cfg.algo, **{k: v for k, v in vars(cfg).items() if not k.startswith("_")},
+             "chat_format": chat_format(cfg, tokenizer).record()}
     strategy.save_hf(actor, tokenizer, out_dir / "actor", extra_config=extra, save_lora_adapter=cfg.save_lora_adapter)
     if critic is not None:
         strategy.save_hf(critic, tokenizer, out_dir / "critic", extra_config=extra,
@@ -653,7 +718,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
         strategy.save_hf(ema, tokenizer, out_dir / "actor_ema", extra_config=extra)
     summary = {k: v for k, v in last.items() if isinstance(v, (int, float))}
     summary.update(steps=state["round"], optimizer_steps=state["trained_rounds"], stopped_reason=stop_reason or None,
-                   reused_experience_forward=reuse_fwd)
+                   reused_experience_forward=reuse_fwd, **{f"eval_{k}": v for k, v in evals.items()})
+    if state["best"] is not None:
+        summary.update(best_eval=state["best"], best_eval_step=state["best_round"])
     writer.close()
     strategy.barrier()
     common.write_done(out_dir, "ppo", summary)
@@ -661,6 +728,30 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ loop helpers
+def _evaluate(evaluator: PolicyEval, actor, state: dict, cfg: PPOConfig, strategy, writer, tokenizer,
+              out_dir: Path) -> dict[str, float]:
+    """One evaluation: logged as eval/* at this step; with --save_best_by, a better value saves OUTPUT/best_actor."""
+    metrics, samples = evaluator(actor)
+    writer.log("eval", state["round"], **metrics)
+    print_rank0(f"eval at step {state['round']}: " + " | ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    if cfg.print_answers:
+        for q, a in samples:
+            print_rank0(f"--- eval prompt: {q!r}\n--- eval answer: {a!r}")
+    if cfg.save_best_by:
+        try:
+            name, value, higher = metric_value(metrics, cfg.save_best_by)
+        except KeyError as e:
+            raise UserError(str(e.args[0])) from None
+        best = state["best"]
+        if best is None or (value > best if higher else value < best):
+            state["best"], state["best_round"] = value, state["round"]
+            extra = {"step": "ppo", "algo": cfg.algo, "best_by": cfg.save_best_by, "best_value": value,
+                     "best_step": state["round"], "chat_format": chat_format(cfg, tokenizer).record()}
+            strategy.save_hf(actor, tokenizer, out_dir / "best_actor", extra_config=extra)
+            print_rank0(f"best {name} so far ({value:.4g} at step {state['round']}): saved {out_dir / 'best_actor'}")
+    return metrics
+
+
 def _length_guard(state: dict, cfg: PPOConfig, t: dict, strategy) -> str:
     """The stop reason once every answer of --length_guard_steps consecutive generation batches (all ranks) was
     empty or ran to the length limit without EOS; '' otherwise. Lengths the flags force are not a collapse."""
@@ -749,8 +840,13 @@ def _experience_stats(buffer: list[px.Experience], strategy) -> dict:
     n = max(float(s[0]), 1.0)
     mean = float(s[1]) / n
     var = max(float(s[2]) / n - mean**2, 0.0) * (n / max(n - 1, 1))
-    return {"n": int(s[0]), "reward_mean": mean, "reward_std": math.sqrt(var), "kl": float(s[3]) / n,
-            "response_length": float(s[4]) / n}
+    out = {"n": int(s[0]), "reward_mean": mean, "reward_std": math.sqrt(var), "kl": float(s[3]) / n,
+           "response_length": float(s[4]) / n}
+    for part in ("rm_score", "fn_score"):  # the reward model's and --reward_fn's shares, when both score
+        if buffer and part in buffer[0].info:
+            total = sum((e.info[part].sum().cpu() for e in rows), torch.tensor(0.0))
+            out[part] = float(strategy.all_reduce_sum(total).cpu()) / n
+    return out
 
 
 def _aggregate(results: list[px.MicroStepResult], strategy, critic: bool = True) -> dict:
@@ -775,7 +871,9 @@ def _throughput(timing: dict, e2e: float, cfg: PPOConfig, strategy, a_dims, c_di
     seq = max(1, int(timing["seq_tokens"] / rows))  # mean prompt + answer length actually processed
     k_a = (4 if cfg.actor_gradient_checkpointing else 3) - reused_forward
     gen_flops = px.flops_per_pass(la, ha, va, rows, seq, 1)
-    infer_flops = 2 * px.flops_per_pass(la, ha, va, rows, seq, 1) + px.flops_per_pass(r_dims[0], r_dims[1], r_dims[2], rows, seq, 1)
+    infer_flops = 2 * px.flops_per_pass(la, ha, va, rows, seq, 1)  # actor + reference
+    if r_dims is not None:  # no reward model with --reward_model_name_or_path none
+        infer_flops += px.flops_per_pass(r_dims[0], r_dims[1], r_dims[2], rows, seq, 1)
     train_flops = cfg.ppo_epochs * px.flops_per_pass(la, ha, va, rows, seq, k_a)
     if c_dims is not None:
         k_c = (4 if cfg.critic_gradient_checkpointing else 3) - reused_forward

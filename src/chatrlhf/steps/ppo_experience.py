@@ -18,8 +18,10 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from chatrlhf import rlhf_math as rm
+from chatrlhf.losses import chunked_token_logprobs
 from chatrlhf.models.loading import DROPOUT_FIELDS
 from chatrlhf.steps import common as C
+from chatrlhf.steps import lm_head
 
 
 def unwrap(model):
@@ -88,11 +90,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _position_kw(model, attention_mask: torch.Tensor) -> dict:
+    """Mask-derived ``position_ids`` for models whose forward takes them (left-padded prompts)."""
+    return {"position_ids": position_ids_from_mask(attention_mask)} if "position_ids" in C.forward_args(model) else {}
+
+
 def lm_forward(model, seq: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0):
     """Causal-LM forward with mask-derived position ids when the model takes them; returns logits [B, L, V], or
     only the last ``logits_to_keep`` positions [B, K, V] (the lm head and softmax then skip the prompt)."""
     args = C.forward_args(model)
-    kw = {"position_ids": position_ids_from_mask(attention_mask)} if "position_ids" in args else {}
+    kw = _position_kw(model, attention_mask)
     logits = model(input_ids=seq, attention_mask=attention_mask, use_cache=False,
                    **({"logits_to_keep": logits_to_keep} if logits_to_keep and "logits_to_keep" in args else {}),
                    **kw).logits
@@ -102,8 +109,18 @@ def lm_forward(model, seq: torch.Tensor, attention_mask: torch.Tensor, logits_to
 def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, start: int,
                     entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(seq[t+1] | seq[<=t]) for t >= start (the answer part), [B, L-1-start], and optionally the per-token
-    entropy there. One fp32 log-softmax serves both; logits are computed only where they are used."""
-    logits = lm_forward(model, seq, attention_mask, logits_to_keep=seq.shape[1] - start)[:, :-1]
+    entropy there, fp32. Chunked where the model allows it (steps/lm_head.py): from the lm head's input, a few rows
+    of [*, V] logits at a time (chatrlhf.losses.chunked_token_logprobs; backward recomputes them), never the
+    [B, K, V] logits and their fp32 log-softmax. Otherwise one fp32 log-softmax of the answer's logits serves both."""
+    keep = seq.shape[1] - start
+    head = lm_head.head_inputs(model, seq, attention_mask, keep, **_position_kw(model, attention_mask))
+    if head is not None:
+        lp, ent = chunked_token_logprobs(head.hidden[:, :-1], head.weight, seq[:, start + 1:], entropy=entropy,
+                                         bias=head.bias)
+        if ent is not None and not (entropy_grad and torch.is_grad_enabled()):
+            ent = ent.detach()
+        return lp, ent
+    logits = lm_forward(model, seq, attention_mask, logits_to_keep=keep)[:, :-1]
     logp = torch.log_softmax(logits.float(), dim=-1)
     del logits
     lp = logp.gather(-1, seq[:, start + 1:].unsqueeze(-1)).squeeze(-1)
@@ -194,19 +211,13 @@ def drop_short_answers(seq: torch.Tensor, mask: torch.Tensor, prompt_len: int, m
 
 
 @torch.no_grad()
-def reward_scores(reward_model, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Reward model's value-head output at the last real token of prompt + answer, [B] (fp32)."""
-    values = reward_model(seq, attention_mask=mask)
-    ends = (torch.arange(seq.shape[1], device=seq.device) * mask).argmax(1)
-    return values.float().gather(1, ends.unsqueeze(1)).squeeze(1)
-
-
-@torch.no_grad()
-def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, prompt_ids: torch.Tensor,
+def make_experience(actor, ref, critic, scorer, strategy, tokenizer, prompt_ids: torch.Tensor,
                     prompt_mask: torch.Tensor, params: GenerationParams, group_size: int = 1,
-                    train_forward: bool = False, entropy_grad: bool = False) -> tuple[Experience, dict]:
-    """Generate, drop too-short answers, score with the reward model, and collect actor/reference log-probs and
-    critic values. Returns (experience, timings); see the placeholder note below.
+                    train_forward: bool = False, entropy_grad: bool = False, prompts: list[str] | None = None,
+                    metas: list[dict] | None = None) -> tuple[Experience, dict]:
+    """Generate, drop too-short answers, score (``scorer``: the reward model and/or a reward function, see
+    steps/rewards.py; ``prompts``/``metas`` are the batch rows' texts and metadata it may need), and collect
+    actor/reference log-probs and critic values. Returns (experience, timings); see the placeholder note below.
 
     ``train_forward`` (on-policy: the batch is trained on once, as one micro-batch, by models whose train-mode
     forward is deterministic): the actor's and critic's forwards run in train mode with autograd and are kept in
@@ -249,7 +260,10 @@ def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, promp
     logprobs = full_width(lp.detach(), start)
     values = v.detach().float() if v is not None else None
     ref_logprobs = full_width(answer_logprobs(ref, seq, mask, start)[0], start)
-    score = reward_scores(reward_model, seq, mask)
+    n = params.num_return_sequences  # row i of seq answers prompt i // n
+    rows = keep.tolist()
+    score, parts = scorer(seq, mask, prompt_len, [prompts[i // n] for i in rows] if prompts is not None else None,
+                          [metas[i // n] for i in rows] if metas is not None else None)
     for m, w in zip([m for m in (actor, critic) if m is not None], was):
         unwrap(m).train(w)
     timings["inference_s"] = time.time() - t1
@@ -260,6 +274,7 @@ def make_experience(actor, ref, critic, reward_model, strategy, tokenizer, promp
                      ref_logprobs=ref_logprobs, reward_score=score, prompt_len=prompt_len, values=values)
     exp.info["response_length"] = mask[:, prompt_len:].sum(1).float()
     exp.info["placeholder"] = empty
+    exp.info.update(parts)  # the reward model's and the reward function's shares of the score, for the logs
     if train_forward:
         exp.graph = (lp, ent, v_answer)
     return exp, timings

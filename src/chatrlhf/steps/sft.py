@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from chatrlhf.config import parse_config
 from chatrlhf.data import DataConfig, SFTCollator
+from chatrlhf.losses import chunked_cross_entropy
 from chatrlhf.steps import common as C
+from chatrlhf.steps import lm_head
 from chatrlhf.steps.common import TrainConfig
 
 STEP = "sft"
@@ -70,6 +72,21 @@ def answer_logits(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, labels[:, labels.shape[1] - logits.shape[1]:]
 
 
+def sft_loss(engine, batch: dict, fp32: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy of the answer tokens. Chunked where the model allows it (steps/lm_head.py): from
+    the lm head's input over the labelled span, ``chunk`` rows of [*, V] logits at a time and in fp32 whatever
+    ``fp32`` says (chatrlhf.losses.chunked_cross_entropy): the same loss and gradients as :func:`lm_loss` without
+    the [B, K, V] logits, their fp32 copy and log-softmax. Otherwise :func:`answer_logits` + :func:`lm_loss`."""
+    labels = batch["labels"]
+    keep = labelled_span(labels)
+    head = lm_head.head_inputs(engine, batch["input_ids"], batch["attention_mask"], keep)
+    if head is None:
+        logits, labels = answer_logits(engine, batch)
+        return lm_loss(logits, labels, fp32=fp32, reduction=reduction)
+    return chunked_cross_entropy(head.hidden, head.weight, lm_head.next_token_targets(labels, keep),
+                                 reduction=reduction, bias=head.bias)
+
+
 @torch.no_grad()
 def evaluate(engine, loader, strategy, cfg: SFTConfig) -> dict:
     """Token-weighted eval loss over all ranks and its perplexity."""
@@ -77,8 +94,7 @@ def evaluate(engine, loader, strategy, cfg: SFTConfig) -> dict:
     total, count = 0.0, 0
     for batch in C.limited(loader, cfg.eval_iters):
         batch = C.to_device(batch, strategy.device)
-        logits, labels = answer_logits(engine, batch)
-        total += float(lm_loss(logits, labels, fp32=True, reduction="sum"))
+        total += float(sft_loss(engine, batch, fp32=True, reduction="sum"))
         count += int((batch["labels"][:, 1:] != -100).sum())
     engine.train()
     total = float(strategy.all_reduce_sum(total))
@@ -107,8 +123,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                f"perplexity {first_eval['perplexity']:.2f}")
 
     def compute_loss(batch):
-        logits, labels = answer_logits(engine, batch)
-        return lm_loss(logits, labels, fp32=cfg.compute_fp32_loss), {}
+        return sft_loss(engine, batch, fp32=cfg.compute_fp32_loss), {}
 
     last = C.train_loop(STEP, cfg, strategy, engine, train_dl, total_steps, prog, writer, compute_loss,
                         lambda: evaluate(engine, eval_dl, strategy, cfg), save_checkpoint, C.model_dims(engine))
