@@ -74,3 +74,19 @@ def test_estimate_memory_shards_state():
     lora = estimate_memory(n, 0, "bf16", 1, trainable_params=n // 100, on_cpu=False)
     assert lora.bytes_per_rank < z0.bytes_per_rank / 5
     assert "LoRA" in z0.advice and "--zero_stage" in z0.advice
+
+
+def test_start_up_does_not_print_deepspeeds_op_build_line():
+    """DeepSpeed prints "deepspeed_shm_comm_op built successfully" on every CPU start, even when it only loaded a
+    cached build; the strategy keeps it out of the user's output."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from chatrlhf.engine.strategy import DeepSpeedStrategy\n"
+            "s = DeepSpeedStrategy(dtype='fp32'); s.setup_distributed(); print('ready')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["DS_ACCELERATOR"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ready" in out.stdout and "built successfully" not in out.stdout + out.stderr, out.stdout

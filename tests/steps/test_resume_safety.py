@@ -140,6 +140,11 @@ def test_resume_with_other_settings_is_refused_and_can_be_forced(trained, run_fl
     assert json.loads((run / "done.json").read_text())["metrics"]["global_step"] == 4
     state = json.loads((run / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["run"]["config"]["data_split"] == "9,1,0"  # what it was trained with from here on
+    # the forced run trains at its own learning rate, not the checkpoint's (DeepSpeed restores the scheduler's)
+    from chatrlhf.metrics import read_metrics
+
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run) if r["kind"] == "train"}
+    assert lrs[2] == pytest.approx(2e-3) and lrs[3] == pytest.approx(3e-3) and lrs[4] == pytest.approx(3e-3), lrs
 
 
 def test_run_record_compares_math_fields_and_data_only(tiny_model_dir, pairs_dir, tmp_path, capsys):

@@ -9,7 +9,9 @@ CPU the backend is gloo (see docs/stack-notes: client torch optimizer, HfDeepSpe
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -207,7 +209,16 @@ class DeepSpeedStrategy:
                 os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
             acc = accelerator()
             backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            # DeepSpeed prints "... shm_comm_op built successfully" on stdout at every start on CPU, also when it
+            # only loaded a cached build: kept out of the user's output (debug log); anything else passes through
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            for line in out.getvalue().splitlines():
+                if line.startswith("DeepSpeed ") and line.endswith(" built successfully"):
+                    logging.getLogger("chatrlhf").debug("%s", line)
+                else:
+                    print(line)
         if self.device.type != "cpu":
             accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self._seed_all(self.cfg.seed)
@@ -591,10 +602,12 @@ class DeepSpeedStrategy:
                             "ZeRO partitioned state needs the same number of ranks (or --resume never)")
         verify_checkpoint_files(sdir)
         for name, eng in engines.items():
+            configured = _base_lrs(eng)  # this run's learning rates, before the checkpoint's replace them
             path, _ = eng.load_checkpoint(str(sdir), tag=name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
             if path is None:
                 raise UserError(f"{sdir}: no checkpoint for {name!r}")
+            _apply_configured_lrs(eng, configured, name)
         from chatrlhf.steps.common import set_rng_state
 
         rng = sdir / f"rng_rank{self.rank}.json"
@@ -606,6 +619,29 @@ class DeepSpeedStrategy:
                     from None
             set_rng_state(rng_state)
         return state
+
+
+def _base_lrs(engine) -> list[float] | None:
+    sched = getattr(engine, "lr_scheduler", None)
+    lrs = getattr(sched, "base_lrs", None)
+    return list(lrs) if lrs is not None else None
+
+
+def _apply_configured_lrs(engine, configured: list[float] | None, name: str) -> None:
+    """A checkpoint restores its scheduler's base learning rates; a run resumed with other ones (only possible with
+    --resume force, the run record refuses it otherwise) continues the same schedule from the same step at the
+    rates it was started with now: each group's current rate is scaled by new base / saved base."""
+    saved = _base_lrs(engine)
+    if configured is None or saved is None or len(saved) != len(configured) or saved == configured:
+        return
+    sched, groups = engine.lr_scheduler, engine.optimizer.param_groups
+    for g, old, new in zip(groups, saved, configured):
+        g["lr"] = g["lr"] * new / old if old else new
+        g["initial_lr"] = new
+    sched.base_lrs = list(configured)  # what the schedule scales from its next step on
+    logging.getLogger("chatrlhf").warning("%s: learning rate %s (checkpoint) -> %s (this run), the schedule "
+                                          "continuing from the checkpoint's step", name,
+                                          ", ".join(f"{x:g}" for x in saved), ", ".join(f"{x:g}" for x in configured))
 
 
 # ---- checkpoint safety -------------------------------------------------------------------------------------------
