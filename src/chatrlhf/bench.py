@@ -11,7 +11,9 @@ What one run measures (see bench/README.md):
 - TRL (``trl`` as installed in ``.venv-trl``: SFT, Reward, GRPO; ``trl==1.12.0`` in ``.venv-trl112``: PPO),
   as subprocesses of ``chatrlhf/bench_trl.py`` with those venvs' pythons; the venvs are created on first use;
 - at two sizes: ``tiny`` (hidden 64, 2 layers) and ``mid`` (hidden 768, 8 layers, vocab 8192), llama family,
-  built locally by :func:`chatrlhf.models.tiny.build_tiny_model`.
+  built locally by :func:`chatrlhf.models.tiny.build_tiny_model`;
+- rollout decode per family (``--tasks families``): ms per token step of the hybrid engine's measured-fastest path
+  against transformers' ``generate()`` on a tiny model of each family the decoder knows, side by side in one process.
 
 Settings: batch 8, prompt 32 tokens, response exactly 32 tokens (min_new_tokens = max_new_tokens), dtype auto
 (bf16 where the device does bf16 natively, else fp32: the same rule as the product's ``--dtype auto``).
@@ -75,8 +77,9 @@ class BenchConfig:
     skip_trl: bool = _h("Do not run (or create venvs for) the TRL side.", False)
     quick: bool = _h("Fewer timed steps and shorter machine-limit probes (smoke runs; noisy figures).", False)
     out: str = _h("Directory for results.md and results.json; work files go to OUT/out/.", "bench")
-    tasks: str = _h("Comma-separated tasks: limits, sft, reward, ppo, grpo, decode.",
-                    "limits,sft,reward,ppo,grpo,decode")
+    tasks: str = _h("Comma-separated tasks: limits, sft, reward, ppo, grpo, decode, families (rollout decode of a "
+                    "tiny model of each family: hybrid engine vs generate()).",
+                    "limits,sft,reward,ppo,grpo,decode,families")
     batch: int = _h("Samples per step (SFT sequences, RM pairs, PPO/GRPO rows).", 8)
     prompt_len: int = _h("Prompt tokens (BOS included).", 32)
     response_len: int = _h("Response tokens (exactly: min_new_tokens = max_new_tokens; SFT/RM answers incl. EOS).",
@@ -102,7 +105,7 @@ class BenchConfig:
         for s in self.size_list:
             if s not in SIZES:
                 raise UserError(f"--sizes: unknown size {s!r}; choose from {', '.join(SIZES)}")
-        known = {"limits", "sft", "reward", "ppo", "grpo", "decode"}
+        known = {"limits", "sft", "reward", "ppo", "grpo", "decode", "families"}
         bad = set(self.task_list) - known
         if bad:
             raise UserError(f"--tasks: unknown {', '.join(sorted(bad))}; choose from {', '.join(sorted(known))}")
@@ -507,7 +510,114 @@ def worker_decode(job: dict) -> dict:
     return res
 
 
-WORKERS = {"sft": worker_sft, "reward": worker_reward, "ppo": worker_rl, "grpo": worker_rl, "decode": worker_decode}
+# ================================================================================================ decode per family
+FAMILY_DECODE = ("opt", "llama", "gpt_neox", "gpt2", "bloom")  # the families the hybrid engine decodes
+
+
+def family_decode_row(model_dir: str | Path, batch: int, prompt_len: int, response_len: int, dtype: str,
+                      min_time: float = 0.1, trials: int = 3) -> dict:
+    """One model's rollout decode, side by side in this process: the hybrid engine's entry point
+    (``hybrid.generate``: the path its calibration picks for this model, batch and prompt) and transformers'
+    ``generate()``. ms per token step = (time of ``response_len`` new tokens - time of 1) / (response_len - 1), each
+    time the best of ``trials`` timed batches (:func:`_best_rate`); prompts: random ids, no padding, exactly
+    ``min_new_tokens = max_new_tokens`` new tokens."""
+    import torch
+
+    from chatrlhf.engine import calibrate, hybrid
+    from chatrlhf.models.loading import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(model_dir), padding_side="left")
+    model = load_causal_lm(str(model_dir), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+                           tokenizer=tok).eval()
+    acc = _accel()
+    dev = torch.device(acc.device_name())
+    model.to(dev)
+    ids = torch.randint(16, 256, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    mask = torch.ones_like(ids)
+    pad = tok.pad_token_id
+    kind = model.config.model_type
+    path = hybrid.decode_path(model, ids, mask, response_len, pad)  # decided on the full response length
+    d = next((x for x in reversed(calibrate.decisions()) if x["part"] == "decode"
+              and x["shape"].get("model_type") == kind), None)
+
+    def step_ms(use_hybrid: bool) -> float:
+        def best_s(n: int) -> float:
+            run = lambda: hybrid.generate(model, ids, mask, max_new_tokens=n, pad_token_id=pad,  # noqa: E731
+                                          eos_token_id=None, min_new_tokens=n, hybrid=use_hybrid)
+            return 1.0 / _best_rate(run, 1.0, min_time, trials, acc)
+
+        return max(best_s(response_len) - best_s(1), 1e-9) / (response_len - 1) * 1e3
+
+    hyb, gen = step_ms(True), step_ms(False)
+    return {"model_type": kind, "path": path, "how": d["how"] if d else "only candidate",
+            "candidates_s": d["seconds"] if d else {}, "hybrid_step_ms": hyb, "generate_step_ms": gen,
+            "speedup": gen / hyb, "params": sum(p.numel() for p in model.parameters())}
+
+
+def worker_families(job: dict) -> dict:
+    """:func:`family_decode_row` for a tiny model of each of :data:`FAMILY_DECODE` at the ``tiny`` size's shape
+    (built under ``job["models_dir"]``, reused when the same spec was built before)."""
+    from chatrlhf.models.tiny import build_tiny_model
+
+    spec = {k: v for k, v in SIZES["tiny"].items() if k != "family"}
+    min_time, trials = (0.05, 2) if job.get("quick") else (0.1, 3)
+    rows: dict[str, dict] = {}
+    for fam in FAMILY_DECODE:
+        mdir = Path(job["models_dir"]) / f"family_{fam}"
+        meta = mdir / "tiny_model.json"
+        if not (meta.exists() and all(json.loads(meta.read_text()).get(k) == v for k, v in spec.items())):
+            build_tiny_model(fam, mdir, max_positions=max(512, 2 * (job["prompt_len"] + job["response_len"])),
+                             seed=0, **spec)
+        try:
+            rows[fam] = family_decode_row(mdir, job["batch"], job["prompt_len"], job["response_len"], job["dtype"],
+                                          min_time, trials)
+        except Exception as e:  # one family's failure is reported in its row, the others still run
+            rows[fam] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return {"shape": spec, "batch": job["batch"], "prompt_len": job["prompt_len"],
+            "response_len": job["response_len"], "dtype": job["dtype"], "rows": rows}
+
+
+def run_family_decode(cfg: BenchConfig, dtype: str, threads: int) -> dict:
+    """:func:`worker_families` in a fresh process (as every measured task); its result, or its error."""
+    job = {"task": "families", "models_dir": str(cfg.wdir / "models"), "batch": cfg.batch,
+           "prompt_len": cfg.prompt_len, "response_len": cfg.response_len, "dtype": dtype, "threads": threads,
+           "quick": cfg.quick}
+    cmd = [sys.executable, "-c", "import sys; from chatrlhf.bench import worker_main; sys.exit(worker_main(sys.argv[1]))",
+           json.dumps(job)]
+    return _run_json(cmd, cfg.wdir / "logs" / "ours_families.log", cfg.timeout, _env(threads))
+
+
+def render_family_decode(fam: dict | None) -> list[str]:
+    """The "rollout decode per family" table of results.md (nothing when the task did not run)."""
+    if not fam:
+        return []
+    lines = ["## Rollout decode per family: hybrid vs generate()", ""]
+    if not fam.get("ok", True) and not fam.get("rows"):
+        return lines + [f"error: {fam.get('error')}", ""]
+    sh = fam.get("shape", {})
+    lines += [f"Tiny random models (hidden {sh.get('hidden')}, {sh.get('layers')} layers, {sh.get('heads')} heads, "
+              f"vocab {sh.get('vocab')}), {fam.get('dtype')}, batch {fam.get('batch')}, prompt {fam.get('prompt_len')}"
+              f", exactly {fam.get('response_len')} new tokens; one process, both sides through "
+              "`hybrid.generate` (`hybrid=True`: the path the calibration picks; `hybrid=False`: transformers' "
+              "`generate()`). ms/step = (time of all new tokens − time of 1) ÷ (new tokens − 1), each the best of "
+              "a few timed batches. Path: the calibration's choice, how it was made, and its candidates' times "
+              "(16 greedy tokens of this batch each).", "",
+              "| family | hybrid ms/step | generate() ms/step | speed-up | path picked (candidates) | target | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    target = f">= generate() (x{TARGETS['vs_plain_min']})"
+    for name, r in fam.get("rows", {}).items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error']} | | | | {target} | n/a |")
+            continue
+        cands = ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in sorted(r["candidates_s"].items(), key=lambda x: x[1]))
+        verdict = "PASS" if r["speedup"] >= TARGETS["vs_plain_min"] else "FAIL"
+        lines.append(f"| {name} | {r['hybrid_step_ms']:.2f} | {r['generate_step_ms']:.2f} | {r['speedup']:.2f}x | "
+                     f"**{r['path']}** ({r['how']}{': ' + cands if cands else ''}) | {target} | {verdict} |")
+    return lines + [""]
+
+
+WORKERS = {"sft": worker_sft, "reward": worker_reward, "ppo": worker_rl, "grpo": worker_rl, "decode": worker_decode,
+           "families": worker_families}
 
 
 def worker_main(arg: str) -> int:
@@ -981,6 +1091,7 @@ def render_md(report: dict) -> str:
                                   if k in d["shape"])
                 lines.append(f"- {side} {task}: {d['part']} ({shape}) → **{d['choice']}** ({d['how']}: {times})")
             lines.append("")
+    lines += render_family_decode(report.get("families"))
     lines += ["## How the figures are computed", "",
               "- FLOPs per forward of B sequences of s tokens = 2 × (matmul parameters, lm head included) × B × s + "
               "4 × B × s² × h × layers (attention), the same terms as DeepSpeed-Chat's "
@@ -1128,6 +1239,12 @@ def main(argv: list[str] | None = None) -> int:
         results[size] = (built, res)
         analyse_all()
         _write(out, report, trl_versions)  # after each size: partial results survive an interrupted run
+    if "families" in tasks:
+        print("bench: rollout decode per family (hybrid engine vs generate())...", flush=True)
+        report["families"] = run_family_decode(cfg, dtype, threads)
+        print(f"bench: families: {'ok' if report['families'].get('ok') else report['families'].get('error')}",
+              flush=True)
+        _write(out, report, trl_versions)
     if "limits" in tasks and cfg.size_list:
         # Shared VMs drift: measured again at the end, these probes join the others (the highest is used).
         print("bench: measuring the limits again (drift check)...", flush=True)

@@ -7,6 +7,13 @@ from chatrlhf.engine.hybrid import HybridDecoder, process_scores, sample_categor
 from chatrlhf.models.loading import load_causal_lm, load_tokenizer
 
 PROMPTS = ["Human: What is 12 plus 7? Assistant:", "Human: Spell cat backwards. Assistant:", "hi"]
+# BLOOM at its default initializer_range (0.02) and this tiny size emits one token over and over whatever the
+# positions: its ALiBi could be dropped, or the residual layout changed, without changing a token. With weights of
+# std 1 every part of the layer decides the tokens, in bf16 the attention's roundings too.
+BLOOM = dict(hidden=64, layers=2, vocab=512, overrides={"initializer_range": 1.0})
+# The same holds, less starkly, for tiny OPT, llama and GPT-2 (1-2 distinct tokens per greedy row): their equality
+# tests use the same wide init, so positions and attention shape every token compared.
+VARIED = {"opt": {"init_std": 1.0}, "llama": {"initializer_range": 1.0}, "gpt2": {"initializer_range": 1.0}}
 
 
 def _load(model_dir):
@@ -36,24 +43,38 @@ def _variant(base, name: str, **changes):
     return out
 
 
+def _unknown_family_model():
+    """A causal LM of a family the decoder does not know (GPT-J), tiny and random."""
+    from transformers import AutoModelForCausalLM, GPTJConfig
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(GPTJConfig(n_embd=32, n_layer=1, n_head=2, rotary_dim=8, vocab_size=64,
+                                                       n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
 @pytest.fixture(scope="module", params=[("opt", 2), ("opt", 350), ("llama", 4), ("llama", 2), ("gpt_neox", 0),
-                                        ("gpt_neox", 1), ("gpt2", 0)],
-                ids=["opt", "opt-350m-style", "llama", "llama-gqa", "gpt_neox", "gpt_neox-sequential", "gpt2"])
+                                        ("gpt_neox", 1), ("gpt2", 0), ("bloom", 0), ("bloom", 1)],
+                ids=["opt", "opt-350m-style", "llama", "llama-gqa", "gpt_neox", "gpt_neox-sequential", "gpt2",
+                     "bloom", "bloom-normed-residual"])
 def family_model(request, tiny_model_factory):
     """Each family the decoder knows, with its layout variants: OPT-350m's post-norm with projected embeddings,
     grouped-query attention, GPT-NeoX's partial rotary with parallel (Pythia) or sequential residuals, GPT-2's
-    Conv1D projections and learned positions."""
+    Conv1D projections and learned positions, BLOOM's ALiBi with residuals from the layer input or (BLOOM's
+    apply_residual_connection_post_layernorm) from its normed input."""
     family, kv = request.param
+    if family == "bloom":
+        base = tiny_model_factory("bloom", **BLOOM)
+        return _variant(base, "bloom_normed", apply_residual_connection_post_layernorm=True) if kv else base
     if family == "gpt_neox":
         base = tiny_model_factory("gpt_neox", hidden=64, layers=2, vocab=512)
         return _variant(base, "neox_seq", use_parallel_residual=False) if kv else base
+    varied = dict(hidden=64, layers=2, vocab=512, overrides=VARIED[family])
     if family == "opt" and kv == 350:  # OPT-350m's layout: post-norm layers and in/out projections of the embeddings
-        base = tiny_model_factory("opt", hidden=64, layers=2, vocab=512)
-        return _variant(base, "opt350", do_layer_norm_before=False, word_embed_proj_dim=32)
-    if family == "llama" and kv != 4:
-        base = tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
-        return _variant(base, f"gqa{kv}", num_key_value_heads=kv)  # 4 query heads share 2 K/V heads
-    return tiny_model_factory(family, hidden=64, layers=2, vocab=512)
+        return _variant(tiny_model_factory("opt", **varied), "opt350", do_layer_norm_before=False,
+                        word_embed_proj_dim=32)
+    if family == "llama" and kv != 4:  # 4 query heads share 2 K/V heads
+        return _variant(tiny_model_factory("llama", **varied), f"gqa{kv}", num_key_value_heads=kv)
+    return tiny_model_factory(family, **varied)
 
 
 @pytest.mark.parametrize("fuse,native", [(True, None), (True, False), (False, False)],
@@ -91,9 +112,11 @@ def test_rows_stop_at_eos_and_pad_like_generate(family_model):
     assert first <= 2 and (ours[0, P + first + 1:] == tok.pad_token_id).all()
 
 
-def test_sampling_matches_the_model_distribution(tiny_model_factory):
-    """First sampled token over many rows of one prompt: its frequencies follow softmax(logits / T) after top-k."""
-    model, tok, ids, mask = _load(tiny_model_factory("llama", hidden=64, layers=2, vocab=512))
+def test_sampling_matches_the_model_distribution(family_model):
+    """First sampled token over many rows of one prompt: its frequencies follow softmax(logits / T) after top-k.
+    Then seeded sampling over the decode steps, left-padded rows included: the same seed gives the same tokens
+    through the packed and the in-place decoder."""
+    model, tok, ids, mask = _load(family_model)
     n = 6000
     ids1, mask1 = ids[:1].expand(n, -1).contiguous(), mask[:1].expand(n, -1).contiguous()
     with torch.no_grad():
@@ -107,6 +130,13 @@ def test_sampling_matches_the_model_distribution(tiny_model_factory):
     got = torch.bincount(seq[:, -1], minlength=logits.numel()).float() / n
     assert got[want == 0].sum() == 0  # nothing outside the top-k
     assert 0.5 * (got - want).abs().sum() < 0.05  # total variation distance
+    seeded = []
+    for pack in (True, False):
+        torch.manual_seed(7)
+        seeded.append(HybridDecoder(model, rows=3, pack=pack, native=False).generate(
+            ids, mask, 12, tok.pad_token_id, tok.eos_token_id, min_new_tokens=12, do_sample=True, temperature=T,
+            top_k=k, top_p=0.9))
+    assert torch.equal(*seeded) and seeded[0].shape == (3, ids.shape[1] + 12)
 
 
 def test_processors_equal_transformers():
@@ -141,10 +171,14 @@ def test_sample_categorical_frequencies_and_zero_mass(monkeypatch):
 
 
 def test_unsupported_models_and_generation_configs(tiny_model_factory):
-    bloom = load_causal_lm(str(tiny_model_factory("bloom", hidden=64, layers=2, vocab=512)))
-    assert "bloom" in unsupported_reason(bloom)
+    gptj = _unknown_family_model()
+    assert "gptj" in unsupported_reason(gptj)
     with pytest.raises(ValueError, match="does not support"):
-        HybridDecoder(bloom, rows=1)
+        HybridDecoder(gptj, rows=1)
+    bloom = load_causal_lm(str(tiny_model_factory("bloom", **BLOOM)))
+    assert unsupported_reason(bloom) is None
+    bloom.config.pretraining_tp, bloom.config.slow_but_exact = 2, True  # generate() sums projections in slices
+    assert "slow_but_exact" in unsupported_reason(bloom)
     opt = load_causal_lm(str(tiny_model_factory("opt", hidden=64, layers=2, vocab=512)))
     assert unsupported_reason(opt) is None
     opt.generation_config.repetition_penalty = 1.3  # a processor the decoder does not implement
@@ -155,12 +189,13 @@ def test_unsupported_models_and_generation_configs(tiny_model_factory):
 @pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
 def test_generate_answers_hybrid_equals_generate(tiny_model_factory, family, lora):
     """Through the product path (strategy, generation_context with LoRA merged, num_return_sequences): the same
-    tokens with and without the hybrid engine; bloom falls back to generate()."""
+    tokens with and without the hybrid engine."""
     from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig, unwrap
     from chatrlhf.models.lora import apply_lora
     from chatrlhf.steps import ppo_experience as px
 
-    model_dir = tiny_model_factory(family, hidden=64, layers=2, vocab=512)
+    model_dir = tiny_model_factory(family, **BLOOM) if family == "bloom" else \
+        tiny_model_factory(family, hidden=64, layers=2, vocab=512)
     model, tok, ids, mask = _load(model_dir)
     if lora:
         torch.manual_seed(0)
@@ -172,7 +207,7 @@ def test_generate_answers_hybrid_equals_generate(tiny_model_factory, family, lor
     strategy = DeepSpeedStrategy(StrategyConfig(dtype="fp32", per_device_train_batch_size=2))
     strategy.setup_distributed()
     model = strategy.prepare_eval(model)
-    assert (unsupported_reason(unwrap(model)) is None) == (family != "bloom")  # LoRA layers do not hide the family
+    assert unsupported_reason(unwrap(model)) is None  # LoRA layers do not hide the family
     outs = []
     for hybrid in (True, False):
         p = px.GenerationParams(max_new_tokens=10, min_new_tokens=3, do_sample=False, num_return_sequences=2,
@@ -290,11 +325,29 @@ def test_decode_path_is_the_measured_fastest(family_model, monkeypatch, tmp_path
         assert torch.equal(run(), ref), path
 
 
-def test_unsupported_model_has_only_generate(tiny_model_factory):
-    bloom = load_causal_lm(str(tiny_model_factory("bloom", hidden=64, layers=2, vocab=512)))
+def test_unsupported_model_has_only_generate():
     from chatrlhf.engine import hybrid
 
-    assert hybrid.candidate_paths(bloom) == ["generate"]
+    assert hybrid.candidate_paths(_unknown_family_model()) == ["generate"]
+
+
+@pytest.mark.parametrize("n_heads", [1, 3, 4, 6, 12, 16, 20, 112])
+def test_alibi_equals_transformers_build_alibi_tensor(n_heads):
+    """Slopes for power-of-two and other head counts (BLOOM-176B: 112), and the bias of a left-padded batch at its
+    real keys, as transformers builds them: bitwise in fp32 and after the cast to bf16."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
+
+    from chatrlhf.engine.hybrid import alibi_bias, alibi_slopes
+
+    slopes = alibi_slopes(n_heads)
+    assert torch.equal(slopes, _get_alibi_slopes(n_heads, torch.device("cpu")))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1]])
+    pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)  # HybridDecoder.generate's positions
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = alibi_bias(slopes, pos, dtype)  # [B, heads, 1, S]
+        ref = build_alibi_tensor(mask, n_heads, dtype).view(3, n_heads, 1, 7)
+        real = mask.bool()[:, None, None, :].expand_as(ref)
+        assert torch.equal(ours[real], ref[real])
 
 
 def test_bf16_packed_decoder_gives_generate_tokens(family_model, monkeypatch):
@@ -310,3 +363,23 @@ def test_bf16_packed_decoder_gives_generate_tokens(family_model, monkeypatch):
     assert dec.native is None and dec.layers[0]["qkv"].packed is not None
     ours = dec.generate(ids, mask, 16, tok.pad_token_id, tok.eos_token_id, min_new_tokens=16, do_sample=False)
     assert torch.equal(ours, _hf_greedy(model, tok, ids, mask, 16, tok.eos_token_id, min_new=16))
+
+
+def test_bench_rollout_decode_per_family_row_and_table(tiny_model_factory):
+    """`chatrlhf bench --tasks families`: one family's row (hybrid engine and generate() side by side, the path the
+    calibration picked) and the table results.md shows, failed families included. Figures only, no speed asserted."""
+    from chatrlhf import bench
+
+    r = bench.family_decode_row(tiny_model_factory("bloom", **BLOOM), batch=2, prompt_len=6, response_len=4,
+                                dtype="fp32", min_time=0.0, trials=1)
+    assert r["model_type"] == "bloom" and r["path"] in ("packed", "generate") and r["how"] == "measured"
+    assert set(r["candidates_s"]) == {"packed", "generate"}
+    assert r["hybrid_step_ms"] > 0 and r["speedup"] == pytest.approx(r["generate_step_ms"] / r["hybrid_step_ms"])
+    fam = {"ok": True, "shape": {"hidden": 64, "layers": 2, "heads": 4, "vocab": 512}, "batch": 2, "prompt_len": 6,
+           "response_len": 4, "dtype": "fp32", "rows": {"bloom": r, "opt": {"error": "boom"}}}
+    md = "\n".join(bench.render_family_decode(fam))
+    assert "## Rollout decode per family: hybrid vs generate()" in md and f"**{r['path']}** (measured: " in md
+    assert f"| bloom | {r['hybrid_step_ms']:.2f} | {r['generate_step_ms']:.2f} | {r['speedup']:.2f}x |" in md
+    assert "| opt | error: boom |" in md
+    assert bench.render_family_decode(None) == []
+    assert "error: timed out" in "\n".join(bench.render_family_decode({"ok": False, "error": "timed out"}))

@@ -22,9 +22,12 @@ reads the weights of a Hugging Face model in place (after ZeRO-3 gathering and L
 
 Families: llama-style decoders (llama, mistral, qwen2: RMSNorm, RoPE, gated MLP, GQA), OPT (DeepSpeed-Chat's
 default actor, pre- or post-norm), GPT-NeoX / Pythia (partial rotary, parallel or sequential residual, per-head
-interleaved q/k/v reordered once) and GPT-2 (Conv1D projections, learned positions). Anything else (BLOOM's ALiBi,
-for one), or a generation config with processors this module does not implement, falls back to ``generate`` with
-the reason logged once (:func:`unsupported_reason`).
+interleaved q/k/v reordered once), GPT-2 (Conv1D projections, learned positions) and BLOOM (ALiBi biases built
+once per rollout: in fp32 added to the attention mask, in half precision applied by BLOOM's own attention ops, whose
+roundings decide generate()'s tokens; a LayerNorm after the embedding; per-head interleaved q/k/v like GPT-NeoX's;
+residuals from the layer input or from its normed input). Anything else, or a generation config with processors
+this module does not implement, falls back to ``generate`` with the reason logged once (:func:`unsupported_reason`).
+The native C step is llama-style only: BLOOM decodes on packed or plain torch ops.
 
 Which decoder runs is measured, not assumed (:func:`decode_path`): the same native step took 21 ms a token on one
 CPU and 311 ms on another where ``generate()`` took 50 ms. The candidates that can run the model (native, packed,
@@ -35,6 +38,7 @@ fastest is cached (engine/calibrate.py) and used from then on.
 from __future__ import annotations
 
 import logging
+import math
 from types import SimpleNamespace
 
 import torch
@@ -47,7 +51,8 @@ logger = logging.getLogger("chatrlhf.hybrid")
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 ROPE_KINDS = LLAMA_LIKE + ("gpt_neox",)  # rotary positions (GPT-NeoX: on the first rotary_ndims of each head)
-FAMILIES = LLAMA_LIKE + ("opt", "gpt_neox", "gpt2")
+ALIBI_KINDS = ("bloom",)  # no position embedding: a per-head linear bias on the key's position (ALiBi)
+FAMILIES = LLAMA_LIKE + ("opt", "gpt_neox", "gpt2") + ALIBI_KINDS
 
 # generation_config fields whose non-neutral value would change what generate() samples: we fall back then.
 _NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
@@ -85,6 +90,9 @@ def unsupported_reason(model) -> str | None:
     if kind == "gpt2" and (getattr(cfg, "reorder_and_upcast_attn", False) or getattr(cfg, "add_cross_attention",
                                                                                       False)):
         return "gpt2 variant with upcast attention or cross-attention"
+    if kind == "bloom" and getattr(cfg, "pretraining_tp", 1) > 1 and getattr(cfg, "slow_but_exact", False):
+        # generate() sums the attention output / MLP projections in pretraining_tp slices: other roundings
+        return "bloom with slow_but_exact and pretraining_tp > 1"
     if kind in LLAMA_LIKE:
         attn = first.self_attn
         if any(hasattr(attn, n) for n in ("q_norm", "k_norm")) or getattr(cfg, "hidden_act", "silu") not in (
@@ -203,9 +211,9 @@ def native_lib(model):
 
 def _stack(model):
     """The decoder stack: ``model.model`` for llama-likes, ``model.model.decoder`` for OPT, ``model.gpt_neox``,
-    ``model.transformer`` for GPT-2."""
+    ``model.transformer`` for GPT-2 and BLOOM."""
     kind = model.config.model_type
-    if kind == "gpt2":
+    if kind in ("gpt2", "bloom"):
         return model.transformer
     if kind == "gpt_neox":
         return model.gpt_neox
@@ -217,7 +225,7 @@ def _layers(stack):
 
 
 def _embedding(stack):
-    for name in ("embed_tokens", "embed_in", "wte"):
+    for name in ("embed_tokens", "embed_in", "wte", "word_embeddings"):
         if hasattr(stack, name):
             return getattr(stack, name)
     raise AttributeError("no token embedding")
@@ -229,9 +237,9 @@ def _transposed(lin):
     return SimpleNamespace(weight=base.weight.detach().t(), bias=_plain(base.bias))
 
 
-def _neox_qkv(lin, n_heads: int):
-    """GPT-NeoX's query_key_value, whose output rows are per head [q, k, v], reordered to [all q | all k | all v]
-    (the layout the decoder splits); a copy of that one matrix."""
+def _per_head_qkv(lin, n_heads: int):
+    """GPT-NeoX's and BLOOM's query_key_value, whose output rows are per head [q, k, v], reordered to
+    [all q | all k | all v] (the layout the decoder splits); a copy of that one matrix."""
     base = getattr(lin, "base_layer", lin)
     w = base.weight.detach()
     out, d_in = w.shape
@@ -372,16 +380,20 @@ class HybridDecoder:
                     down=_Proj([_transposed(layer.mlp.c_proj)], rows, pack, mkl_pack=mkl),
                     ln1=_Norm(layer.ln_1), ln2=_Norm(layer.ln_2), scaling=a.scaling, pre_norm=True, parallel=False))
                 continue
-            if self.kind == "gpt_neox":
-                a = layer.attention
-                self.rotary_ndims = a.rotary_ndims
+            if self.kind in ("gpt_neox", "bloom"):  # the same module names and per-head interleaved q/k/v
+                neox = self.kind == "gpt_neox"
+                a = layer.attention if neox else layer.self_attention
+                if neox:
+                    self.rotary_ndims = a.rotary_ndims
                 self.layers.append(dict(
-                    qkv=_Proj([_neox_qkv(a.query_key_value, self.n_heads)], rows, pack, mkl_pack=mkl),
+                    qkv=_Proj([_per_head_qkv(a.query_key_value, self.n_heads)], rows, pack, mkl_pack=mkl),
                     o=_Proj([a.dense], rows, pack, mkl_pack=mkl),
                     up=_Proj([layer.mlp.dense_h_to_4h], rows, pack, mkl_pack=mkl),
                     down=_Proj([layer.mlp.dense_4h_to_h], rows, pack, mkl_pack=mkl),
-                    ln1=_Norm(layer.input_layernorm), ln2=_Norm(layer.post_attention_layernorm), scaling=a.scaling,
-                    pre_norm=True, parallel=layer.use_parallel_residual))
+                    ln1=_Norm(layer.input_layernorm), ln2=_Norm(layer.post_attention_layernorm),
+                    scaling=a.scaling if neox else a.inv_norm_factor, pre_norm=True,
+                    parallel=neox and layer.use_parallel_residual,
+                    normed_residual=not neox and layer.apply_residual_connection_post_layernorm))
                 continue
             a = layer.self_attn
             if self.kind == "opt":
@@ -400,7 +412,7 @@ class HybridDecoder:
                     scaling=a.scaling, pre_norm=True, parallel=False))
         from transformers.activations import ACT2FN
 
-        self.project_in = self.project_out = None
+        self.project_in = self.project_out = self.embed_norm = self.alibi_slopes = self.alibi = None
         if self.kind == "opt":
             self.act = ACT2FN[cfg.activation_function]
             fn = getattr(stack, "final_layer_norm", None)
@@ -414,6 +426,11 @@ class HybridDecoder:
         elif self.kind == "gpt_neox":
             self.act = ACT2FN[cfg.hidden_act]
             self.final_norm = _Norm(stack.final_layer_norm)
+        elif self.kind == "bloom":
+            self.act = _bloom_gelu
+            self.final_norm = _Norm(stack.ln_f)
+            self.embed_norm = _Norm(stack.word_embeddings_layernorm)
+            self.alibi_slopes = alibi_slopes(self.n_heads, self.embed.device)
         else:
             self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
             self.final_norm = _Norm(stack.norm, fold=pack)
@@ -434,6 +451,8 @@ class HybridDecoder:
             x = x + F.embedding(pos + self.stack.embed_positions.offset, self.positions)
         elif self.kind == "gpt2":
             x = x + F.embedding(pos, self.positions)
+        elif self.embed_norm is not None:  # BLOOM: a LayerNorm on the embeddings, no positions (ALiBi)
+            x = self.embed_norm(x)
         return x
 
     def _layer(self, i: int, x: torch.Tensor, p0: int, mask: torch.Tensor, rope) -> torch.Tensor:
@@ -463,11 +482,16 @@ class HybridDecoder:
         kc[:, :, p0:p0 + T] = k
         vc[:, :, p0:p0 + T] = y[:, nh + nkv:]
         S = p0 + T
-        a = F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask, scale=scale,
-                                           enable_gqa=nkv != nh)
+        if self.alibi is not None:
+            a = self._alibi_attention(q, kc[:, :, :S], vc[:, :, :S], mask, scale)
+        else:
+            a = F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask, scale=scale,
+                                               enable_gqa=nkv != nh)
         attn = L["o"](a.transpose(1, 2).reshape(B * T, nh * hd)).view(B, T, H)
-        # GPT-NeoX's parallel residual: attention and MLP both read the layer's input
-        x_in, x = x, x + attn
+        # GPT-NeoX's parallel residual: attention and MLP both read the layer's input; BLOOM's
+        # apply_residual_connection_post_layernorm: each residual is the sublayer's normed input
+        normed = L.get("normed_residual", False)
+        x_in, x = x, (h if normed else x) + attn
         if not pre:
             x = L["ln1"](x)
         h = (L["ln2"](x_in if L["parallel"] else x) if pre else x).reshape(B * T, H)
@@ -476,10 +500,22 @@ class HybridDecoder:
             m = self.act(g) * u
         else:
             m = self.act(L["up"](h))
-        x = x + L["down"](m).view(B, T, H)
+        x = (h.view(B, T, H) if normed else x) + L["down"](m).view(B, T, H)
         if not pre:
             x = L["ln2"](x)
         return x
+
+    def _alibi_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """BLOOM's own attention, op by op, for half precision (where SDPA's fp32 scores would give other tokens
+        than the model's bf16/fp16 ones): ALiBi + scale * q k^T in the model's dtype, + mask, softmax in fp32 cast
+        back, times v. q [B, heads, T, hd], k/v [B, heads, S, hd] -> [B, heads, T, hd]."""
+        B, nh, T, hd = q.shape
+        S = k.shape[2]
+        scores = torch.baddbmm(self.alibi[..., :S].reshape(B * nh, 1, S), q.reshape(B * nh, T, hd),
+                               k.reshape(B * nh, S, hd).transpose(1, 2), alpha=scale)
+        probs = F.softmax(scores.view(B, nh, T, S) + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] (fp32) of the last position of x [B, T, H]."""
@@ -530,6 +566,13 @@ class HybridDecoder:
         eye = torch.eye(P, dtype=torch.bool, device=dev)
         mask = self._additive((causal & keys[:, None, None, :P]) | eye)
         keys = self._additive(keys[:, None, None, :])  # additive masks: SDPA's fastest form on CPU
+        self.alibi = None
+        if self.alibi_slopes is not None:
+            alibi = alibi_bias(self.alibi_slopes, pos, self.dtype)  # [B, heads, 1, S_max]
+            if self.dtype == torch.float32:  # the position bias joins the masks (one add per rollout) for SDPA
+                mask, keys = mask + alibi[..., :P], keys + alibi
+            else:  # half precision: the model's own attention ops (_alibi_attention)
+                self.alibi = alibi
         logits = self._forward(input_ids, 0, pos[:, :P], mask,
                                None if rope is None else (rope[0][:, :, :P], rope[1][:, :, :P]))
         out = torch.full((B, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=dev)
@@ -554,7 +597,7 @@ class HybridDecoder:
                 continue
             logits = self._forward(nxt[:, None], p, pos[:, p:p + 1], keys[..., :p + 1],
                                    None if rope is None else (rope[0][:, :, p:p + 1], rope[1][:, :, p:p + 1]))
-        self.cache = []
+        self.cache, self.alibi = [], None
         return torch.cat([input_ids, out[:, :n]], dim=1)
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -567,6 +610,39 @@ class HybridDecoder:
         """argmax, or one draw by :func:`sample_categorical` from the processed distribution."""
         scores = process_scores(logits, t, min_new, eos, do_sample, temperature, top_p, top_k)
         return scores.argmax(-1) if not do_sample else sample_categorical(F.softmax(scores, dim=-1))
+
+
+def alibi_slopes(n_heads: int, device=None) -> torch.Tensor:
+    """ALiBi's per-head slopes (fp32), as transformers' BLOOM computes them: for the largest power of two
+    n <= n_heads, 2^(-8i/n) for i = 1..n; the remaining heads take the odd powers of the next power of two's
+    base, 2^(-8i/2n) for i = 1, 3, 5, ...; each a power of the base in fp32, rounded as transformers rounds it."""
+    def powers(n: int, count: int, step: int) -> torch.Tensor:
+        base = torch.full((), 2 ** (-(2 ** -(math.log2(n) - 3))), dtype=torch.float32, device=device)
+        return torch.pow(base, torch.arange(1, 1 + step * count, step, dtype=torch.int32, device=device))
+
+    n = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(n, n, 1)
+    if n != n_heads:
+        slopes = torch.cat([slopes, powers(2 * n, min(n, n_heads - n), 2)])
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ALiBi bias [B, heads, 1, S] of keys at positions ``pos`` [B, S] (long: the attention mask's cumulative
+    count minus one, as transformers counts them under left padding), as transformers' ``build_alibi_tensor``:
+    slope x position in fp32, then cast to the model's dtype. It depends on the key only: softmax is invariant to a
+    per-query shift, so this is the relative bias -slope x (query - key). Masked keys' values do not matter."""
+    return (slopes[:, None] * pos[:, None, :]).to(dtype).unsqueeze(2)
+
+
+def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh-approximated GELU: in fp32 torch's one fused op (within 1 ulp of the model's formula); in
+    half precision the model's own op-by-op formula, whose intermediate roundings decide generate()'s tokens."""
+    if x.dtype == torch.float32:
+        return F.gelu(x, approximate="tanh")
+    from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
+
+    return bloom_gelu_forward(x)
 
 
 def process_scores(scores: torch.Tensor, t: int, min_new: int, eos: torch.Tensor, do_sample: bool,
