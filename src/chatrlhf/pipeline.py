@@ -32,7 +32,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ from typing import Any, Optional
 
 from chatrlhf.config import ConfigError, parse_config
 from chatrlhf.errors import UserError
-from chatrlhf.utils import atomic_write_json, atomic_write_text
+from chatrlhf.utils import atomic_write_json, atomic_write_text, find_latest_checkpoint, free_port
 
 logger = logging.getLogger("chatrlhf.pipeline")
 
@@ -284,12 +283,6 @@ def launch_command(cfg: TrainPipelineConfig, spec: StepSpec, step_config: Path) 
     return [*cmd, "--module", *module_args]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_env(cfg: TrainPipelineConfig) -> dict[str, str]:
     """Environment of a step subprocess: unbuffered output; a one-rank world for single-process runs (on a free
     port, so runs side by side do not collide); one OpenMP thread pool per rank that does not oversubscribe."""
@@ -305,7 +298,7 @@ def launch_env(cfg: TrainPipelineConfig) -> dict[str, str]:
         for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
             env[k] = "1" if "WORLD_SIZE" in k else "0"
         env["MASTER_ADDR"] = "127.0.0.1"
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
     elif "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     return env
@@ -433,19 +426,6 @@ def resolved_config_dict(cfg: TrainPipelineConfig, step_cfgs: dict[str, Any]) ->
 
 
 # ------------------------------------------------------------------------------------------ running a step
-def latest_checkpoint(path: Path) -> Optional[Path]:
-    """The step's newest complete resumable checkpoint (trainer_state.json is written last), if any."""
-    done = [p for p in (path / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: _step_num(p.name)) if done else None
-
-
-def _step_num(name: str) -> int:
-    try:
-        return int(name.rsplit("_", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
@@ -754,7 +734,7 @@ def run_train(cfg: TrainPipelineConfig) -> dict:
             print(f"[chatrlhf train] step {spec.number} ({spec.name}): {shlex.join(cmd)}", flush=True)
             results[spec.name] = {"status": "dry_run", "command": cmd, "output_dir": str(sdir)}
             continue
-        ckpt = latest_checkpoint(sdir)
+        ckpt = find_latest_checkpoint(sdir / "checkpoints")
         if ckpt:  # the step itself restores it (--resume auto); this line says why the step starts midway
             print(f"[chatrlhf train] step {spec.number} ({spec.name}): resuming from {ckpt}", flush=True)
         print(f"[chatrlhf train] step {spec.number} ({spec.name}): starting -> {sdir}\n  $ {shlex.join(cmd)}", flush=True)

@@ -240,3 +240,26 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a one-process torch.distributed group or a launcher)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latest_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (``step_N`` dirs with trainer_state.json, which is written last) under root, any order."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [p for p in root.glob("step_*") if p.name.split("_")[1].isdigit() and (p / "trainer_state.json").exists()]
+
+
+def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    done = latest_checkpoints(root)
+    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from chatrlhf.metrics import read_metrics
+from chatrlhf.utils import free_port
 
 from .conftest import cli_env, run_cli
 
@@ -25,13 +26,6 @@ def _train_rows(out, d):
     return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(out / d) if r["kind"] == "train"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_nodes_without_ssh_train_what_one_node_with_two_ranks_trains(quick_assets, tmp_path):
@@ -44,7 +38,7 @@ def test_two_nodes_without_ssh_train_what_one_node_with_two_ranks_trains(quick_a
 
     # two nodes, each started on its own (what a Slurm/Kubernetes job script does on every node)
     multi = tmp_path / "multi"
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "chatrlhf", *base, "--output-dir", str(multi),
                                "--deployment-type", "multi_node", "--hostfile", str(hostfile), "--no_ssh",
                                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port],

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,9 +21,10 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+
 from chatrlhf.engine.optim import AdamW
 from chatrlhf.errors import UserError
-from chatrlhf.utils import atomic_dir, atomic_write_json
+from chatrlhf.utils import atomic_dir, atomic_write_json, find_latest_checkpoint, free_port, latest_checkpoints
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Parameters whose names contain one of these get no weight decay (biases and all LayerNorm/RMSNorm weights).
@@ -166,12 +166,6 @@ def cpu_adam(param_groups: list[dict], lr: float, betas: tuple[float, float]):
                         "check that a C++ compiler and ninja are installed, or train without --offload") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
@@ -206,7 +200,7 @@ class DeepSpeedStrategy:
             if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
                 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+                os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
             acc = accelerator()
             backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
             # DeepSpeed prints "... shm_comm_op built successfully" on stdout at every start on CPU, also when it
@@ -779,14 +773,3 @@ def _publish_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def latest_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (those with trainer_state.json) under root, any order."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return [p for p in root.glob("step_*") if p.name.split("_")[1].isdigit() and (p / "trainer_state.json").exists()]
-
-
-def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    done = latest_checkpoints(root)
-    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
