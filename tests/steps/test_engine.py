@@ -85,7 +85,8 @@ def test_start_up_does_not_print_deepspeeds_op_build_line():
 
     code = ("from chatrlhf.engine.strategy import DeepSpeedStrategy\n"
             "s = DeepSpeedStrategy(dtype='fp32'); s.setup_distributed(); print('ready')\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    # a fresh one-process group: none of this test process's own (its port is taken by it)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["DS_ACCELERATOR"] = "cpu"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
