@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from chatrlhf.config import parse_config
+from chatrlhf.config import Check, parse_config
 from chatrlhf.utils import atomic_write_json
 
 logger = logging.getLogger("chatrlhf.demo")
@@ -41,13 +41,22 @@ class DemoConfig:
     output_dir: str = field(default="demo_out", metadata={"help": "Run dir (assets/, step1_sft/, ..., summary.json)."})
     quick: bool = field(default=False, metadata={
         "help": "A much shorter run (tiny budgets, few eval prompts) for tests; shows the machinery, not learning."})
+    model: str = field(default="tiny", metadata={
+        "help": "tiny: the embedded demo (tiny models, built-in task); smollm2: the real-model demo (SmolLM2-135M-"
+                "Instruct learns verifiable instructions; chatrlhf.demo_real), output in demo_real_out by default.",
+        "check": Check(choices=("tiny", "smollm2"))})
+    size: str = field(default="full", metadata={
+        "help": "--model smollm2 only: full (the demo, ~30-40 min on 2 cores) or small (a few minutes: the pipeline "
+                "at a reduced size, as the slow test runs it); --quick is smaller still.",
+        "check": Check(choices=("full", "small"))})
     family: str = field(default="opt", metadata={"help": "Tiny model family: opt, llama, gpt_neox, bloom, gpt2."})
     seed: int = field(default=1234, metadata={"help": "Seed for data, models and training."})
     deployment_type: str = field(default="cpu", metadata={
         "help": "Passed to chatrlhf train: cpu | single_gpu | single_node."})
-    threads: int = field(default=1, metadata={
-        "help": "torch/OpenMP threads per process. Tiny models are latency-bound: one thread is as fast as two on an "
-                "idle 2-core CPU and ~20x faster when other processes compete for the cores (OpenMP spin-waits)."})
+    threads: int = field(default=0, metadata={
+        "help": "torch/OpenMP threads per process (0: 1 for the tiny demo, every core for --model smollm2). Tiny "
+                "models are latency-bound: one thread is as fast as two on an idle 2-core CPU and ~20x faster when "
+                "other processes compete for the cores (OpenMP spin-waits)."})
     n_eval_prompts: int = field(default=40, metadata={"help": "Held-out prompts for the before/after evaluation."})
     n_samples: int = field(default=6, metadata={"help": "Answers shown side by side."})
     max_new_tokens: int = field(default=24, metadata={"help": "Answer length limit in the evaluation."})
@@ -398,8 +407,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # inherited by the step subprocesses
-    torch.set_num_threads(cfg.threads)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.threads or 1)  # inherited by the step subprocesses
+    torch.set_num_threads(cfg.threads or 1)
     out = Path(cfg.output_dir)
     t0 = time.time()
     print(f"[chatrlhf demo] building tiny models and the built-in task in {out / 'assets'}", flush=True)
@@ -436,5 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                        description="Tiny models + the built-in task: SFT -> reward model -> PPO on CPU, then before/after.")
     for name, values in cli_sections.items():
         getattr(cfg, name).update(values)
+    if cfg.model != "tiny":  # the real-model demo (chatrlhf.demo_real)
+        from chatrlhf.demo_real import main_real
+
+        return main_real(cfg)
     run_demo(cfg)
     return 0

@@ -125,17 +125,36 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 # states into [B, K, V] logits, ~85 times their size; the plain path then keeps an fp32 copy, an fp32
 # log-softmax for backward and two more [B, K, V] tensors in backward. The functions below take the hidden states and
 # the head's weight instead and work on ``chunk`` rows at a time: logits -> fp32 log-sum-exp -> target logit (and
-# entropy), so at most a few [chunk, V] tensors exist at once. Backward recomputes each chunk's logits (the
-# per-token functions: their upstream gradient is only known then) or was done chunk by chunk in forward (scalar
-# cross entropy: its upstream gradient is one number, so forward keeps d loss / d hidden and d loss / d weight and
-# backward scales them; the same FLOPs as the plain path). torch's own ``F.linear_cross_entropy`` (2.10+) does the
-# latter for cross entropy only: no entropy, no per-token log-probs with a recomputing backward, and not in torch 2.4.
+# entropy), so at most a few [chunk, V] tensors exist at once. Gradients:
+# - scalar cross entropy: its upstream gradient is one number, so forward computes d loss / d hidden and
+#   d loss / d weight chunk by chunk and backward scales them (the plain path's FLOPs);
+# - per-token log-probs / entropy, trained head: the upstream gradient is per row and only known in backward, which
+#   recomputes each chunk's logits (one more head matmul than the plain path);
+# - per-token, frozen head (LoRA, reference model): forward keeps the [N, H] row gradients, backward scales rows.
+# Libraries: Liger-Kernel's fused linear cross entropy is Triton (GPU) only; DeepSpeed's chunked_cross_entropy still
+# takes full logits; transformers' loss path materialises the logits; torch's ``F.linear_cross_entropy`` with
+# ``LinearCrossEntropyOptions`` (torch 2.13 here, not in the torch >= 2.4 we support) chunks cross entropy on the CPU
+# but has no entropy and no per-token log-probs for PPO, and measured here at 2048 x 49,152 rows it was as fast in
+# fp32 only with a hand-set chunk (its auto chunk of 8 rows: 4x slower) and 2.5x slower in bf16 (fp32 matmuls).
 
-DEFAULT_LOGPROB_CHUNK = 256  # rows per chunk: measured on a 2-core AVX-512 Xeon at V=49,152, H=576 (256-1024 tie)
+DEFAULT_LOGPROB_CHUNK = 512  # rows per chunk (100 MB of fp32 logits at V = 49,152): on a 2-core AVX-512 Xeon at H = 576
+# 512 was as fast as the plain path for cross entropy (256: 3-8% slower), peak 0.41 GB against 1.16 GB at 2048 rows
 
 
 def _chunk_rows(chunk: int | None, n: int) -> int:
-    return max(1, min(int(chunk or DEFAULT_LOGPROB_CHUNK), max(n, 1)))
+    """Rows per chunk: at most ``chunk``, and balanced (264 rows at 256 are two chunks of 132, not 256 + 8: every
+    chunk costs a pass over the [V, H] weight gradient whatever its rows)."""
+    n = max(n, 1)
+    most = max(1, min(int(chunk or DEFAULT_LOGPROB_CHUNK), n))
+    pieces = -(-n // most)
+    return -(-n // pieces)
+
+
+def _add_weight_grad(dw: torch.Tensor, gz: torch.Tensor, h: torch.Tensor) -> None:
+    """dw += gz^T h in the weights' dtype (one bf16 GEMM accumulating into bf16 on bf16 weights: 3x faster than
+    upcasting here, and no [V, H] temporaries; the plain path's bf16 weight gradient is rounded once, this one once
+    per chunk)."""
+    dw.addmm_(gz.t(), h)
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -154,25 +173,42 @@ def _lse_stats(z: torch.Tensor, entropy: bool):
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """Per-row log p(target) and entropy of softmax(hidden @ W^T + b) over [N, H] rows, chunk by chunk; backward
-    recomputes each chunk's logits. Saves hidden, W, b (references) and three [N] fp32 vectors."""
+    """Per-row log p(target) and entropy of softmax(hidden @ W^T + b) over [N, H] rows, chunk by chunk. Saves
+    hidden, W, b (references) and three [N] fp32 vectors; backward recomputes each chunk's logits (their upstream
+    gradient is per row and only known then), as many FLOPs as the plain path plus one logits matmul.
+
+    ``frozen`` (only hidden needs a gradient: a frozen or LoRA'd body's head, or a reference model): forward also
+    computes d logp / d hidden (and d entropy / d hidden when ``ent_grad``), [N, H] each, so that backward only
+    scales rows and nothing is recomputed: the plain path's FLOPs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, want_entropy):
+    def forward(ctx, hidden, weight, bias, targets, chunk, want_entropy, frozen, ent_grad):
         n = hidden.shape[0]
         lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(lp)
         ent = torch.empty_like(lp) if want_entropy else None
+        d_lp = torch.empty_like(hidden) if frozen else None
+        d_ent = torch.empty_like(hidden) if frozen and want_entropy and ent_grad else None
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
+            t = targets[a:b, None]
             z = _chunk_logits(hidden[a:b], weight, bias)
             lse_c, pz = _lse_stats(z, want_entropy)
             lse[a:b] = lse_c
-            lp[a:b] = z.gather(1, targets[a:b, None]).squeeze(1) - lse_c
+            lp[a:b] = z.gather(1, t).squeeze(1) - lse_c
             if want_entropy:
                 ent[a:b] = lse_c - pz
+            if frozen:
+                logp = z.sub_(lse_c[:, None])
+                p = logp.exp()
+                if d_ent is not None:  # d H / d z_j = -p_j (log p_j + H)
+                    torch.mm(logp.add_(ent[a:b, None]).mul_(p).neg_().to(weight.dtype), weight, out=d_ent[a:b])
+                gz = p.neg_()  # d log p_t / d z_j = [j == t] - p_j
+                gz.scatter_add_(1, t, gz.new_ones(t.shape))
+                torch.mm(gz.to(weight.dtype), weight, out=d_lp[a:b])
+                del logp, p, gz
             del z
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, d_lp, d_ent)
         ctx.chunk = chunk
         ctx.set_materialize_grads(False)
         if want_entropy:
@@ -181,15 +217,24 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, ent, d_lp, d_ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if g_ent is not None and ent is None:
             g_ent = None
         if g_lp is None and g_ent is None:
-            return None, None, None, None, None, None
+            return (None,) * 8
+        if d_lp is not None:  # frozen head: the row gradients were computed in forward
+            if g_ent is not None and d_ent is None:
+                raise RuntimeError("chunked_token_logprobs(entropy_grad=False): its entropy has no gradient")
+            dh = None
+            for g, d in ((g_lp, d_lp), (g_ent, d_ent)):
+                if g is not None:
+                    part = d * g.to(d.dtype)[:, None]
+                    dh = part if dh is None else dh.add_(part)
+            return dh, None, None, None, None, None, None, None
         n, chunk = hidden.shape[0], ctx.chunk
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
@@ -213,14 +258,10 @@ class _TokenLogprobs(torch.autograd.Function):
             if dh is not None:
                 torch.mm(gz, weight, out=dh[a:b])
             if dw is not None:
-                if gz.dtype == torch.float32:
-                    dw.addmm_(gz.t(), h)
-                else:
-                    dw.add_(gz.t().mm(h).float())
+                _add_weight_grad(dw, gz, h)
             if db is not None:
                 db.add_(gz.float().sum(0))
-        return (dh, dw.to(weight.dtype) if dw is not None else None,
-                db.to(bias.dtype) if db is not None else None, None, None, None)
+        return dh, dw, (db.to(bias.dtype) if db is not None else None), None, None, None, None, None
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -233,7 +274,7 @@ class _CrossEntropySum(torch.autograd.Function):
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         any_grad = need_h or need_w or need_b
         for a in range(0, n, chunk):
@@ -249,15 +290,11 @@ class _CrossEntropySum(torch.autograd.Function):
                 if dh is not None:
                     torch.mm(gz, weight, out=dh[a:b])
                 if dw is not None:
-                    if gz.dtype == torch.float32:
-                        dw.addmm_(gz.t(), h)
-                    else:
-                        dw.add_(gz.t().mm(h).float())
+                    _add_weight_grad(dw, gz, h)
                 if db is not None:
                     db.add_(gz.float().sum(0))
             del z
-        ctx.grads = (dh, dw.to(weight.dtype) if dw is not None else None,
-                     db.to(bias.dtype) if db is not None else None)
+        ctx.grads = (dh, dw, db.to(bias.dtype) if db is not None else None)
         return total
 
     @staticmethod
@@ -267,9 +304,11 @@ class _CrossEntropySum(torch.autograd.Function):
                                "are released by it; no retain_graph / double backward)")
         dh, dw, db = ctx.grads
         ctx.grads = None  # released now: the loss tensor (and this node) may live on after backward
-        g = g.to(torch.float32)
-        out = [None if x is None else (x * g.to(x.dtype)) for x in (dh, dw, db)]
-        return out[0], out[1], out[2], None, None, None
+        if not bool(g == 1):  # scaled in place (these are ours alone): no second [V, H] tensor
+            for x in (dh, dw, db):
+                if x is not None:
+                    x.mul_(g.to(x.dtype))
+        return dh, dw, db, None, None, None
 
 
 def _rows(hidden: torch.Tensor, targets: torch.Tensor):
@@ -278,13 +317,13 @@ def _rows(hidden: torch.Tensor, targets: torch.Tensor):
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None,
-                           entropy: bool = False, bias: torch.Tensor | None = None,
-                           ignore_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           entropy: bool = False, bias: torch.Tensor | None = None, ignore_index: int | None = None,
+                           entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(hidden @ weight^T + bias)[target] for every row, and optionally the softmax's entropy, without
     the [..., V] logits: ``hidden`` [..., H], ``weight`` [V, H], ``targets`` [...] -> (logp [...], entropy [...] or
-    None), fp32, differentiable in hidden, weight and bias (the entropy too). Peak extra memory is a few
-    [chunk, V] fp32 tensors. Rows whose target is ``ignore_index`` are skipped: logp 0 and entropy 0 there, no
-    gradient."""
+    None), fp32, differentiable in hidden, weight and bias (the entropy too unless ``entropy_grad`` is False: then
+    it comes back detached). Peak extra memory is a few [chunk, V] fp32 tensors. Rows whose target is
+    ``ignore_index`` are skipped: logp 0 and entropy 0 there, no gradient."""
     shape = targets.shape
     h, t = _rows(hidden, targets)
     keep = None
@@ -296,7 +335,12 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if h.shape[0] == 0:  # nothing labelled: zeros, still on the autograd graph of hidden
         lp = ent = h.sum(-1, dtype=torch.float32) * 0
     else:
-        lp, ent = _TokenLogprobs.apply(h, weight, bias, t, _chunk_rows(chunk, h.shape[0]), bool(entropy))
+        grad = torch.is_grad_enabled()
+        frozen = grad and h.requires_grad and not weight.requires_grad and not (bias is not None and bias.requires_grad)
+        lp, ent = _TokenLogprobs.apply(h, weight, bias, t, _chunk_rows(chunk, h.shape[0]), bool(entropy), frozen,
+                                       bool(entropy_grad))
+        if entropy and not entropy_grad:
+            ent = ent.detach()
     if keep is not None:
         n = shape.numel()
         lp = lp.new_zeros(n).index_copy(0, keep, lp)

@@ -49,6 +49,26 @@ def test_token_logprobs_and_entropy_equal_the_reference(chunk):
             torch.testing.assert_close(gm, gr, rtol=0, atol=1e-5, msg=f"{name}: d/d {what}")
 
 
+@pytest.mark.parametrize("chunk", [4, None])
+def test_frozen_head_precomputes_the_row_gradients(chunk):
+    """Only the hidden states need a gradient (frozen / LoRA'd head, bias frozen too): forward keeps d logp/dh and
+    d entropy/dh, backward only scales rows; the same gradients. entropy_grad=False: a detached entropy."""
+    h, w, b, t = _inputs()
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_ent = torch.randn(B, K, generator=g), torch.randn(B, K, generator=g)
+    lp, ent = chunked_token_logprobs(h, w, t, chunk=chunk, entropy=True, bias=b)
+    ref_lp, ref_ent = _ref_logprobs(h, w, t, b)
+    for mine, ref in [((lp * g_lp).sum(), (ref_lp * g_lp).sum()), ((ent * g_ent).sum(), (ref_ent * g_ent).sum()),
+                      ((lp * g_lp + ent * g_ent).sum(), (ref_lp * g_lp + ref_ent * g_ent).sum())]:
+        torch.testing.assert_close(_grads(mine, (h,))[0], _grads(ref, (h,))[0], rtol=0, atol=1e-5)
+    lp2, ent2 = chunked_token_logprobs(h, w, t, chunk=chunk, entropy=True, bias=b, entropy_grad=False)
+    assert lp2.requires_grad and not ent2.requires_grad
+    torch.testing.assert_close(_grads((lp2 * g_lp).sum(), (h,))[0], _grads((ref_lp * g_lp).sum(), (h,))[0],
+                               rtol=0, atol=1e-5)
+
+
 def test_token_logprobs_skip_ignored_rows_and_frozen_weights():
     h, w, b, t = _inputs()
     w.requires_grad_(False)
@@ -216,14 +236,19 @@ def _ppo_batch(seed=0):
     return seq, mask, 5  # start = P - 1
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_ppo_answer_logprobs_equal_the_plain_path(tiny_model_factory, family, plain_path):
+@pytest.mark.parametrize("family,frozen_head", [("llama", False), ("opt", False), ("llama", True)])
+def test_ppo_answer_logprobs_equal_the_plain_path(tiny_model_factory, family, frozen_head, plain_path):
+    """Left-padded prompts with position ids, entropy with and without its gradient, no-grad calls; a trained head
+    (backward recomputes the logits) and a frozen one (forward keeps the row gradients)."""
     from chatrlhf.steps.ppo_experience import answer_logprobs
 
     model = _load(tiny_model_factory, family)
     seq, mask, start = _ppo_batch()
     assert lm_head.head_reason(model, seq) == ""
-    params = [model.get_output_embeddings().weight, next(model.parameters())]
+    body = [p for n, p in model.named_parameters() if ".layers.0." in n][0]
+    head = model.get_output_embeddings().weight
+    head.requires_grad_(not frozen_head)
+    params = [body] if frozen_head else [head, body]
     g = torch.Generator().manual_seed(3)
     up_lp, up_ent = torch.randn(3, 14 - 1 - start, generator=g), torch.randn(3, 14 - 1 - start, generator=g)
 

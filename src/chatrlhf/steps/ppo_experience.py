@@ -115,11 +115,8 @@ def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, star
     keep = seq.shape[1] - start
     head = lm_head.head_inputs(model, seq, attention_mask, keep, **_position_kw(model, attention_mask))
     if head is not None:
-        lp, ent = chunked_token_logprobs(head.hidden[:, :-1], head.weight, seq[:, start + 1:], entropy=entropy,
-                                         bias=head.bias)
-        if ent is not None and not (entropy_grad and torch.is_grad_enabled()):
-            ent = ent.detach()
-        return lp, ent
+        return chunked_token_logprobs(head.hidden[:, :-1], head.weight, seq[:, start + 1:], entropy=entropy,
+                                      bias=head.bias, entropy_grad=entropy_grad)
     logits = lm_forward(model, seq, attention_mask, logits_to_keep=keep)[:, :-1]
     logp = torch.log_softmax(logits.float(), dim=-1)
     del logits
