@@ -156,7 +156,9 @@ def test_gold_scorer_as_the_only_reward_with_eval_and_best_checkpoint(trained):
                     critic_model_name_or_path="", reward_model_name_or_path="none",
                     reward_fn="chatrlhf.task:reward", eval_fn="chatrlhf.task:evaluate", eval_interval=10,
                     eval_samples=32, save_best_by="gold_mean")
-    for name, margin in MARGINS.items():  # measured: held-out 0.168 -> 0.233, seen 0.227 -> 0.337
+    # measured gains: held-out +0.065 and +0.048, seen +0.110 (0.168 -> 0.233, 0.173 -> 0.221, 0.227 -> 0.337);
+    # asserted, as for the other algorithms, about half of them
+    for name, margin in {"heldout": 0.025, "seen": 0.05}.items():
         assert gold[name]["gold_mean"] > trained["gold_sft"][name]["gold_mean"] + margin, (name, gold[name])
     out = trained["root"] / "ppo_reward_fn"
     rows = read_metrics(out)

@@ -125,14 +125,16 @@ def test_bf16_close_to_the_plain_bf16_path():
     h, w, b, t = _inputs(torch.bfloat16)
     lp, ent = chunked_token_logprobs(h, w, t, chunk=4, entropy=True, bias=b)
     ref_lp, ref_ent = _ref_logprobs(h, w, t, b)
-    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4)
-    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-4)
+    # bf16 logits carry ~2^-8 relative rounding, and a matmul over 4 rows may block (and round) differently from
+    # one over all rows with 2 threads: log-probs agree to a few hundredths, not to fp32's 1e-4
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=3e-2)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=3e-2)
     for gm, gr in zip(_grads((lp + ent).sum(), (h, w, b)), _grads((ref_lp + ref_ent).sum(), (h, w, b))):
         assert gm.dtype == torch.bfloat16
         torch.testing.assert_close(gm.float(), gr.float(), rtol=2e-2, atol=2e-2)
     ce = chunked_cross_entropy(h, w, t, chunk=4, bias=b)
     ref = F.cross_entropy(F.linear(h, w, b).float().reshape(-1, V), t.reshape(-1))
-    torch.testing.assert_close(ce, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ce, ref, rtol=0, atol=1e-2)  # a mean: the row roundings partly cancel
     for gm, gr in zip(_grads(ce, (h, w, b)), _grads(ref, (h, w, b))):
         torch.testing.assert_close(gm.float(), gr.float(), rtol=2e-2, atol=2e-3)
 
@@ -147,7 +149,7 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for x in torch.utils._pytree.tree_leaves(out):
+        for x in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(x, torch.Tensor):
                 self.largest = max(self.largest, x.numel())
         return out
