@@ -459,6 +459,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
                     cfg.reward_fn, cfg.reward_model_weight, cfg.reward_fn_weight)
     evaluator = None
     if cfg.eval_interval:
+        if not len(eval_ds):
+            print_rank0("warning: --eval_interval: the step-3 data has no eval split, so the evaluation uses "
+                        "training prompts (not held out)")
         evaluator = PolicyEval(eval_ds if len(eval_ds) else train_ds, cfg, strategy, tokenizer,
                                Scorer(tokenizer, reward_model), cfg.eval_fn)
 
