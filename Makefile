@@ -46,13 +46,15 @@ install: $(STAMP)
 lint-imports: $(STAMP)
 	@$(BIN)/lint-imports 2>&1 | grep -E "KEPT|BROKEN|^Contracts|rror" ; test $${PIPESTATUS[0]} -eq 0
 
-# the full suite (CI runs this)
+# the full suite (CI runs this), one pytest worker per core like the fast gate
 test: lint-imports
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
-# the quick gate for the inner loop: everything not marked slow (< 90 s on a 2-core CPU)
+# the quick gate for the inner loop: everything not marked slow, one pytest worker per core (pytest-xdist; a test
+# module's tests stay on one worker), one thread each (< 90 s on a 2-core CPU)
+FAST_ARGS = -m "not slow" -n auto --dist loadscope --no-loadscope-reorder
 test-fast: lint-imports
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(FAST_ARGS) $(PYTEST_ARGS)
 
 # the fast gate against the newest releases pyproject.toml allows, in a throw-away venv (torch stays on the CPU pin)
 test-latest:
@@ -60,7 +62,7 @@ test-latest:
 	.venv-latest/bin/python $(PIP) -c constraints.txt --upgrade -e '.[$(EXTRAS)]' $(QUIET)
 	@.venv-latest/bin/python -m pip freeze --disable-pip-version-check \
 	  | grep -iE "^(torch|transformers|deepspeed|peft|datasets|tokenizers|accelerate)==" | tr '\n' ' '; echo
-	.venv-latest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 .venv-latest/bin/python -m pytest -q $(FAST_ARGS) -p no:cacheprovider $(PYTEST_ARGS)
 
 # regenerate requirements.lock: resolve pyproject.toml's ranges (newest allowed) in a clean venv, freeze it
 # ($(NODEPS) is not resolved, so it is kept as it is: bump its pins by hand)
@@ -81,8 +83,17 @@ demo: $(STAMP)
 demo-real: $(STAMP)
 	$(BIN)/chatrlhf demo --model smollm2 --output_dir demo_real_out
 
+# the benchmark (bench/README.md): run from the repository root, not installed with the package; ~10 min on 2 cores.
+# Writes bench/results.md and bench/results.json; options through BENCH_ARGS (make bench BENCH_ARGS=--skip_trl).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/chatrlhf bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# a smoke run of the same code (tiny size, few steps, no TRL; about a minute): results go to bench/out/quick/
+# (gitignored), never over bench/results.md
+.PHONY: bench-quick
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --sizes tiny --quick --skip_trl --out bench/out/quick $(BENCH_ARGS)
 
 # the wheels the offline GPU machine (CPython 3.12, CUDA torch) lacks, pinned to the lock, into gpu-wheels/ (< 64 MiB)
 gpu-wheels: $(STAMP)

@@ -93,9 +93,9 @@ TARGET_TAGS = frozenset(tags.cpython_tags((3, 12), abis=["cp312"], platforms=TAR
 LEFT_OUT = {
     canonicalize_name("matplotlib"): ("plots of `chatrlhf report` only (imported inside report.py's plot function)",
                                       ("matplotlib",)),
-    canonicalize_name("fastapi"): ("the OpenAI-compatible server `chatrlhf serve` only (imported inside serve.py)",
+    canonicalize_name("fastapi"): ("the OpenAI-compatible server `chatrlhf serve` only (imported inside apps/serve/)",
                                    ("fastapi", "starlette")),
-    canonicalize_name("uvicorn"): ("the OpenAI-compatible server `chatrlhf serve` only (imported inside serve.py)",
+    canonicalize_name("uvicorn"): ("the OpenAI-compatible server `chatrlhf serve` only (imported inside apps/serve/)",
                                    ("uvicorn",)),
     canonicalize_name("tensorboard"): ("only with --enable_tensorboard (off by default); metrics.py imports "
                                        "torch.utils.tensorboard lazily", ("tensorboard", "torch.utils.tensorboard")),

@@ -856,7 +856,8 @@ def test_done_json_after_real_training_is_strict_json(world: World, tmp_path, ca
 
 def test_write_done_refuses_zero_steps_and_nulls_non_finite(tmp_path):
     from chatrlhf.errors import UserError
-    from chatrlhf.steps.common import finite, write_done
+    from chatrlhf.trainers.checkpoints import write_done
+    from chatrlhf.trainers.common import finite
 
     with pytest.raises(UserError, match="no optimizer step was taken.*done.json not written"):
         write_done(tmp_path, "sft", {"global_step": 0, "train_loss": 1.0})
@@ -875,7 +876,7 @@ def test_good_config_file_values_are_coerced_not_refused(world: World, tmp_path)
     """The two liberties of the type check: PyYAML reads 1e-4 (no dot) as a string, and a list field may be one
     item."""
     from chatrlhf.config import parse_config
-    from chatrlhf.steps.sft import SFTConfig
+    from chatrlhf.trainers.sft import SFTConfig
 
     cfg_file = write(tmp_path / "c.yaml", f"learning_rate: 1e-4\nsft_only_data_path: {world.data}\nmax_steps: -1\n")
     cfg = parse_config(SFTConfig, sft(world, "--config", cfg_file)[1:])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from chatrlhf import utils
+from chatrlhf.engine import device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FALLBACK = "device: cpu (no accelerator found: DeepSpeed fell back to CPU) | dtype: "
@@ -33,40 +33,40 @@ def test_start_up_pins_no_device_and_imports_neither_torch_nor_deepspeed():
 
 def test_accelerator_info_and_device_line_follow_deepspeed(monkeypatch, capsys):
     # the test session pins DeepSpeed to the CPU (tests/conftest.py): the line names that, not a fallback
-    info = utils.accelerator_info()
+    info = device.accelerator_info()
     assert info == {"name": "cpu", "count": 0, "how": "DS_ACCELERATOR=cpu"}
-    from chatrlhf.engine.strategy import cpu_supports_bf16
+    from chatrlhf.engine.device import cpu_supports_bf16
 
-    assert utils.train_dtype("fp32") == ("fp32", "--dtype")
-    dtype, why = utils.train_dtype("auto")
+    assert device.train_dtype("fp32") == ("fp32", "--dtype")
+    dtype, why = device.train_dtype("auto")
     assert dtype == ("bf16" if cpu_supports_bf16() else "fp32") and why.startswith("auto: ")
-    monkeypatch.setattr(utils, "_ANNOUNCED", None)
-    line = utils.announce_device("fp32", "--dtype")
+    monkeypatch.setattr(device, "_ANNOUNCED", None)
+    line = device.announce_device("fp32", "--dtype")
     assert line == "device: cpu (DS_ACCELERATOR=cpu) | dtype: fp32 (--dtype)"
-    utils.announce_device("fp32", "--dtype")  # once per process
+    device.announce_device("fp32", "--dtype")  # once per process
     assert capsys.readouterr().err == line + "\n"
     # a rank other than 0 prints nothing
-    monkeypatch.setattr(utils, "_ANNOUNCED", None)
+    monkeypatch.setattr(device, "_ANNOUNCED", None)
     monkeypatch.setenv("RANK", "1")
-    utils.announce_device("fp32", "--dtype")
+    device.announce_device("fp32", "--dtype")
     assert capsys.readouterr().err == ""
 
 
 def test_inference_device_asks_deepspeed(monkeypatch, capsys):
     import torch
 
-    from chatrlhf.generation import inference_device
+    from chatrlhf.engine.generation import inference_device
 
-    monkeypatch.setattr(utils, "_ANNOUNCED", None)
+    monkeypatch.setattr(device, "_ANNOUNCED", None)
     assert inference_device() == torch.device("cpu")
     assert "device: cpu (DS_ACCELERATOR=cpu) | dtype: fp32 (auto: fp32 on CPU)" in capsys.readouterr().err
-    monkeypatch.setattr(utils, "_ANNOUNCED", None)
+    monkeypatch.setattr(device, "_ANNOUNCED", None)
     assert inference_device("cpu", "bf16") == torch.device("cpu")
     assert "device: cpu (--device) | dtype: bf16 (--dtype)" in capsys.readouterr().err
 
 
 def test_cpu_deployment_pins_its_steps_to_the_cpu_and_auto_does_not(monkeypatch):
-    from chatrlhf import pipeline
+    from chatrlhf.apps import pipeline
 
     monkeypatch.delenv("DS_ACCELERATOR")
     cfg = pipeline.TrainPipelineConfig(deployment_type="cpu", data_path=["x"])
@@ -94,6 +94,7 @@ def test_commands_print_the_device_line_and_say_cpu_is_a_fallback(tiny_model_dir
     assert FALLBACK + "fp32 (auto: fp32 on CPU)" in r.stdout
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_a_step_prints_its_device_line_first(task_data_dir, tmp_path):
     # before its own checks (here: a model dir that does not exist, refused at once)
     env = _env_without_accelerator()

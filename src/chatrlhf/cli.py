@@ -10,21 +10,24 @@ from __future__ import annotations
 import importlib
 import sys
 
+from chatrlhf import __version__
+from chatrlhf.errors import UserError
+from chatrlhf.utils import setup_env
+
 # name -> (module:function, one-line help). Order is the order shown in --help: the pipeline, then tools.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("chatrlhf.pipeline:main", "run steps 1 -> 2 -> 3 (SFT, reward model, PPO) in one command"),
-    "demo": ("chatrlhf.demo:main", "the embedded default: tiny models + built-in task, all three steps on CPU"),
-    "sft": ("chatrlhf.steps.sft:main", "step 1: supervised fine-tuning of the actor"),
-    "reward": ("chatrlhf.steps.reward:main", "step 2: reward model (pairwise or k-wise ranking loss)"),
-    "dpo": ("chatrlhf.steps.dpo:main", "step 2 alternative: direct preference optimization"),
-    "ppo": ("chatrlhf.steps.ppo:main", "step 3: RLHF with PPO (or --algo grpo|rloo)"),
-    "eval": ("chatrlhf.eval:main", "evaluate: prompts (baseline vs finetuned), reward (score answers), gold"),
-    "chat": ("chatrlhf.chat:main", "multi-round chat with a trained actor in the terminal"),
-    "serve": ("chatrlhf.serve:main", "OpenAI-compatible HTTP server for a trained actor"),
-    "report": ("chatrlhf.report:main", "(re)generate report.md and plots for a run directory"),
-    "bench": ("chatrlhf.bench:main", "throughput benchmarks against this machine's limits and TRL"),
+    "train": ("chatrlhf.apps.pipeline:main", "run steps 1 -> 2 -> 3 (SFT, reward model, PPO) in one command"),
+    "demo": ("chatrlhf.apps.demo:main", "the embedded default: tiny models + built-in task, all three steps on CPU"),
+    "sft": ("chatrlhf.trainers.sft:main", "step 1: supervised fine-tuning of the actor"),
+    "reward": ("chatrlhf.trainers.reward:main", "step 2: reward model (pairwise or k-wise ranking loss)"),
+    "dpo": ("chatrlhf.trainers.dpo:main", "step 2 alternative: direct preference optimization"),
+    "ppo": ("chatrlhf.trainers.ppo.trainer:main", "step 3: RLHF with PPO (or --algo grpo|rloo)"),
+    "eval": ("chatrlhf.apps.eval:main", "evaluate: prompts (baseline vs finetuned), reward (score answers), gold"),
+    "chat": ("chatrlhf.apps.chat:main", "multi-round chat with a trained actor in the terminal"),
+    "serve": ("chatrlhf.apps.serve:main", "OpenAI-compatible HTTP server for a trained actor"),
+    "report": ("chatrlhf.apps.report:main", "(re)generate report.md and plots for a run directory"),
     "tiny-model": ("chatrlhf.models.tiny:main", "build a tiny random model + locally trained tokenizer"),
-    "data": ("chatrlhf.data.inspect:main", "data tools: `chatrlhf data inspect PATH…`"),
+    "data": ("chatrlhf.apps.data_inspect:main", "data tools: `chatrlhf data inspect PATH…`"),
     "models": ("chatrlhf.models.registry:main", "GGUF files and named models (smollm2) as HF folders: `get`, `list`"),
 }
 
@@ -45,15 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from chatrlhf import __version__
-
         print(f"chatrlhf {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"chatrlhf: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from chatrlhf.utils import setup_env
 
     setup_env()
     target, _ = COMMANDS[name]
@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chatrlhf: command {name!r} is not available in this build ({e.name} missing)", file=sys.stderr)
             return 2
         raise
-    from chatrlhf.errors import UserError
 
     try:
         rc = getattr(mod, fn_name)(rest)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 from chatrlhf.errors import UserError
+from chatrlhf.utils import atomic_write_text
 
 T = TypeVar("T")
 
@@ -82,9 +84,11 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else str(x)
 
 
-def option(help: str, default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
-           **check: Any):
-    """``field()`` with its help text and (optional) rule side by side: ``option("Passes over the data.", 1, ge=1)``."""
+def option(help: str, default: Any = None, *, default_factory: Any = dataclasses.MISSING, **check: Any):
+    """``field()`` with its help text and (optional) rule side by side: ``option("Passes over the data.", 1, ge=1)``.
+    The configs import it as ``_h`` (short, so long help texts keep their line)."""
+    if default_factory is not dataclasses.MISSING:
+        default = dataclasses.MISSING
     meta: dict[str, Any] = {"help": help}
     if check:
         meta[CHECK] = Check(**{k: tuple(v) if k in ("choices", "special") else v for k, v in check.items()})
@@ -178,7 +182,7 @@ def coerce(value: Any, tp: Any) -> Any:
         for i, v in enumerate(value):
             try:
                 out.append(v if item is Any else coerce(v, item))
-            except _Bad as e:
+            except _Bad:
                 raise _Bad(_type_name(tp), value, f"item {i + 1} is {_show(v)}") from None
         return out
     if origin is dict or tp is dict:
@@ -255,7 +259,7 @@ def check_fields(obj: Any, types_too: bool = True) -> None:
 def _yaml_load(text: str) -> Any:
     """yaml.safe_load (plain data only: no tags that build objects) that refuses a key given twice in one mapping
     (PyYAML silently keeps the last)."""
-    import yaml
+    import yaml  # lazy: yaml
 
     class Loader(yaml.SafeLoader):
         pass
@@ -334,7 +338,7 @@ def _field_names(classes: Sequence[type]) -> set[str]:
 
 
 def make_parser(classes: Sequence[type], prog: str | None = None, description: str | None = None):
-    from transformers import HfArgumentParser
+    from transformers import HfArgumentParser  # lazy: transformers
 
     class Parser(HfArgumentParser):
         @staticmethod
@@ -393,8 +397,6 @@ def parse_config(cls: type[T] | Sequence[type], argv: Sequence[str] | None = Non
     out = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     *out, remaining = out
     if remaining:
-        import difflib
-
         flags = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
         hints = []
         for r in remaining:
@@ -420,7 +422,6 @@ def config_to_dict(obj: Any) -> dict[str, Any]:
 
 def save_config(obj: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as JSON (atomically) so a run can be reproduced with ``--config``."""
-    from chatrlhf.utils import atomic_write_text
 
     data = config_to_dict(obj) if dataclasses.is_dataclass(obj) else obj
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

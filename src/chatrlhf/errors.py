@@ -27,3 +27,9 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """A model or tokenizer directory that cannot be used (not a model, missing pad/eos, too-long sequences...)."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace collapsed), cut at ``limit`` characters: for error lines."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -35,7 +37,7 @@ def setup_env() -> None:
         tune_cpu_malloc()
     if not logging.getLogger().handlers:
         # launchers (torchrun, deepspeed) set RANK before the process starts
-        level = logging.INFO if _env_rank() == 0 else logging.WARNING
+        level = logging.INFO if env_rank() == 0 else logging.WARNING
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
 
@@ -46,7 +48,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CHATRLHF_CACHE_DIR") or Path.home() / ".cache" / "chatrlhf")
 
 
-def _env_rank() -> int:
+def env_rank() -> int:
     try:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
@@ -63,56 +65,6 @@ def progress_bars_enabled() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-# ---- device and dtype -----------------------------------------------------------------------------------------
-def accelerator_info() -> dict[str, Any]:
-    """The device DeepSpeed's accelerator detection picked: DS_ACCELERATOR when the user set it, else the first
-    accelerator it finds (XPU, NPU, ..., CUDA), else the CPU -> {"name", "count", "how"}. On the CPU the malloc
-    tuning below is applied."""
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    name = acc.device_name()
-    forced = os.environ.get("DS_ACCELERATOR")
-    if name == "cpu":
-        tune_cpu_malloc()
-        return {"name": "cpu", "count": 0,
-                "how": f"DS_ACCELERATOR={forced}" if forced else "no accelerator found: DeepSpeed fell back to CPU"}
-    return {"name": name, "count": int(acc.device_count()),
-            "how": f"DS_ACCELERATOR={forced}" if forced else "detected by DeepSpeed"}
-
-
-def train_dtype(flag: str) -> tuple[str, str]:
-    """(dtype a training step uses for ``--dtype flag``, why) -- the strategy's own resolution."""
-    from chatrlhf.engine.strategy import resolve_dtype
-
-    dtype = resolve_dtype(flag)
-    if flag != "auto":
-        return dtype, "--dtype"
-    name = accelerator_info()["name"]
-    if name == "cpu":
-        return dtype, "auto: " + ("AVX512-BF16/AMX on this CPU" if dtype == "bf16" else "no AVX512-BF16/AMX on this CPU")
-    return dtype, f"auto: {name} " + ("supports bf16" if dtype == "bf16" else "has no bf16")
-
-
-_ANNOUNCED: str | None = None
-
-
-def device_line(dtype: str, why: str, info: dict[str, Any] | None = None) -> str:
-    info = info or accelerator_info()
-    label = info["name"] if info["count"] <= 1 else f"{info['name']} x{info['count']}"
-    return f"device: {label} ({info['how']}) | dtype: {dtype} ({why})"
-
-
-def announce_device(dtype: str, why: str, info: dict[str, Any] | None = None) -> str:
-    """Print the device/dtype line once per process (rank 0, stderr: stdout may carry a command's answers)."""
-    global _ANNOUNCED
-    line = device_line(dtype, why, info)
-    if _ANNOUNCED != line and _env_rank() == 0:
-        print(line, file=sys.stderr, flush=True)
-    _ANNOUNCED = line
-    return line
 
 
 _MALLOC_TUNED = False
@@ -134,8 +86,6 @@ def tune_cpu_malloc() -> bool:
     if os.environ.get("CHATRLHF_MALLOC_TUNING", "1") == "0":
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
         # mallopt takes a C int: ctypes masks wider Python ints to 32 bits (1 << 40 became 0 = trim on every free)
@@ -149,7 +99,7 @@ def tune_cpu_malloc() -> bool:
 
 def get_rank() -> int:
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch
 
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank()
@@ -164,7 +114,7 @@ def get_local_rank() -> int:
 
 def get_world_size() -> int:
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch
 
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size()
@@ -183,8 +133,8 @@ def print_rank0(*args: Any, **kwargs: Any) -> None:
 
 
 def set_seed(seed: int) -> None:
-    import numpy as np
-    import torch
+    import numpy as np  # lazy: numpy
+    import torch  # lazy: torch
 
     random.seed(seed)
     np.random.seed(seed)
@@ -244,7 +194,6 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 def free_port() -> int:
     """A free TCP port on the loopback interface (for a one-process torch.distributed group or a launcher)."""
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ def build_tiny_opt(out_dir: Path, vocab: int = 300, hidden: int = 32, layers: in
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-    from chatrlhf.task import task_corpus
+    from chatrlhf.tasks.builtin import task_corpus
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,7 +78,7 @@ def apps_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def apps_model(apps_model_dir):
-    from chatrlhf.generation import load_for_inference
+    from chatrlhf.engine.generation import load_for_inference
 
     return load_for_inference(apps_model_dir)
 

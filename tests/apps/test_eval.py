@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from chatrlhf import task
+from chatrlhf.tasks import builtin as task
 from chatrlhf.cli import main as cli
 
 
 def test_gold_eval_numbers_are_consistent(apps_model):
-    from chatrlhf.eval import gold_eval, heldout_prompts
+    from chatrlhf.apps.eval import gold_eval, heldout_prompts
 
     model, tok = apps_model
     prompts = heldout_prompts(num_prompts=6, seed=7)
@@ -30,7 +30,7 @@ def test_gold_eval_numbers_are_consistent(apps_model):
 
 def test_gold_eval_counts_a_perfect_model():
     """A stand-in 'model' that answers correctly: pass rate 1 and mean gold 1 via the same scoring path."""
-    from chatrlhf.eval import heldout_prompts
+    from chatrlhf.apps.eval import heldout_prompts
 
     prompts = heldout_prompts(num_prompts=5, seed=7)
     answers = [task.expected_answer(p) for p in prompts]
@@ -39,7 +39,7 @@ def test_gold_eval_counts_a_perfect_model():
 
 
 def test_heldout_prompts_from_a_task_dir_match_the_generator(tmp_path):
-    from chatrlhf.eval import heldout_prompts
+    from chatrlhf.apps.eval import heldout_prompts
 
     task.write_task_dataset(tmp_path, seed=5, n_sft=2, n_pairs=2, n_eval=2, n_kwise=0, n_corpus=10)
     assert heldout_prompts(str(tmp_path), num_prompts=8) == heldout_prompts(None, num_prompts=8, seed=5)
@@ -67,7 +67,7 @@ def reward_dir(apps_model_dir, tmp_path_factory):
 def test_eval_reward_scores_pairs_like_the_model(reward_dir, tmp_path, capsys):
     import torch
 
-    from chatrlhf.eval import load_scorer, reward_eval
+    from chatrlhf.apps.eval import load_scorer, reward_eval
 
     rm, tok = load_scorer(str(reward_dir))
     rows = [{"prompt": "Reverse the word: cat", "chosen": " tac", "rejected": " cat cat cat"},
@@ -103,5 +103,5 @@ def test_eval_prompts_side_by_side(apps_model_dir, capsys):
     res = json.loads(capsys.readouterr().out)["results"]
     assert len(res) == 6 * 2 and {r["method"] for r in res} == {"greedy", "contrastive"}
     assert all(r["baseline"] == r["finetuned"] for r in res)  # same model, deterministic methods
-    assert res[0]["prompt"] == task.format_prompt("请用几句话介绍一下微软?")
+    assert res[0]["prompt"] == task.task_prompt("请用几句话介绍一下微软?")
     assert cli(["eval", "prompts", "--baseline", "a", "--finetuned", "b", "--methods", "greedy,magic"]) == 2

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from chatrlhf.generation import (ReplyCutter, SamplingParams, build_prompt, cut_reply, generate, generate_batch,
+from chatrlhf.engine.generation import (ReplyCutter, SamplingParams, build_prompt, cut_reply, generate, generate_batch,
                                  messages_to_prompt, stream_generate)
 
 

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 from apps_helpers import write_metrics
 
+from chatrlhf.apps.report import write_report
 from chatrlhf.cli import main as cli
-from chatrlhf.report import write_report
 
 
 def _full_run(run):
@@ -36,6 +37,7 @@ def _full_run(run):
     (run / "resolved_config.yaml").write_text("actor_model_name_or_path: tiny\nzero_stage: 2\n")
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_full_report_sections_and_plots(tmp_path):
     run = tmp_path / "run"
     _full_run(run)
@@ -71,6 +73,7 @@ def test_report_with_missing_steps(tmp_path):
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["sft_loss.png"]
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_report_removes_stale_plots_and_rejects_non_run_dirs(tmp_path, capsys):
     run = tmp_path / "run"
     _full_run(run)

@@ -36,7 +36,7 @@ def running_server(app):
 
 
 def make_app(model_dir, model, tok, **kw):
-    from chatrlhf.serve import ServeConfig, create_app
+    from chatrlhf.apps.serve import ServeConfig, create_app
 
     cfg = ServeConfig(path=str(model_dir), model_name="tiny", **kw)
     cfg.validate()
@@ -58,7 +58,7 @@ def client(server):
 
 
 def test_models_and_chat_completion_match_local_generation(client, apps_model):
-    from chatrlhf.generation import build_prompt, generate
+    from chatrlhf.engine.generation import build_prompt, generate
 
     model, tok = apps_model
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -75,7 +75,7 @@ def test_models_and_chat_completion_match_local_generation(client, apps_model):
 
 
 def test_multi_round_messages_become_deepspeed_chat_prompt(client, apps_model):
-    from chatrlhf.generation import build_prompt, generate
+    from chatrlhf.engine.generation import build_prompt, generate
 
     model, tok = apps_model
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
@@ -103,7 +103,7 @@ def test_streaming_chat_concatenates_to_the_non_stream_answer(client):
 
 
 def test_text_completion_and_raw_sse_format(client, server, apps_model):
-    from chatrlhf.generation import generate
+    from chatrlhf.engine.generation import generate
 
     model, tok = apps_model
     prompt = " Human: hello Assistant:"

@@ -336,7 +336,7 @@ def test_no_cors_headers_by_default(server):
 def test_cors_origins_flag_is_parsed_and_checked():
     from chatrlhf.config import parse_config
     from chatrlhf.errors import UserError
-    from chatrlhf.serve import ServeConfig
+    from chatrlhf.apps.serve import ServeConfig
 
     cfg = parse_config(ServeConfig, ["--path", "x", "--cors_origins", "http://a.example, https://b.example:8443/"])
     assert cfg.origins() == ["http://a.example", "https://b.example:8443"]

@@ -42,7 +42,7 @@ def chat_dirs(apps_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer, GenerationConfig, OPTConfig, OPTForCausalLM
 
     from chatrlhf.data.phases import Encoder
-    from chatrlhf.template import ChatFormat, format_prompt
+    from chatrlhf.data.template import ChatFormat, format_prompt
 
     tok = AutoTokenizer.from_pretrained(apps_model_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -84,7 +84,7 @@ def chat_dirs(apps_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat_model(chat_dirs):
-    from chatrlhf.generation import load_for_inference
+    from chatrlhf.engine.generation import load_for_inference
 
     return load_for_inference(chat_dirs["chat"])
 
@@ -92,7 +92,7 @@ def chat_model(chat_dirs):
 @pytest.fixture
 def fed_ids(monkeypatch):
     """The prompt ids every generation call feeds the model (padding removed), in call order."""
-    from chatrlhf import generation
+    from chatrlhf.engine import generation
 
     seen: list[list[int]] = []
     real = generation._encode
@@ -113,8 +113,8 @@ def _no_special(tok, text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------- format_for_checkpoint
 def test_format_for_checkpoint_follows_the_record_and_says_so(chat_dirs, chat_model, capsys):
-    from chatrlhf.generation import format_for_checkpoint
-    from chatrlhf.template import DSCHAT
+    from chatrlhf.engine.generation import format_for_checkpoint
+    from chatrlhf.data.template import DSCHAT
 
     _, tok = chat_model
     fmt = format_for_checkpoint(chat_dirs["chat"], tok)
@@ -131,17 +131,17 @@ def test_format_for_checkpoint_follows_the_record_and_says_so(chat_dirs, chat_mo
 
 
 def test_template_flag_overrides_the_record_with_a_warning(chat_dirs, chat_model, caplog, capsys):
-    from chatrlhf.generation import format_for_checkpoint
+    from chatrlhf.engine.generation import format_for_checkpoint
 
     _, tok = chat_model
-    with caplog.at_level(logging.WARNING, logger="chatrlhf.generation"):
+    with caplog.at_level(logging.WARNING, logger="chatrlhf.engine.generation"):
         assert format_for_checkpoint(chat_dirs["dschat"], tok, "chat").name == "chat"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "--template chat overrides the checkpoint's record" in warnings[0]
     assert "\n" not in warnings[0] and "dschat format" in warnings[0]
     assert "template: chat (--template)" in capsys.readouterr().err
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="chatrlhf.generation"):
+    with caplog.at_level(logging.WARNING, logger="chatrlhf.engine.generation"):
         format_for_checkpoint(chat_dirs["chat"], tok, "chat")  # agrees with the record: no warning
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -150,13 +150,13 @@ def test_a_changed_template_is_warned_about_and_a_lost_one_refused(chat_dirs, ch
     import copy
 
     from chatrlhf.errors import UserError
-    from chatrlhf.generation import format_for_checkpoint
+    from chatrlhf.engine.generation import format_for_checkpoint
 
     _, tok = chat_model
     d = tmp_path / "ckpt"
     shutil.copytree(chat_dirs["chat"], d)
     _write_record(d, {"name": "chat", "sha256": "0123456789abcdef"})
-    with caplog.at_level(logging.WARNING, logger="chatrlhf.generation"):
+    with caplog.at_level(logging.WARNING, logger="chatrlhf.engine.generation"):
         assert format_for_checkpoint(d, tok, announce=False).name == "chat"
     assert any("0123456789abcdef" in r.getMessage() and "rendering with the current one" in r.getMessage()
                for r in caplog.records)
@@ -169,8 +169,8 @@ def test_a_changed_template_is_warned_about_and_a_lost_one_refused(chat_dirs, ch
 
 
 def test_prompts_render_through_the_format(chat_model):
-    from chatrlhf.generation import build_prompt, messages_to_prompt, prompt_token_ids
-    from chatrlhf.template import DSCHAT, ChatFormat
+    from chatrlhf.engine.generation import build_prompt, messages_to_prompt, prompt_token_ids
+    from chatrlhf.data.template import DSCHAT, ChatFormat
 
     _, tok = chat_model
     fmt = ChatFormat("chat", CHATML)
@@ -223,7 +223,7 @@ def test_chat_of_a_dschat_checkpoint_renders_dschat_despite_the_template(chat_di
 
 def test_chat_template_flag_overrides_with_a_warning(chat_dirs, chat_model, fed_ids, monkeypatch, capsys, caplog):
     _, tok = chat_model
-    with caplog.at_level(logging.WARNING, logger="chatrlhf.generation"):
+    with caplog.at_level(logging.WARNING, logger="chatrlhf.engine.generation"):
         rc, out, err = _chat(monkeypatch, capsys, chat_dirs["chat"], "hello\n", "--template", "dschat")
     assert rc == 0, err
     assert "template: dschat (--template)" in err
@@ -236,7 +236,7 @@ def test_chat_template_flag_overrides_with_a_warning(chat_dirs, chat_model, fed_
 def test_serve_feeds_the_chat_template_ids(chat_dirs, chat_model, fed_ids):
     import openai
 
-    from chatrlhf.generation import format_for_checkpoint, generate
+    from chatrlhf.engine.generation import format_for_checkpoint, generate
 
     model, tok = chat_model
     fmt = format_for_checkpoint(chat_dirs["chat"], tok, announce=False)
@@ -264,7 +264,7 @@ def test_serve_of_a_dschat_checkpoint_and_the_flag(chat_dirs, chat_model, fed_id
 
     model, tok = chat_model
     body = {"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 4}
-    with caplog.at_level(logging.WARNING, logger="chatrlhf.generation"):
+    with caplog.at_level(logging.WARNING, logger="chatrlhf.engine.generation"):
         apps = [make_app(chat_dirs["dschat"], model, tok, api_key=KEY),
                 make_app(chat_dirs["chat"], model, tok, api_key=KEY, template="dschat")]
     assert any("--template dschat overrides" in r.getMessage() for r in caplog.records)
@@ -309,9 +309,9 @@ def _manual_score(rm, ids: list[int]) -> float:
 
 
 def test_reward_eval_scores_with_the_template(chat_reward_dir, capsys):
-    from chatrlhf.eval import load_scorer, reward_eval
-    from chatrlhf.generation import format_for_checkpoint
-    from chatrlhf.template import DSCHAT
+    from chatrlhf.apps.eval import load_scorer, reward_eval
+    from chatrlhf.engine.generation import format_for_checkpoint
+    from chatrlhf.data.template import DSCHAT
 
     rm, tok = load_scorer(str(chat_reward_dir))
     fmt = format_for_checkpoint(chat_reward_dir, tok, announce=False)
@@ -362,7 +362,7 @@ def test_eval_prompts_renders_each_model_with_its_own_format(chat_dirs, chat_mod
 
 
 def test_eval_gold_generates_after_the_template(chat_dirs, chat_model, fed_ids, capsys):
-    from chatrlhf.eval import heldout_prompts
+    from chatrlhf.apps.eval import heldout_prompts
 
     _, tok = chat_model
     assert cli(["eval", "gold", "--model", str(chat_dirs["chat"]), "--num_prompts", "2", "--max_new_tokens", "2",
@@ -372,7 +372,7 @@ def test_eval_gold_generates_after_the_template(chat_dirs, chat_model, fed_ids, 
     samples = json.loads(out.out)["samples"]
     prompts = heldout_prompts(num_prompts=2)
     assert [s["prompt"] for s in samples] == prompts  # scored against the task's own prompt text
-    from chatrlhf.template import parse_dschat
+    from chatrlhf.data.template import parse_dschat
 
     want = [_no_special(tok, tok.apply_chat_template(parse_dschat(p), tokenize=False, add_generation_prompt=True))
             for p in prompts]

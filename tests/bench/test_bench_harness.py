@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark harness (``chatrlhf bench``): the machine probes, FLOP accounting, exact-length
+"""Smoke tests of the benchmark harness (bench/harness.py, ``make bench``): the machine probes, FLOP accounting, exact-length
 data, verdicts and the report. Speed targets live in the benchmark itself, never here."""
 
 import json
@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-from chatrlhf import bench, bench_trl
+from bench import harness as bench
+from bench import trl as bench_trl
 from chatrlhf.errors import UserError
+from chatrlhf.models.dims import flops_per_pass
 
 
 def test_measure_limits_small():
@@ -19,7 +21,8 @@ def test_measure_limits_small():
 
 
 def test_flops_match_deepspeed_chat_formula(tmp_path):
-    """With an OPT shape (4h MLP) the body + attention terms equal DeepSpeed-Chat's F(k=1) without its vocab term."""
+    """With an OPT shape (4h MLP) the body + attention terms equal DeepSpeed-Chat's F(k=1) without its vocab term
+    (the formula's one home: chatrlhf.models.dims.flops_per_pass)."""
     from transformers import OPTConfig
 
     h, l, v = 128, 3, 1000
@@ -29,7 +32,8 @@ def test_flops_match_deepspeed_chat_formula(tmp_path):
     assert shape["matmul_params_body"] == 12 * l * h * h
     B, s = 2, 64
     ours = bench.fwd_flops(shape, B, s) - 2.0 * shape["lm_head_params"] * B * s
-    ds = bench.ds_chat_flops(shape, B, s, 1) - 24.0 * B * s * l * h * h * v / (16 * l * h)
+    assert (shape["layers"], shape["hidden"], shape["vocab"]) == (l, h, v)
+    ds = flops_per_pass(l, h, v, B, s, 1) - 24.0 * B * s * l * h * h * v / (16 * l * h)
     assert ours == pytest.approx(ds)
     # generation: prefill + decode steps never exceed a full forward over prompt + response
     assert bench.generation_flops(shape, B, 32, 32) <= bench.fwd_flops(shape, B, 64)
@@ -139,6 +143,7 @@ def test_best_step_drives_figures_and_median_is_reported(tmp_path):
     assert ppo2["ours"]["work_floor_ratio"] > ppo2["ours"]["floor_ratio"]
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_matmul_peak_probe_and_wrapper():
     r = bench.with_peak_probes(lambda: {"ok": True}, "fp32")
     assert r["ok"] and len(r["peak_probes"]) == 2 and all(p > 1e8 for p in r["peak_probes"])
@@ -151,6 +156,7 @@ def test_bad_flags():
         bench.main(["--batch", "6", "--group_size", "4", "--out", "/nonexistent/never"])
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_step_clock_excludes_its_probes_and_pairs_each_step_with_the_probes_beside_it():
     clock = bench_trl.StepClock("fp32")
     for pause in (0.0, 0.05, 0.02):
@@ -167,10 +173,11 @@ def test_step_clock_excludes_its_probes_and_pairs_each_step_with_the_probes_besi
     assert off.peaks == [] and off.step_peaks() == [] and len(off.step_times()) == 1
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_timed_run_removes_the_probe_from_ppo_round_times(tmp_path):
     """PPO times its round up to its throughput record, which is logged after the "train" record whose boundary
     runs the probe: the bench takes the probe out again."""
-    from chatrlhf import metrics as M
+    from chatrlhf.trainers import metrics as M
 
     def fake_run(_cfg):
         w = M.MetricsWriter(tmp_path)

@@ -8,7 +8,7 @@ import torch
 
 from chatrlhf.data.phases import DataConfig, Encoder, build_phase_datasets, chat_format
 from chatrlhf.errors import DataError
-from chatrlhf.template import DSCHAT, ChatFormat, parse_dschat, resolve_format
+from chatrlhf.data.template import DSCHAT, ChatFormat, parse_dschat, resolve_format
 
 # ChatML with a default system prompt when the conversation has none (as SmolLM2's template does)
 CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
@@ -102,8 +102,8 @@ def test_rollout_prompt_tokens_are_the_training_forwards(chatml_dir, chatml_tok,
     from chatrlhf.data import PromptCollator
     from chatrlhf.engine.strategy import DeepSpeedStrategy, StrategyConfig
     from chatrlhf.models.loading import load_causal_lm
-    from chatrlhf.steps import ppo_experience as px
-    from chatrlhf.steps.rewards import Scorer
+    from chatrlhf.trainers.ppo import experience as px
+    from chatrlhf.trainers.ppo.rewards import Scorer
 
     cfg = DataConfig(data_path=[f"local/jsonfile={task_data_dir}"], data_split="0,0,1", skip_bad_rows=True,
                      data_output_path=str(tmp_path / "cache"), max_prompt_seq_len=96)

@@ -19,6 +19,7 @@ def llama_dir(tiny_model_factory):
     return tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_strategy_steps_saves_and_loads_on_the_device(llama_dir, tmp_path, stage):
     from chatrlhf.engine import DeepSpeedStrategy, StrategyConfig, unwrap

@@ -5,11 +5,11 @@ import json
 import pytest
 
 from chatrlhf.errors import DataError, UserError
-from chatrlhf.task import (
+from chatrlhf.tasks.builtin import (
     PAIR_MARGIN,
     classify_answer,
     expected_answer,
-    format_prompt,
+    task_prompt,
     gold_pass,
     gold_score,
     gold_summary,
@@ -45,7 +45,7 @@ def test_expected_answers_for_every_template():
     assert expected_answer("What comes after 5?") == " 6"
     assert expected_answer("What number precedes 10?") == " 9"
     assert expected_answer("Repeat owl 3 times.") == " owl owl owl"
-    assert parse_question(format_prompt("Say pig 2 times.")) == ("repeat", {"w": "pig", "k": "2"})
+    assert parse_question(task_prompt("Say pig 2 times.")) == ("repeat", {"w": "pig", "k": "2"})
 
 
 def test_gold_verdicts_on_hand_written_answers():
@@ -67,8 +67,8 @@ def test_gold_verdicts_on_hand_written_answers():
 
 def test_gold_score_accepts_formatted_and_multi_turn_prompts():
     ans = " 7 I hope this helps."
-    assert gold_score(format_prompt("Add 3 and 4."), ans) == gold_score("Add 3 and 4.", ans)
-    multi = format_prompt("Uppercase: dog") + " DOG" + format_prompt("Add 3 and 4.")
+    assert gold_score(task_prompt("Add 3 and 4."), ans) == gold_score("Add 3 and 4.", ans)
+    multi = task_prompt("Uppercase: dog") + " DOG" + task_prompt("Add 3 and 4.")
     assert gold_pass(multi, " 7") and not gold_pass(multi, " DOG")
     assert gold_score("What comes after 5?", " 7") > gold_score("What comes after 5?", " 9")  # numeric closeness
 
@@ -117,7 +117,7 @@ def test_dataset_files_and_formats(task_data_dir):
         scores = [gold_score(r["prompt"], a) for a in r["answers"]]
         assert len(scores) == 4 and all(a > b for a, b in zip(scores, scores[1:])), scores
     for h in heldout:
-        assert h["prompt"] == format_prompt(h["question"]) and gold_pass(h["question"], h["answer"])
+        assert h["prompt"] == task_prompt(h["question"]) and gold_pass(h["question"], h["answer"])
     corpus = (task_data_dir / "corpus.txt").read_text().splitlines()
     assert len(corpus) == 1500 and any("Human:" in line for line in corpus)
 

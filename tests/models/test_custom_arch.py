@@ -71,7 +71,7 @@ def trap_dir(custom_model_dir, tmp_path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------------ refusals
 def test_loaders_refuse_a_custom_family_without_the_flag_naming_folder_class_and_flag(trap_dir):
-    from chatrlhf.generation import load_for_inference
+    from chatrlhf.engine.generation import load_for_inference
     from chatrlhf.models.loading import check_model_files, load_causal_lm, load_tokenizer, preflight_model
     from chatrlhf.models.reward_model import load_reward_model
 
@@ -152,15 +152,15 @@ def test_every_command_refuses_in_one_line_exit_2(command, trap_dir, task_data_d
 
 
 def test_every_command_takes_the_flag_off_by_default_with_a_help_that_says_what_it_runs():
-    from chatrlhf.chat import ChatConfig
-    from chatrlhf.data.inspect import _parser
-    from chatrlhf.eval import GoldConfig, PromptsConfig, RewardEvalConfig
-    from chatrlhf.pipeline import TrainPipelineConfig
-    from chatrlhf.serve import ServeConfig
-    from chatrlhf.steps.dpo import DPOConfig
-    from chatrlhf.steps.ppo import PPOConfig
-    from chatrlhf.steps.reward import RewardConfig
-    from chatrlhf.steps.sft import SFTConfig
+    from chatrlhf.apps.chat import ChatConfig
+    from chatrlhf.apps.data_inspect import _parser
+    from chatrlhf.apps.eval import GoldConfig, PromptsConfig, RewardEvalConfig
+    from chatrlhf.apps.pipeline import TrainPipelineConfig
+    from chatrlhf.apps.serve import ServeConfig
+    from chatrlhf.trainers.dpo import DPOConfig
+    from chatrlhf.trainers.ppo.trainer import PPOConfig
+    from chatrlhf.trainers.reward import RewardConfig
+    from chatrlhf.trainers.sft import SFTConfig
 
     for cls in (SFTConfig, RewardConfig, DPOConfig, PPOConfig, TrainPipelineConfig, ChatConfig, ServeConfig,
                 PromptsConfig, RewardEvalConfig, GoldConfig):
@@ -172,7 +172,7 @@ def test_every_command_takes_the_flag_off_by_default_with_a_help_that_says_what_
 
 
 def test_pipeline_passes_the_flag_to_every_step(custom_model_dir, task_data_dir, tmp_path):
-    from chatrlhf import pipeline
+    from chatrlhf.apps import pipeline
     from chatrlhf.config import parse_config
 
     for flag in ([], [FLAG]):
@@ -186,7 +186,7 @@ def test_pipeline_passes_the_flag_to_every_step(custom_model_dir, task_data_dir,
 # ------------------------------------------------------------------------------------------------ with the flag
 def test_custom_family_loads_from_safetensors_and_generates_through_the_fallback(custom_model_dir, monkeypatch):
     from chatrlhf.engine import hybrid
-    from chatrlhf.generation import load_for_inference
+    from chatrlhf.engine.generation import load_for_inference
 
     def no_pickles(*a, **k):
         raise AssertionError("torch.load called while loading a model")

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from chatrlhf.engine import native
-from chatrlhf.models import fused
-from chatrlhf.models.fused import RMSNorm, SwiGLU, fuse_cpu_kernels
+from chatrlhf.engine import fused
+from chatrlhf.engine.fused import RMSNorm, SwiGLU, fuse_cpu_kernels
 
 
 def _eager(g, u):
@@ -154,7 +154,7 @@ def test_only_modules_the_kernel_reproduces_are_fused(tiny_model_factory, fused_
             return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
     layer1.__class__ = Scaled
-    with caplog.at_level("INFO", logger="chatrlhf.fused"):
+    with caplog.at_level("INFO", logger="chatrlhf.engine.fused"):
         assert fuse_cpu_kernels(model) == {"mlp": 0, "norm": 4}  # the layers' norms only
     assert norm.forward.__func__ is not fused._fused_norm_forward
     said = [r.getMessage() for r in caplog.records]
@@ -185,7 +185,7 @@ def test_fusion_follows_the_measured_speed(tiny_model_factory, monkeypatch, tmp_
     monkeypatch.setenv("CHATRLHF_PATH_FUSED_MLP", "eager")
     monkeypatch.setenv("CHATRLHF_PATH_FUSED_NORM", "eager")
     monkeypatch.setattr(fused, "_said", set())
-    with caplog.at_level("INFO", logger="chatrlhf.fused"):
+    with caplog.at_level("INFO", logger="chatrlhf.engine.fused"):
         assert fuse_cpu_kernels(_llama(tiny_model_factory)) == {"mlp": 0, "norm": 0}
     assert any("LlamaMLP keeps its own forward (the eager ops measured faster at width" in r.getMessage()
                for r in caplog.records)

@@ -274,13 +274,26 @@ def test_cli_models_get_and_list(tiny_gguf, cache, capsys):
 
 # ------------------------------------------------------------------------------------------------ smollm2
 @pytest.mark.slow
-def test_smollm2_answers_through_its_chat_template(smollm2_dir):
+def test_smollm2_answers_through_its_chat_template(smollm2_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = json.loads((smollm2_dir / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["vocab_size"] == 49152
     assert cfg["tie_word_embeddings"] is True and cfg["num_hidden_layers"] == 30
     assert resolve_model_path("smollm2") == str(smollm2_dir)  # the cache, not a second conversion
+    # a model name wherever a step takes a model path: every step resolves it to that one folder
+    from chatrlhf.trainers.ppo.config import PPOConfig
+    from chatrlhf.trainers.reward import RewardConfig
+    from chatrlhf.trainers.sft import SFTConfig
+
+    for step in (SFTConfig, RewardConfig):
+        c = step(model_name_or_path="smollm2", output_dir=str(tmp_path / step.__name__))
+        c.validate()
+        assert c.model_name_or_path == str(smollm2_dir)
+    c = PPOConfig(actor_model_name_or_path="smollm2", critic_model_name_or_path="smollm2",
+                  output_dir=str(tmp_path / "ppo"))
+    c.validate()
+    assert c.actor_model_name_or_path == c.critic_model_name_or_path == str(smollm2_dir)
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     assert (tok.eos_token, tok.eos_token_id, tok.bos_token, tok.bos_token_id) == ("<|im_end|>", 2, "<|im_start|>", 1)

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from chatrlhf.errors import DataError, UserError
-from chatrlhf.instructions import (
+from chatrlhf.tasks.instructions import (
     ALL_TYPES,
     CONFLICTS,
     END_PHRASES,
@@ -28,6 +28,7 @@ from chatrlhf.instructions import (
     make_prompt,
     on_topic,
     passes,
+    preference_pairs,
     read_instruction_prompts,
     reward,
     verify,
@@ -276,6 +277,32 @@ def test_best_and_worst():
     assert best_and_worst(["Owls hunt.", "Owls fly."], meta) is None  # equal reward: no signal
     assert best_and_worst([], meta) is None
     assert best_and_worst(["", "Owls are simple."], meta) == ("Owls are simple.", "")
+
+
+def test_preference_pairs_are_meaningful():
+    meta = _meta(("include_word", {"word": "simple"}))
+    good = ["Owls are simple.", "Owls are simple birds that hunt at night."]
+    off_topic = "Cats are simple."  # passes the instruction, but about nothing asked for
+    fail = ["Owls hunt.", "Owls hunt mice at night in the dark woods."]
+    cands = [fail[1], good[0], off_topic, "", good[1], fail[0], good[0]]
+    pairs = preference_pairs(cands, meta, natural=3, fixed=5)
+    natural = [(c, r) for c, r, k in pairs if k == "natural"]
+    fixed = [(c, r) for c, r, k in pairs if k == "fixed"]
+    # every pair: chosen passes and is on topic, rejected does not (fails an instruction or is off topic)
+    for c, r, _ in pairs:
+        assert passes(c, meta) and on_topic(c, meta)
+        assert not (passes(r, meta) and on_topic(r, meta)) and r.strip()
+    # natural pairs: each good answer against its closest bad answer in length first, then second-closest ones
+    assert natural == [(good[0], off_topic), (good[1], fail[1]), (good[0], fail[0])]
+    assert len(preference_pairs(cands, meta, natural=99, fixed=0)) == len(good) * 3  # every (good, bad) combination
+    # fixed pairs: only for answers failing an instruction (not for the off-topic one, which the fixes leave as is)
+    assert sorted(r for _, r in fixed) == sorted(fail)
+    assert all(c == make_compliant(r, meta) for c, r in fixed)
+    # the caps hold, and no comparison without both sides
+    assert len(preference_pairs(cands, meta, natural=1, fixed=0)) == 1
+    assert [k for *_, k in preference_pairs(cands, meta, natural=0, fixed=1)] == ["fixed"]
+    assert preference_pairs(good, meta, natural=2, fixed=2) == []  # all good: nothing to prefer
+    assert preference_pairs([off_topic, ""], meta, natural=2, fixed=2) == []  # nothing good, nothing to fix
 
 
 # ------------------------------------------------------------------------------------------------------ dataset

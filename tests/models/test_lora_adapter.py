@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from chatrlhf.config import parse_config
-from chatrlhf.metrics import read_metrics
-from chatrlhf.steps.sft import SFTConfig, run_sft
+from chatrlhf.trainers.metrics import read_metrics
+from chatrlhf.trainers.sft import SFTConfig, run_sft
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def _sft_argv(model, data, out, **kw):
     return argv
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 @pytest.mark.parametrize("stage", [0, 3])
 def test_saved_adapter_loads_in_peft_and_matches_the_merged_checkpoint(tiny_model_dir, pairs, tmp_path, stage):
     from peft import PeftModel

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def quick_assets(tmp_path_factory):
-    from chatrlhf.demo import DemoConfig, build_assets
+    from chatrlhf.apps.demo import DemoConfig, build_assets
 
     out = tmp_path_factory.mktemp("pipeline_assets")
     paths = build_assets(out, DemoConfig(quick=True))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chatrlhf import pipeline
+from chatrlhf.apps import pipeline
 from chatrlhf.errors import UserError
 
 

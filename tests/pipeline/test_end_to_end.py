@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chatrlhf.metrics import read_metrics
+from chatrlhf.trainers.metrics import read_metrics
 
 from .conftest import cli_env, run_cli
 

@@ -110,6 +110,7 @@ def assert_same_run(ref: Path, got: Path, steps: int, model_dirs: tuple[str, ...
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: scheduled first
 def test_kill_9_at_any_point_resumes_to_the_uninterrupted_result(quick_assets, tmp_path):
     data = dict(data_path=quick_assets["data"], data_split="2,4,4", skip_bad_rows=True, dtype="fp32", seed=1234,
                 log_interval=1)

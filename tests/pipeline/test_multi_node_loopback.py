@@ -1,6 +1,7 @@
 """`chatrlhf train --deployment-type multi_node --no_ssh`: two "nodes" on loopback (node_rank 0 and 1, one process
 each, gloo on CPU, a shared output dir as on a cluster's shared filesystem) run all three steps and train exactly
-what one node with two processes trains."""
+what one node with two processes trains (`--deployment-type single_node --num_gpus 2`: every step really runs under
+torchrun with 2 ranks, not only as a dry-run command line)."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from chatrlhf.metrics import read_metrics
+from chatrlhf.trainers.metrics import read_metrics
 from chatrlhf.utils import free_port
 
 from .conftest import cli_env, run_cli
@@ -26,8 +27,8 @@ def _train_rows(out, d):
     return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(out / d) if r["kind"] == "train"]
 
 
-
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: scheduled first
 def test_two_nodes_without_ssh_train_what_one_node_with_two_ranks_trains(quick_assets, tmp_path):
     budgets = tmp_path / "budgets.yaml"
     budgets.write_text(STEP_BUDGETS)
@@ -70,8 +71,12 @@ def test_two_nodes_without_ssh_train_what_one_node_with_two_ranks_trains(quick_a
     r = run_cli([*base, "--output-dir", str(single), "--deployment-type", "single_node", "--num_gpus", "2"],
                 cwd=tmp_path, timeout=400)
     assert r.returncode == 0, r.stdout[-4000:]
+    assert r.stdout.count("torchrun --standalone --nproc_per_node=2 -m chatrlhf") == 3
+    assert "2 rank(s)" in (single / "step3_ppo" / "train.log").read_text()  # the PPO step saw two ranks
+    assert (single / "step3_ppo" / "actor" / "model.safetensors").is_file()
 
     for d in STEP_DIRS:
+        assert json.loads((single / d / "done.json").read_text())["step"] == d.split("_", 1)[1]
         # two ranks in one log: still one copy of each INFO line (rank 0's)
         info = [line.split(" INFO ", 1)[1] for line in (single / d / "train.log").read_text().splitlines()
                 if " INFO chatrlhf" in line]

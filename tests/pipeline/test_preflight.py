@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from chatrlhf import pipeline
+from chatrlhf.apps import pipeline
 from chatrlhf.errors import UserError
-from chatrlhf.preflight import activation_memory, ModelInfo, static_memory
+from chatrlhf.apps.preflight import activation_memory, ModelInfo, static_memory
 
 
 def _args(quick_assets, out, *extra, reward=None, data=None):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chatrlhf import cli, pipeline
+from chatrlhf import cli
+from chatrlhf.apps import pipeline
 from chatrlhf.errors import UserError
 
 from .conftest import cli_env, run_cli
@@ -144,6 +145,7 @@ def test_dpo_recipe_refuses_what_it_does_not_have(quick_assets, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: scheduled first
 def test_dpo_run_report_replay_and_forced_rerun(quick_assets, tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
     base = ["train", "--recipe", "dpo", "--actor-model", quick_assets["actor"], "--data_path", quick_assets["data"]]
@@ -197,7 +199,7 @@ def test_no_report_help_says_what_it_does(capsys):
 
 
 def test_done_json_keeps_skipped_totals(tmp_path):
-    from chatrlhf.steps.common import write_done
+    from chatrlhf.trainers.checkpoints import write_done
 
     rows = [{"kind": "train", "step": i + 1, "skipped": n} for i, n in enumerate((1, 0, 3, 2))]
     rows.append({"kind": "throughput", "step": 4, "skipped": 100})  # not a train row

@@ -38,7 +38,7 @@ def fresh_rm_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def ppo_cfg(tiny_model_dir, fresh_rm_dir, ppo_prompts_dir, tmp_path):
     """callable(**overrides) -> PPOConfig with tiny sizes (fp32, 8-token answers, 2 steps)."""
-    from chatrlhf.steps.ppo import PPOConfig
+    from chatrlhf.trainers.ppo.trainer import PPOConfig
 
     def make(**kw):
         base = dict(actor_model_name_or_path=str(tiny_model_dir), critic_model_name_or_path=str(fresh_rm_dir),

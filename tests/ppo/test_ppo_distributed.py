@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chatrlhf.metrics import read_metrics
+from chatrlhf.trainers.metrics import read_metrics
 
 
 def _argv(tiny_model_dir, rm_dir, prompts_dir, cache, out, gen_bs):

@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from chatrlhf.task import gold_summary, read_heldout, write_task_dataset
+from chatrlhf.tasks.builtin import gold_summary, read_heldout, write_task_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ MARGINS = {"heldout": 0.05, "seen": 0.1}
 
 def greedy_gold(model_dir, prompt_sets: dict) -> dict:
     """gold_summary of greedy answers per prompt set."""
-    from chatrlhf.demo import _load_actor, greedy_answers
+    from chatrlhf.apps.demo import _load_actor, greedy_answers
 
     model, tok = _load_actor(model_dir)
     out = {}
@@ -46,11 +46,11 @@ def trained(tmp_path_factory):
     """Task data, a pretrained tiny base, the SFT actor and the reward model; returns paths and the SFT gold."""
     import torch
 
-    from chatrlhf.demo import pretrain
+    from chatrlhf.apps.demo import pretrain
     from chatrlhf.models.tiny import build_tiny_model
-    from chatrlhf.steps.reward import RewardConfig, run_reward
-    from chatrlhf.steps.sft import SFTConfig, run_sft
-    from chatrlhf.task import task_corpus
+    from chatrlhf.trainers.reward import RewardConfig, run_reward
+    from chatrlhf.trainers.sft import SFTConfig, run_sft
+    from chatrlhf.tasks.builtin import task_corpus
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ppo_gold")
@@ -76,7 +76,7 @@ def trained(tmp_path_factory):
 
 
 def run_algo(trained, algo: str, name: str = "", **kw) -> float:
-    from chatrlhf.steps.ppo import PPOConfig, run_ppo
+    from chatrlhf.trainers.ppo.trainer import PPOConfig, run_ppo
 
     out = trained["root"] / f"ppo_{name or algo}"
     kw = {"critic_model_name_or_path": str(trained["rm"]), **trained["data"], **kw}
@@ -140,7 +140,7 @@ def test_modern_critic_free_variants_raise_gold(trained, variant):
     check_gain(trained, run_algo(trained, algo, name=variant, num_samples_per_prompt=4, max_steps=40,
                                  per_device_generation_batch_size=8, per_device_training_batch_size=16, **kw))
     if kw.get("drop_uniform_groups"):
-        from chatrlhf.metrics import read_metrics
+        from chatrlhf.trainers.metrics import read_metrics
 
         rows = [r for r in read_metrics(trained["root"] / f"ppo_{variant}") if r["kind"] == "train"]
         assert sum(r["uniform_dropped"] for r in rows) > 0, "no equal-reward group was ever dropped"
@@ -149,12 +149,12 @@ def test_modern_critic_free_variants_raise_gold(trained, variant):
 def test_gold_scorer_as_the_only_reward_with_eval_and_best_checkpoint(trained):
     """--reward_fn alone (no reward model): GRPO on the gold scorer raises gold; --eval_interval logs the gold
     summary of greedy held-out answers, and --save_best_by keeps the best of them as best_actor."""
-    from chatrlhf.metrics import read_metrics
+    from chatrlhf.trainers.metrics import read_metrics
 
     gold = run_algo(trained, "grpo", name="reward_fn", num_samples_per_prompt=4, max_steps=30,
                     per_device_generation_batch_size=8, per_device_training_batch_size=16,
                     critic_model_name_or_path="", reward_model_name_or_path="none",
-                    reward_fn="chatrlhf.task:reward", eval_fn="chatrlhf.task:evaluate", eval_interval=10,
+                    reward_fn="chatrlhf.tasks.builtin:reward", eval_fn="chatrlhf.tasks.builtin:evaluate", eval_interval=10,
                     eval_samples=32, save_best_by="gold_mean")
     # measured gains: held-out +0.065 and +0.048, seen +0.110 (0.168 -> 0.233, 0.173 -> 0.221, 0.227 -> 0.337);
     # asserted, as for the other algorithms, about half of them

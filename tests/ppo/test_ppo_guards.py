@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatrlhf.errors import UserError
-from chatrlhf.steps.ppo import PPOConfig, run_ppo
+from chatrlhf.trainers.ppo.trainer import PPOConfig, run_ppo
 
 
 def _argv(cfg: PPOConfig, **kw) -> list[str]:
@@ -78,12 +78,12 @@ def test_answers_all_cut_at_the_limit_stop_the_run(ppo_cfg):
 
 def test_length_guard_counts_consecutive_batches_of_one_kind():
     from chatrlhf.engine import DeepSpeedStrategy
-    from chatrlhf.steps.ppo import _length_guard
+    from chatrlhf.trainers.ppo.trainer import RunState, _length_guard
 
     s = DeepSpeedStrategy(dtype="fp32")  # one process: the all-reduce is the identity
     cfg = PPOConfig(actor_model_name_or_path="a", critic_model_name_or_path="c", max_answer_seq_len=16,
                     length_guard_steps=3, length_guard_min_tokens=2)
-    state = {"length_streak": 0, "length_kind": ""}
+    state = RunState()
 
     def batch(lengths, cut=0):
         return _length_guard(state, cfg, {"answer_tokens": torch.tensor(lengths), "truncated": cut}, s)
@@ -91,14 +91,14 @@ def test_length_guard_counts_consecutive_batches_of_one_kind():
     assert batch([1, 2, 2]) == "" and batch([2, 1, 1]) == ""
     assert batch([16, 16, 16], cut=3) == ""  # another kind of collapse starts its own count
     assert batch([1, 1, 1]) == "" and batch([1, 2, 1]) == ""
-    assert batch([1, 5, 1]) == "" and state["length_streak"] == 0  # one real answer resets the count
+    assert batch([1, 5, 1]) == "" and state.length_streak == 0  # one real answer resets the count
     assert batch([16, 16, 9], cut=2) == ""  # most, not all, at the limit
     for _ in range(2):
         assert batch([2, 2, 1]) == ""
     assert batch([1, 1, 1]).startswith("answer length collapsed: every answer had at most 2 token(s) in 3 "
                                        "consecutive generation batches")
     # lengths the flags force never count
-    state.update(length_streak=0, length_kind="")
+    state = RunState()
     one = PPOConfig(actor_model_name_or_path="a", critic_model_name_or_path="c", max_answer_seq_len=1,
                     length_guard_steps=1)
     assert _length_guard(state, one, {"answer_tokens": torch.tensor([1, 1]), "truncated": 0}, s) == ""

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from chatrlhf.errors import UserError
-from chatrlhf.metrics import read_metrics
-from chatrlhf.steps.ppo import run_ppo
+from chatrlhf.trainers.metrics import read_metrics
+from chatrlhf.trainers.ppo.trainer import run_ppo
 
 
 def test_ptx_step_trains_on_unsupervised_text_and_tensorboard_is_written(ppo_cfg, task_data_dir):
@@ -41,3 +41,28 @@ def test_improved_math_options_run_in_the_loop(ppo_cfg):
         assert torch.isfinite(torch.tensor(out[k])), k
     # the adaptive controller moved the coefficient away from its initial value
     assert out["kl_coef"] != pytest.approx(cfg.kl_ctl)
+
+
+def test_align_overflow_is_accepted_and_changes_nothing(ppo_cfg, tiny_model_dir, fresh_rm_dir):
+    """DeepSpeed-Chat's --align_overflow parses (its command lines keep working) and has no effect: the same
+    metrics and the same trained weights with it as without it."""
+    from safetensors.torch import load_file
+
+    from chatrlhf.config import parse_config
+    from chatrlhf.trainers.ppo.config import PPOConfig
+
+    cfg = parse_config(PPOConfig, ["--actor_model_name_or_path", str(tiny_model_dir), "--critic_model_name_or_path",
+                                   str(fresh_rm_dir), "--align_overflow"])
+    assert cfg.align_overflow is True
+    assert "no effect" in PPOConfig.__dataclass_fields__["align_overflow"].metadata["help"]
+    runs = {}
+    for flag in (False, True):
+        cfg = ppo_cfg(align_overflow=flag, output_dir=str(Path(ppo_cfg().output_dir).parent / f"align_{flag}"))
+        out = run_ppo(cfg)
+        train = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(cfg.output_dir)
+                 if r["kind"] == "train"]
+        runs[flag] = (out["actor_loss"], out["critic_loss"], train,
+                      load_file(str(Path(cfg.output_dir) / "actor" / "model.safetensors")))
+    (loss_a, closs_a, train_a, w_a), (loss_b, closs_b, train_b, w_b) = runs[False], runs[True]
+    assert (loss_a, closs_a) == (loss_b, closs_b) and train_a == train_b and len(train_a) == 2
+    assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)

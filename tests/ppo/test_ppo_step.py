@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatrlhf.metrics import read_metrics
-from chatrlhf.steps import ppo_experience as px
-from chatrlhf.steps.ppo import PPOConfig, run_ppo
+from chatrlhf.models.dims import flops_per_pass
+from chatrlhf.trainers.metrics import read_metrics
+from chatrlhf.trainers.ppo import experience as px
+from chatrlhf.trainers.ppo.trainer import PPOConfig, run_ppo
 
 TRAIN_KEYS = ("reward_mean", "reward_std", "kl", "actor_loss", "critic_loss", "clipfrac", "approx_kl", "ratio_max",
               "value_error", "response_length", "entropy", "ema_reward")
@@ -42,10 +43,11 @@ def test_answer_mask_keeps_first_eos_and_drops_short_answers():
 
 def test_flops_formula():
     # F = 24 k B s l h^2 (1 + s/(6h) + V/(16 l h))
-    assert px.flops_per_pass(2, 64, 512, 4, 32, 3) == pytest.approx(24 * 3 * 4 * 32 * 2 * 64**2 * (1 + 32 / 384 + 512 / 2048))
+    assert flops_per_pass(2, 64, 512, 4, 32, 3) == pytest.approx(24 * 3 * 4 * 32 * 2 * 64**2 * (1 + 32 / 384 + 512 / 2048))
 
 
 # ---- one iteration per engine configuration ----------------------------------------------------------------
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 @pytest.mark.parametrize("stage,lora", [(0, 0), (2, 0), (3, 0), (0, 4)], ids=["zero0", "zero2", "zero3", "lora"])
 def test_one_ppo_iteration_updates_actor_and_critic(ppo_cfg, tiny_model_dir, fresh_rm_dir, stage, lora):
     cfg = ppo_cfg(actor_zero_stage=stage, critic_zero_stage=stage, actor_lora_dim=lora, critic_lora_dim=lora,
@@ -120,6 +122,7 @@ def test_tokenizer_mismatch_is_a_clear_error(ppo_cfg, tiny_model_factory, tmp_pa
         run_ppo(ppo_cfg(critic_model_name_or_path=str(rm_dir)))
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_resume_continues_where_it_stopped(ppo_cfg, tmp_path):
     common = dict(max_steps=4, save_interval=2, enable_ema=True, generation_batches=1, ppo_epochs=2,
                   adaptive_kl=True, kl_target=0.01, kl_horizon=100)
@@ -147,6 +150,24 @@ def test_resume_continues_where_it_stopped(ppo_cfg, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch_runs_the_next_epoch(ppo_cfg, tmp_path):
+    """A checkpoint saved after an epoch's last prompt batch resumes into the next epoch (its first, empty pass over
+    the rest of the saved epoch is not 'a whole pass that produced nothing')."""
+    import shutil
+
+    common = dict(max_steps=-1, num_train_epochs=2, per_device_generation_batch_size=32,
+                  per_device_training_batch_size=16, save_interval=2)
+    straight = run_ppo(ppo_cfg(output_dir=str(tmp_path / "straight"), **common))
+    assert straight["steps"] == 4  # 2 prompt batches an epoch
+    run_ppo(ppo_cfg(output_dir=str(tmp_path / "cut"), enable_test_mode=True, test_stop_step=3, **common))
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state["batch_in_epoch"] == 2  # saved at the end of epoch 0
+    shutil.rmtree(tmp_path / "cut" / "actor")
+    resumed = run_ppo(ppo_cfg(output_dir=str(tmp_path / "cut"), resume="auto", **common))
+    assert resumed["steps"] == 4 and not resumed.get("stopped_reason"), resumed
+
+
 def test_cli_flags_parse_with_reference_names(tiny_model_dir, fresh_rm_dir):
     from chatrlhf.config import parse_config
 
@@ -162,6 +183,7 @@ def test_cli_flags_parse_with_reference_names(tiny_model_dir, fresh_rm_dir):
     assert all(f.metadata.get("help") for f in d.values())
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 @pytest.mark.parametrize("stage,lora", [(0, 0), (3, 4)], ids=["zero0", "zero3-lora"])
 def test_reused_experience_forward_trains_like_a_repeated_one(ppo_cfg, monkeypatch, stage, lora):
     """On-policy (one epoch, one micro-batch, no dropout) the experience pass's actor/critic forwards are trained

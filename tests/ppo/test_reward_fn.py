@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from chatrlhf.errors import UserError
-from chatrlhf.steps.rewards import Scorer, call_eval_fn, call_reward_fn, load_function
+from chatrlhf.trainers.ppo.rewards import Scorer, call_eval_fn, call_reward_fn, load_function
 
 
 def test_load_by_module_and_by_file(tmp_path):
-    assert load_function("chatrlhf.task:reward", "--reward_fn").__name__ == "reward"
+    assert load_function("chatrlhf.tasks.builtin:reward", "--reward_fn").__name__ == "reward"
     f = tmp_path / "my_rewards.py"
     f.write_text("def length(prompts, answers, metas):\n    return [len(a) for a in answers]\n")
     fn = load_function(f"{f}:length", "--reward_fn")
@@ -22,8 +22,8 @@ def test_load_by_module_and_by_file(tmp_path):
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("chatrlhf.task", "expected module:function"),
-    ("chatrlhf.task:no_such_fn", "has no function 'no_such_fn'"),
+    ("chatrlhf.tasks.builtin", "expected module:function"),
+    ("chatrlhf.tasks.builtin:no_such_fn", "has no function 'no_such_fn'"),
     ("no_such_module_xyz:fn", "importing no_such_module_xyz failed"),
     ("/nonexistent/r.py:fn", "no such file"),
 ])
@@ -84,8 +84,8 @@ def _write_fn(tmp_path, body: str) -> str:
 
 def test_ppo_with_reward_fn_alone_passes_metadata(ppo_cfg, tmp_path, task_data_dir):
     """GRPO with no reward model: the function sees every row's prompt text and metadata; its score is the reward."""
-    from chatrlhf.metrics import read_metrics
-    from chatrlhf.steps.ppo import run_ppo
+    from chatrlhf.trainers.metrics import read_metrics
+    from chatrlhf.trainers.ppo.trainer import run_ppo
 
     rows = json.loads((task_data_dir / "data" / "train.json").read_text())[:24]
     prompts_dir = tmp_path / "prompts"
@@ -115,17 +115,17 @@ def check(prompts, answers, metas):
 
 
 def test_ppo_reward_fn_added_to_the_reward_model(ppo_cfg):
-    from chatrlhf.metrics import read_metrics
-    from chatrlhf.steps.ppo import run_ppo
+    from chatrlhf.trainers.metrics import read_metrics
+    from chatrlhf.trainers.ppo.trainer import run_ppo
 
-    cfg = ppo_cfg(reward_fn="chatrlhf.task:reward", reward_model_weight=0.5, max_steps=1)
+    cfg = ppo_cfg(reward_fn="chatrlhf.tasks.builtin:reward", reward_model_weight=0.5, max_steps=1)
     run_ppo(cfg)
     r = [r for r in read_metrics(cfg.output_dir) if r["kind"] == "train"][0]
     assert r["reward_mean"] == pytest.approx(0.5 * r["rm_score"] + r["fn_score"], abs=1e-5)
 
 
 def test_ppo_stops_on_a_raising_reward_fn_with_the_row(ppo_cfg, tmp_path):
-    from chatrlhf.steps.ppo import run_ppo
+    from chatrlhf.trainers.ppo.trainer import run_ppo
 
     path = _write_fn(tmp_path, "def bad(prompts, answers, metas):\n    raise ValueError('verifier broke')\n")
     with pytest.raises(UserError, match=r"--reward_fn .*bad: row 0 \(prompt .*\): raised ValueError: verifier broke"):
@@ -135,7 +135,7 @@ def test_ppo_stops_on_a_raising_reward_fn_with_the_row(ppo_cfg, tmp_path):
 @pytest.mark.parametrize("kw,match", [
     (dict(reward_model_name_or_path="none"), "needs a --reward_fn"),
     (dict(save_best_by="pass_rate"), "needs --eval_interval"),
-    (dict(reward_fn="chatrlhf.task:nope"), "has no function"),
+    (dict(reward_fn="chatrlhf.tasks.builtin:nope"), "has no function"),
     (dict(eval_fn="nomod_zz:f", eval_interval=1), "importing nomod_zz failed"),
     (dict(reward_model_weight=0.0), "nothing to reward"),
 ])
@@ -146,10 +146,10 @@ def test_config_errors(ppo_cfg, kw, match):
 
 def test_eval_interval_logs_and_best_checkpoint(ppo_cfg, tmp_path):
     """Eval at step 0 and every N steps; --save_best_by with an unknown metric names the ones there are."""
-    from chatrlhf.metrics import read_metrics
-    from chatrlhf.steps.ppo import run_ppo
+    from chatrlhf.trainers.metrics import read_metrics
+    from chatrlhf.trainers.ppo.trainer import run_ppo
 
-    cfg = ppo_cfg(eval_interval=1, eval_samples=4, eval_fn="chatrlhf.task:evaluate", save_best_by="gold_mean")
+    cfg = ppo_cfg(eval_interval=1, eval_samples=4, eval_fn="chatrlhf.tasks.builtin:evaluate", save_best_by="gold_mean")
     summary = run_ppo(cfg)
     evals = [r for r in read_metrics(cfg.output_dir) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 1, 2]

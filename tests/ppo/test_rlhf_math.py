@@ -5,10 +5,13 @@ import math
 import pytest
 import torch
 
-from chatrlhf.rlhf_math import (AdaptiveKLController, FixedKLController, PolicyLoss, RunningMoments, ValueLoss,
-                                answer_ends, compute_rewards, ema_update_, entropy_from_logits, gae,
-                                gather_log_probs, group_advantages, kl_k1, kl_k2, kl_k3, masked_mean,
-                                sequence_policy_loss, whiten)
+import torch.nn.functional as F
+
+from chatrlhf.algo.losses import chunked_token_logprobs
+from chatrlhf.algo.rlhf_math import (AdaptiveKLController, FixedKLController, PolicyLoss, RunningMoments, ValueLoss,
+                                answer_ends, clip_scores, compute_rewards, ema_update_, entropy_from_logits, gae,
+                                gather_log_probs, group_advantages, kl_k1, kl_k2, kl_k3, kl_penalized_scores,
+                                logprobs_and_entropy, masked_mean, sequence_policy_loss, whiten)
 
 # One sequence: prompt of P=2 tokens, answer of 4 tokens (fills the window) -> shifted length 5, start = P-1 = 1.
 START = 1
@@ -137,6 +140,65 @@ def test_gather_log_probs_and_entropy():
     torch.testing.assert_close(ent, torch.tensor([[math.log(2.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]]))
 
 
+def test_logprobs_and_entropy_read_one_log_softmax():
+    """PPO's plain log-prob path (experience.answer_logprobs without the chunked head): hand values, the entropy
+    only when asked, and without a graph when it is only logged."""
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]], requires_grad=True)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    lp, ent = logprobs_and_entropy(logp, torch.tensor([[1, 0]]))
+    assert ent is None
+    torch.testing.assert_close(lp, torch.tensor([[math.log(0.5), math.log(0.75)]]))
+    lp, ent = logprobs_and_entropy(logp, torch.tensor([[1, 0]]), entropy=True)
+    torch.testing.assert_close(ent, torch.tensor([[math.log(2.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]]))
+    assert lp.requires_grad and ent.requires_grad
+    lp, ent = logprobs_and_entropy(logp, torch.tensor([[1, 0]]), entropy=True, entropy_grad=False)
+    assert lp.requires_grad and not ent.requires_grad
+    # the logits-level helpers are the same function
+    x, labels = torch.randn(2, 3, 7, dtype=torch.bfloat16), torch.randint(0, 7, (2, 3))
+    lp, ent = logprobs_and_entropy(F.log_softmax(x.float(), dim=-1), labels, entropy=True)
+    assert torch.equal(gather_log_probs(x, labels), lp) and torch.equal(entropy_from_logits(x), ent)
+    assert lp.dtype == ent.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_lm_head_log_probs_equal_the_plain_path(bias):
+    """losses.chunked_token_logprobs (from the lm head's input, a few rows at a time) gives the plain path's
+    log-probs and entropy, and the same gradients in the hidden states, the head's weight and its bias."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    b = torch.randn(11, requires_grad=True) if bias else None
+    targets = torch.randint(0, 11, (2, 5))
+    lp, ent = chunked_token_logprobs(h, w, targets, chunk=3, entropy=True, bias=b)
+    ref_lp, ref_ent = logprobs_and_entropy(F.log_softmax(F.linear(h, w, b).float(), dim=-1), targets, entropy=True)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(ent, ref_ent)
+    params = [h, w] + ([b] if bias else [])
+    got = torch.autograd.grad((lp * 0.7).sum() - 0.3 * ent.sum(), params)
+    want = torch.autograd.grad((ref_lp * 0.7).sum() - 0.3 * ref_ent.sum(), params)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_scores():
+    s = clip_scores(torch.tensor([-7.0, -5.0, 0.5, 5.0, 9.0], dtype=torch.float64), 5.0)
+    assert s.dtype == torch.float32 and s.tolist() == [-5.0, -5.0, 0.5, 5.0, 5.0]
+    assert clip_scores(torch.tensor([2.0, -0.25]), 0.5).tolist() == [0.5, -0.25]
+
+
+def test_kl_penalized_scores_sum_the_answer_tokens_kl():
+    """RLOO's reward: score - kl_coef * sum over answer tokens of the KL estimate (masked tokens left out)."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]])
+    ref = torch.tensor([[-2.0, -1.0, -9.0], [-1.5, -0.5, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    scores = torch.tensor([1.0, 2.0])
+    # k1 per token: [1, -1, (6, masked)] -> 0; [1, 0, 0] -> 1
+    torch.testing.assert_close(kl_penalized_scores(scores, logp, ref, mask, 0.5), torch.tensor([1.0, 1.5]))
+    # k2: [0.5, 0.5] -> 1; [0.5, 0, 0] -> 0.5
+    torch.testing.assert_close(kl_penalized_scores(scores, logp, ref, mask, 0.5, "k2"), torch.tensor([0.5, 1.75]))
+    torch.testing.assert_close(kl_penalized_scores(scores, logp, ref, mask, 0.0, "k3"), scores)
+
+
 def test_whiten_and_masked_mean():
     x = torch.tensor([1.0, 2.0, 3.0, 100.0])
     m = torch.tensor([1.0, 1.0, 1.0, 0.0])
@@ -206,7 +268,7 @@ def test_ema_update():
 
 # ---- REINFORCE++, loss aggregation, clip-higher, uniform groups (hand-computed) -----------------------------
 def test_aggregate_loss_token_seq_and_dr_grpo():
-    from chatrlhf.rlhf_math import aggregate_loss
+    from chatrlhf.algo.rlhf_math import aggregate_loss
 
     per = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
@@ -219,7 +281,7 @@ def test_aggregate_loss_token_seq_and_dr_grpo():
 
 
 def test_clip_higher_lets_ratios_rise_further_than_they_fall():
-    from chatrlhf.rlhf_math import PolicyLoss
+    from chatrlhf.algo.rlhf_math import PolicyLoss
 
     old = torch.zeros(1, 2)
     new = torch.log(torch.tensor([[1.25, 0.7]]))  # ratios 1.25 and 0.7
@@ -235,7 +297,7 @@ def test_clip_higher_lets_ratios_rise_further_than_they_fall():
 
 
 def test_uniform_groups_are_found():
-    from chatrlhf.rlhf_math import uniform_groups
+    from chatrlhf.algo.rlhf_math import uniform_groups
 
     scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.5000001])
     assert uniform_groups(scores, 4).tolist() == [True] * 4 + [False] * 4
@@ -245,7 +307,7 @@ def test_uniform_groups_are_found():
 
 
 def test_reinforce_pp_returns_kl_penalty_and_global_normalisation():
-    from chatrlhf.rlhf_math import reinforce_pp_advantages
+    from chatrlhf.algo.rlhf_math import reinforce_pp_advantages
 
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
@@ -265,7 +327,7 @@ def test_reinforce_pp_returns_kl_penalty_and_global_normalisation():
 
 
 def test_sequence_policy_loss_takes_token_advantages():
-    from chatrlhf.rlhf_math import sequence_policy_loss
+    from chatrlhf.algo.rlhf_math import sequence_policy_loss
 
     lp = torch.zeros(2, 3)
     mask = torch.ones(2, 3)

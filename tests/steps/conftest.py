@@ -32,7 +32,7 @@ def kwise_dir(task_data_dir, tmp_path_factory):
 def kwise_large_dir(tmp_path_factory):
     """800 k=3 rankings (720 train / 80 held out): enough for held-out ranking accuracy to mean something (the
     80-row set above has 8 held-out rankings)."""
-    from chatrlhf.task import write_task_dataset
+    from chatrlhf.tasks.builtin import write_task_dataset
 
     task = tmp_path_factory.mktemp("task_kwise")
     write_task_dataset(task, seed=1234, n_sft=16, n_pairs=16, n_eval=8, n_heldout=4, k=4, noise=0.35, n_corpus=200,

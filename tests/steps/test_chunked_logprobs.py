@@ -1,4 +1,4 @@
-"""Chunked lm-head log-probs / cross entropy (chatrlhf.losses, steps/lm_head.py): the same values and gradients as
+"""Chunked lm-head log-probs / cross entropy (chatrlhf.algo.losses, steps/lm_head.py): the same values and gradients as
 the plain [B, K, V] logits path, without ever building those logits; and the steps (SFT, DPO, PPO/GRPO log-probs)
 give the same results with the chunked path on and off, through real DeepSpeed engines."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatrlhf.losses import chunked_cross_entropy, chunked_token_logprobs
-from chatrlhf.steps import lm_head
+from chatrlhf.algo.losses import chunked_cross_entropy, chunked_token_logprobs
+from chatrlhf.trainers import lm_head
 
 B, K, H, V = 3, 7, 16, 50  # B*K = 21 rows: chunk sizes 4 and 8 do not divide it
 
@@ -242,7 +242,7 @@ def _ppo_batch(seed=0):
 def test_ppo_answer_logprobs_equal_the_plain_path(tiny_model_factory, family, frozen_head, plain_path):
     """Left-padded prompts with position ids, entropy with and without its gradient, no-grad calls; a trained head
     (backward recomputes the logits) and a frozen one (forward keeps the row gradients)."""
-    from chatrlhf.steps.ppo_experience import answer_logprobs
+    from chatrlhf.trainers.ppo.experience import answer_logprobs
 
     model = _load(tiny_model_factory, family)
     seq, mask, start = _ppo_batch()
@@ -273,7 +273,7 @@ def test_ppo_answer_logprobs_equal_the_plain_path(tiny_model_factory, family, fr
 
 
 def test_dpo_pair_logps_equal_the_plain_path(tiny_model_factory, plain_path):
-    from chatrlhf.steps.dpo import pair_logps
+    from chatrlhf.trainers.dpo import pair_logps
 
     model = _load(tiny_model_factory, "opt")
     g = torch.Generator().manual_seed(0)
@@ -305,7 +305,7 @@ def test_fallbacks_are_decided_and_give_the_plain_results(tiny_model_factory, mo
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from chatrlhf.models.lora import apply_lora
-    from chatrlhf.steps.ppo_experience import answer_logprobs
+    from chatrlhf.trainers.ppo.experience import answer_logprobs
 
     seq, mask, start = _ppo_batch()
     torch.manual_seed(0)
@@ -325,7 +325,7 @@ def test_fallbacks_are_decided_and_give_the_plain_results(tiny_model_factory, mo
     z3.get_output_embeddings().weight.ds_id = 0  # what ZeRO-3's partitioning marks a parameter with
     assert "ZeRO-3" in lm_head.head_reason(z3, seq)
 
-    caplog.set_level(logging.INFO, logger="chatrlhf.lm_head")
+    caplog.set_level(logging.INFO, logger="chatrlhf.trainers.lm_head")
     for _ in range(2):
         lp, _ = answer_logprobs(gemma, seq, mask, start)
     with plain_path():
@@ -347,12 +347,13 @@ def _sft_batch():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_sft_step_through_deepspeed_equals_the_plain_path(tiny_model_factory, plain_path, monkeypatch, stage):
     """One SFT loss + backward + SGD step through a real DeepSpeed engine (ZeRO 0-3, fp32, CPU): the same loss and
     the same weights after the step (so the same gradients, reduced by ZeRO's hooks) with the chunked path on and
     off (ZeRO-3 takes the plain path: its lm head weight is partitioned)."""
-    import chatrlhf.steps.sft as S
+    import chatrlhf.trainers.sft as S
     from chatrlhf.engine import DeepSpeedStrategy
 
     calls = []
@@ -389,9 +390,9 @@ def test_sft_step_through_deepspeed_equals_the_plain_path(tiny_model_factory, pl
 def test_sft_run_gives_the_same_losses_with_and_without_chunking(base_args, tmp_path, monkeypatch):
     """The whole SFT step (tiny OPT, DeepSpeed on CPU): train and eval losses equal with the chunked path on and
     off."""
-    import chatrlhf.steps.sft as S
+    import chatrlhf.trainers.sft as S
     from chatrlhf.config import parse_config
-    from chatrlhf.metrics import read_metrics
+    from chatrlhf.trainers.metrics import read_metrics
 
     calls = []
     real = S.chunked_cross_entropy

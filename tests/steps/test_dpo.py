@@ -3,8 +3,8 @@
 import os
 
 from chatrlhf.config import parse_config
-from chatrlhf.metrics import read_metrics
-from chatrlhf.steps.dpo import DPOConfig, answer_labels, run_dpo
+from chatrlhf.trainers.metrics import read_metrics
+from chatrlhf.trainers.dpo import DPOConfig, answer_labels, run_dpo
 
 
 def test_answer_labels_start_at_divergence():

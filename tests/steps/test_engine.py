@@ -6,8 +6,8 @@ import torch
 
 from chatrlhf.config import parse_config
 from chatrlhf.engine import estimate_memory
-from chatrlhf.metrics import read_metrics
-from chatrlhf.steps.sft import SFTConfig, run_sft
+from chatrlhf.trainers.metrics import read_metrics
+from chatrlhf.trainers.sft import SFTConfig, run_sft
 
 
 def first_last(out):
@@ -15,6 +15,7 @@ def first_last(out):
     return sum(losses[:2]) / 2, sum(losses[-2:]) / 2
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 @pytest.mark.parametrize("stage,dtype", [(0, "fp32"), (2, "bf16"), (3, "bf16")])
 def test_zero_stages_train(base_args, tmp_path, stage, dtype):
     out = tmp_path / f"z{stage}"
@@ -76,6 +77,7 @@ def test_estimate_memory_shards_state():
     assert "LoRA" in z0.advice and "--zero_stage" in z0.advice
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_start_up_does_not_print_deepspeeds_op_build_line():
     """DeepSpeed prints "deepspeed_shm_comm_op built successfully" on every CPU start, even when it only loaded a
     cached build; the strategy keeps it out of the user's output."""

@@ -6,7 +6,7 @@ import pytest
 
 from chatrlhf.config import parse_config
 from chatrlhf.errors import ModelError, UserError
-from chatrlhf.steps.sft import SFTConfig, run_sft
+from chatrlhf.trainers.sft import SFTConfig, run_sft
 
 
 def run(argv):
@@ -38,7 +38,8 @@ def test_fp16_on_cpu_refused(base_args, tmp_path):
 
 def test_out_of_memory_estimate_gives_advice():
     from chatrlhf.engine import DeepSpeedStrategy
-    from chatrlhf.steps.common import TrainConfig, memory_preflight
+    from chatrlhf.trainers.common import memory_preflight
+    from chatrlhf.trainers.config import TrainConfig
 
     s = DeepSpeedStrategy(dtype="fp32")
     with pytest.raises(UserError, match=r"out of memory ahead.*--zero_stage.*LoRA.*--dtype bf16"):

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from chatrlhf.losses import DPOLoss, KWiseLoss, LastTokenPairLoss, PairWiseLoss, end_positions, sequence_logprobs
+from chatrlhf.algo.losses import DPOLoss, KWiseLoss, LastTokenPairLoss, PairWiseLoss, end_positions, sequence_logprobs
 
 
 def ls(x):

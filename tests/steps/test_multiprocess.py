@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from chatrlhf.config import parse_config
-from chatrlhf.metrics import read_metrics
-from chatrlhf.steps.reward import RewardConfig, run_reward
+from chatrlhf.trainers.metrics import read_metrics
+from chatrlhf.trainers.reward import RewardConfig, run_reward
 
 
 def losses(out):

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from chatrlhf.config import parse_config
 from chatrlhf.errors import UserError
-from chatrlhf.metrics import read_metrics
-from chatrlhf.steps.sft import SFTConfig, run_sft
+from chatrlhf.trainers.metrics import read_metrics
+from chatrlhf.trainers.sft import SFTConfig, run_sft
 
 
 def _losses(out):
@@ -31,7 +31,7 @@ def test_offload_at_zero0_is_refused_in_one_line(base_args, tmp_path):
 
 
 def test_ppo_offload_needs_zero_1_3_on_actor_and_critic(tiny_model_dir, pairs_dir, tmp_path):
-    from chatrlhf.steps.ppo import PPOConfig
+    from chatrlhf.trainers.ppo.trainer import PPOConfig
 
     base = dict(actor_model_name_or_path=str(tiny_model_dir), critic_model_name_or_path=str(tiny_model_dir),
                 data_path=[f"local/jsonfile={pairs_dir}"], output_dir=str(tmp_path / "o"), offload=True)
@@ -51,7 +51,7 @@ def test_ppo_offload_needs_zero_1_3_on_actor_and_critic(tiny_model_dir, pairs_di
 
 def test_memory_advice_proposes_offload_only_with_a_zero_stage_that_allows_it():
     from chatrlhf.engine import estimate_memory
-    from chatrlhf.preflight import estimate_step_memory, memory_advice, static_memory
+    from chatrlhf.apps.preflight import estimate_step_memory, memory_advice, static_memory
 
     n = 10 ** 9
     assert "--zero_stage 2 --offload" in estimate_memory(n, 0, "bf16", 1, on_cpu=False).advice
@@ -69,7 +69,7 @@ def test_memory_advice_proposes_offload_only_with_a_zero_stage_that_allows_it():
     assert "--offload with --zero_stage 2" in memory_advice("sft", {"zero_stage": 0, "dtype": "bf16"}, est, 1,
                                                              on_cpu=False)
 
-    from chatrlhf.preflight import ModelInfo
+    from chatrlhf.apps.preflight import ModelInfo
 
     info = ModelInfo(path="m", n_params=n, layers=24, hidden=2048, heads=16, vocab=50000, max_positions=2048)
     hints = estimate_step_memory("ppo", cfg, info, info, 1, on_cpu=False)["hints"]
@@ -123,7 +123,7 @@ def test_offload_checkpoint_resumes_exactly(tmp_path, stage, checkpoint_resumes_
 @pytest.mark.parametrize("stage", [2, 3])
 def test_reward_with_offload_learns_and_saves(base_args, tmp_path, stage):
     from chatrlhf.models.reward_model import load_reward_model
-    from chatrlhf.steps.reward import RewardConfig, run_reward
+    from chatrlhf.trainers.reward import RewardConfig, run_reward
 
     out = tmp_path / "rm"
     res = run_reward(parse_config(RewardConfig, base_args(out, split="0,10,0", zero_stage=stage, offload=True,
@@ -152,7 +152,7 @@ def rm_dir(tiny_model_dir, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_ppo_actor_and_critic_with_offload_train_and_save(tiny_model_dir, rm_dir, pairs_dir, tmp_path, stage):
-    from chatrlhf.steps.ppo import PPOConfig, run_ppo
+    from chatrlhf.trainers.ppo.trainer import PPOConfig, run_ppo
 
     # ZeRO-3 also offloads the frozen models' weights: every offload the memory advice can propose runs
     frozen = dict(offload_reference_model=True, offload_reward_model=True) if stage == 3 else {}

@@ -14,7 +14,7 @@ import torch
 
 from chatrlhf.config import parse_config
 from chatrlhf.errors import UserError
-from chatrlhf.steps.sft import SFTConfig, run_sft
+from chatrlhf.trainers.sft import SFTConfig, run_sft
 
 
 class Payload:
@@ -110,6 +110,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(trained, run_f
 
 @pytest.mark.parametrize("stage,dtype", [(0, "fp32"), (0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32"),
                                          (3, "bf16")])
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_every_zero_stage_and_dtype_checkpoint_passes_the_check_and_resumes_exactly(tmp_path, stage, dtype,
                                                                                    checkpoint_resumes_exactly):
     """Real DeepSpeed checkpoints (model, optimizer, scheduler) pass the weights-only check with the allow-list, and
@@ -141,14 +142,14 @@ def test_resume_with_other_settings_is_refused_and_can_be_forced(trained, run_fl
     state = json.loads((run / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["run"]["config"]["data_split"] == "9,1,0"  # what it was trained with from here on
     # the forced run trains at its own learning rate, not the checkpoint's (DeepSpeed restores the scheduler's)
-    from chatrlhf.metrics import read_metrics
+    from chatrlhf.trainers.metrics import read_metrics
 
     lrs = {r["step"]: r["lr"] for r in read_metrics(run) if r["kind"] == "train"}
     assert lrs[2] == pytest.approx(2e-3) and lrs[3] == pytest.approx(3e-3) and lrs[4] == pytest.approx(3e-3), lrs
 
 
 def test_run_record_compares_math_fields_and_data_only(tiny_model_dir, pairs_dir, tmp_path, capsys):
-    from chatrlhf.steps.common import check_run_record, run_record
+    from chatrlhf.trainers.checkpoints import check_run_record, run_record
 
     data = tmp_path / "data"
     shutil.copytree(pairs_dir, data)
@@ -209,7 +210,7 @@ def test_resume_cuts_metrics_back_and_removes_leftovers_of_a_killed_save(trained
 
 
 def test_cut_metrics_keeps_rows_up_to_the_step(tmp_path):
-    from chatrlhf.metrics import MetricsWriter, cut_metrics, read_metrics
+    from chatrlhf.trainers.metrics import MetricsWriter, cut_metrics, read_metrics
 
     w = MetricsWriter(tmp_path)
     for s in (0, 1, 2, 3):
@@ -291,7 +292,7 @@ def test_kernel_cache_names_what_it_was_built_from_and_is_used_only_when_private
     so.chmod(0o666)
     monkeypatch.setattr(native, "_libs", {})
     monkeypatch.setattr(native, "_whys", {})
-    with caplog.at_level(logging.INFO, logger="chatrlhf.native"):
+    with caplog.at_level(logging.INFO, logger="chatrlhf.engine.native"):
         assert native.load("fused") is not None, native.reason("fused")
     assert "writable by group or others" in caplog.text and "private copy" in caplog.text
     assert so.read_bytes() == b"not a library"
@@ -301,14 +302,14 @@ def test_kernel_cache_names_what_it_was_built_from_and_is_used_only_when_private
         monkeypatch.setattr(native, "_libs", {})
         monkeypatch.setattr(native, "_whys", {})
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="chatrlhf.native"):
+        with caplog.at_level(logging.INFO, logger="chatrlhf.engine.native"):
             assert native.load("fused") is not None, native.reason("fused")
         assert "owned by uid 4321" in caplog.text
 
 
 def test_resume_flag_forms(tiny_model_dir, pairs_dir, tmp_path):
     """auto / never / a path / force / force:PATH, checked against a trainer_state.json of another seed."""
-    from chatrlhf.steps.common import resolve_resume, run_record
+    from chatrlhf.trainers.checkpoints import resolve_resume, run_record
 
     def cfg(**kw):
         return parse_config(SFTConfig, flags(tmp_path / "out", tiny_model_dir, pairs_dir, tmp_path / "c", **kw))

@@ -4,10 +4,11 @@ offline (safetensors, no pytorch_model.bin) and scores exactly as the trained on
 import json
 import os
 
+import pytest
 import torch
 
 from chatrlhf.config import parse_config
-from chatrlhf.steps.reward import RewardConfig, run_reward
+from chatrlhf.trainers.reward import RewardConfig, run_reward
 
 
 def test_reward_model_learns_gold_preferences_and_reloads(base_args, tmp_path, tiny_model_dir, pairs_dir):
@@ -48,17 +49,18 @@ def test_kwise_reward_model_trains(base_args, tmp_path, kwise_dir):
     res = run_reward(parse_config(RewardConfig, base_args(
         out, split="0,10,0", data_path=kwise_dir, kwise=True, learning_rate=5e-4, max_steps=24,
         per_device_train_batch_size=4, disable_dropout=True, lr_scheduler_type="constant")))
-    from chatrlhf.metrics import read_metrics
+    from chatrlhf.trainers.metrics import read_metrics
 
     train = [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
     print("kwise", [round(x, 3) for x in train], res)
     assert sum(train[-6:]) / 6 < sum(train[:6]) / 6 - 0.05, train
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
 def test_kwise_reward_model_ranks_held_out_answers(base_args, tmp_path, kwise_large_dir):
     """About one epoch over 720 rankings: the best answer of a held-out ranking outscores its worst more often,
     by a positive mean gap, and the held-out k-wise loss falls (seen: accuracy 0.40/0.53 -> 0.64-0.69 over seeds)."""
-    from chatrlhf.metrics import read_metrics
+    from chatrlhf.trainers.metrics import read_metrics
 
     out = tmp_path / "rmk_large"
     res = run_reward(parse_config(RewardConfig, base_args(

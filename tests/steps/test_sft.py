@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from chatrlhf.config import parse_config
-from chatrlhf.metrics import read_metrics
-from chatrlhf.steps.sft import SFTConfig, run_sft
+from chatrlhf.trainers.metrics import read_metrics
+from chatrlhf.trainers.sft import SFTConfig, run_sft
 
 
 def sft(argv):
@@ -46,7 +46,7 @@ def test_sft_lowers_eval_loss_and_checkpoint_reloads_offline(base_args, tmp_path
 
 
 def test_throughput_line_format():
-    from chatrlhf.steps.common import throughput_line
+    from chatrlhf.trainers.common import throughput_line
 
     line, tp = throughput_line(1_429_000_000, 24, 2048, 50272, 0.6, 16, 512)
     assert line.startswith("Model Parameters: 1.429 B, Latency: 0.60s, TFLOPs: ")
@@ -77,7 +77,7 @@ def test_answer_logits_skip_the_prompt_and_give_the_same_loss(tiny_model_factory
     """The lm head runs only from the position before the batch's first labelled token; loss and gradients equal
     the full-logits ones (right-padded rows, different prompt lengths, a row with no labels at all)."""
     from chatrlhf.models.loading import load_causal_lm
-    from chatrlhf.steps.sft import answer_logits, labelled_span, lm_loss
+    from chatrlhf.trainers.sft import answer_logits, labelled_span, lm_loss
 
     labels = torch.full((3, 12), -100)
     labels[0, 7:10] = 5

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from chatrlhf.template import format_prompt
+from chatrlhf.data.template import format_prompt
+from chatrlhf.errors import DataError
 
 # Split names a local or hub source may use for evaluation data, in order of preference.
 EVAL_SPLIT_ALIASES = ("eval", "test", "validation", "valid", "dev")
@@ -57,9 +58,9 @@ class FieldError(ValueError):
         self.field = field_path
         self.message = message
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Field access: dotted paths with list indices, e.g. "answers.zh_cn[0].text".
+
 
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -124,7 +125,6 @@ def _nonempty(path: str, text: str) -> str:
     if not text.strip():
         raise FieldError(path, "is empty after cleaning")
     return text
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Adapters
@@ -378,13 +378,10 @@ def known_names() -> list[str]:
 
 
 def get_adapter(name: str) -> Adapter:
-    from chatrlhf.errors import DataError
-
     if name not in ADAPTERS:
         raise DataError(f"unknown dataset name {name!r}; known names: {', '.join(ADAPTERS)} "
                         "(or give a local path, optionally as NAME=PATH)")
     return ADAPTERS[name]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Deterministic splits

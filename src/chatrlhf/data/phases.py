@@ -14,10 +14,12 @@ covering every input that changes them; the directory appears in one rename, so 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,11 +32,11 @@ import torch
 from chatrlhf.config import Check, check_fields, check_output_dir
 from chatrlhf.data.adapters import Row, derived_seed, split_indices
 from chatrlhf.data.sources import fingerprint, open_source
+from chatrlhf.data.template import DSCHAT, TEMPLATE_CHOICES, ChatFormat, resolve_format
 from chatrlhf.errors import DataError, ModelError
-from chatrlhf.template import DSCHAT, TEMPLATE_CHOICES, ChatFormat, resolve_format
 from chatrlhf.utils import atomic_dir, get_local_rank
 
-logger = logging.getLogger("chatrlhf")
+logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # bump when the stored format or tokenization rules change
 IGNORE_INDEX = -100
@@ -101,7 +103,6 @@ def parse_data_split(text: str) -> list[float]:
     if sum(weights) <= 0:
         raise DataError(f"--data_split {text!r}: shares sum to 0")
     return weights
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Row selection (no tokenizer needed; also used by `chatrlhf data inspect`)
@@ -188,13 +189,12 @@ def _check_phase(phase: int) -> None:
     if phase not in (1, 2, 3):
         raise ValueError(f"phase must be 1, 2 or 3, got {phase!r}")
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenization
 
 
 class Encoder:
-    """Tokenizes prompt/answer texts rendered by a ChatFormat (chatrlhf.template): answers end with EOS, and the
+    """Tokenizes prompt/answer texts rendered by a ChatFormat (chatrlhf.data.template): answers end with EOS, and the
     number of leading tokens that belong to the prompt is known exactly.
 
     ``dschat``: prompt + answer tokenized jointly (BOS as the tokenizer adds it; the prompt/answer boundary from
@@ -371,7 +371,6 @@ def _tokenize_prompts(rows, cfg, enc, firsts):
             cols["meta"].append(json.dumps(row.meta or {}, sort_keys=True, ensure_ascii=False))
     return cols, stats
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Datasets
 
@@ -398,7 +397,7 @@ _TEXT_COLUMNS = ("prompt", "meta")  # phase 3: the row's prompt text and its met
 
 
 def _features(phase: int, kwise: bool):
-    import datasets
+    import datasets  # lazy: datasets
 
     seq = datasets.List(datasets.Value("int32"))
     if phase == 1:
@@ -466,8 +465,6 @@ def data_cache_root(cfg: DataConfig) -> Path:
     local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or ""  # torchrun / the deepspeed launcher
     nodes = env.get("CROSS_SIZE", "")
     if (world.isdigit() and local.isdigit() and int(world) > int(local)) or (nodes.isdigit() and int(nodes) > 1):
-        import socket
-
         root = root / f"node-{socket.gethostname()}"
     return root
 
@@ -489,7 +486,7 @@ def build_phase_datasets(phase: int, data_cfg: DataConfig, tokenizer: Any) -> tu
 def _load_split(cache_dir: Path, split: str, meta: dict[str, Any]) -> Sequence[dict[str, Any]]:
     if meta[split]["rows"] == 0:
         return []
-    import datasets
+    import datasets  # lazy: datasets
 
     return datasets.load_from_disk(str(cache_dir / split))
 
@@ -501,7 +498,7 @@ def _describe_drops(meta: dict[str, Any]) -> str:
 
 
 def _save_quietly(ds: Any, path: Path) -> None:
-    import datasets as ds_tqdm
+    import datasets as ds_tqdm  # lazy: datasets
 
     was_disabled = ds_tqdm.are_progress_bars_disabled()
     ds_tqdm.disable_progress_bars()  # one bar per split and phase is noise in training logs
@@ -513,7 +510,7 @@ def _save_quietly(ds: Any, path: Path) -> None:
 
 
 def _build(phase: int, cfg: DataConfig, tokenizer: Any, out: Path) -> None:
-    import datasets
+    import datasets  # lazy: datasets
 
     enc = Encoder(tokenizer, chat_format(cfg, tokenizer))
     planned = plan_phase_rows(phase, cfg)
@@ -568,7 +565,6 @@ def _empty_message(phase: int, n_rows: int, stats: Counter, planned: PhaseRows, 
     hint = _DROP_HINTS.get(main, "check the data with `chatrlhf data inspect`")
     return f"phase {phase}: all {n_rows} training rows were filtered out ({reasons}{where}); {hint}"
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Build once per node
 
@@ -580,7 +576,6 @@ def _dist_initialized() -> bool:
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock between processes on this node (separate launches that share the cache dir)."""
-    import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
@@ -622,7 +617,6 @@ def _build_once(cache_dir: Path, reload: bool, build: Callable[[Path], None]) ->
         raise DataError(f"tokenized data cache {cache_dir} is missing after the build (is data_output_path "
                         "node-local and shared by the ranks of this node?)")
     return hit
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Collators

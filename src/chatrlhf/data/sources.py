@@ -43,7 +43,7 @@ from chatrlhf.data.adapters import (ADAPTERS, EVAL_SPLIT_ALIASES, Adapter, Field
                                     train_eval_indices)
 from chatrlhf.errors import DataError
 
-logger = logging.getLogger("chatrlhf")
+logger = logging.getLogger(__name__)
 
 DATA_EXTS = (".jsonl", ".json", ".parquet")
 SPLIT_NAMES = ("train",) + EVAL_SPLIT_ALIASES
@@ -158,7 +158,6 @@ class Source:
 def _with_split(row: Row | None, split: str) -> Row | None:
     return None if row is None else replace(row, split=split)
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Entry parsing
 
@@ -209,7 +208,6 @@ def open_source(entry: str, name: str | None = None) -> Source:
         logger.info("%s: columns match %s", path, adapter.name)
     return Source(entry, adapter, splits, str(path))
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Readers
 
@@ -217,7 +215,7 @@ def open_source(entry: str, name: str | None = None) -> Source:
 def read_hub(adapter: Adapter) -> dict[str, RawSplit]:
     """``datasets.load_dataset`` for a hub name (needs network or the HF cache)."""
     try:
-        import datasets
+        import datasets  # lazy: datasets
 
         args = (adapter.hub_id, adapter.hub_config) if adapter.hub_config else (adapter.hub_id,)
         dd = datasets.load_dataset(*args)
@@ -238,7 +236,7 @@ def read_local(path: Path) -> dict[str, RawSplit]:
 
 
 def _read_saved(path: Path) -> dict[str, RawSplit]:
-    import datasets
+    import datasets  # lazy: datasets
 
     try:
         obj = datasets.load_from_disk(str(path))
@@ -339,7 +337,7 @@ def _read_file(path: Path) -> RawSplit:
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: pyarrow
 
         return pq.read_table(str(path)).to_pylist()
     except Exception as e:
@@ -428,9 +426,9 @@ def _find_bad_text(value: Any, where: str) -> tuple[str, str] | None:
             return bad
     return None
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Column detection
+
 
 _RULES: list[tuple[frozenset[str], str | None]] = [
     (frozenset({"question", "answer_0", "answer_1", "score_0", "score_1"}), "openai/webgpt_comparisons"),
@@ -482,7 +480,6 @@ def _detect_by_content(split: RawSplit, location: str) -> str:
                             "Dahoas/synthetic-instruct-gptj-pairwise=PATH (template)", file=file, row=rowno,
                             field="prompt")
     return "local/jsonfile" if first else "Dahoas/synthetic-instruct-gptj-pairwise"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Cache fingerprints

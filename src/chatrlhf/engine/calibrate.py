@@ -27,14 +27,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from chatrlhf.utils import cache_dir
 
-logger = logging.getLogger("chatrlhf.calibrate")
+logger = logging.getLogger(__name__)
 
 _decided: dict[str, dict] = {}  # key -> record, for this process
 
 
 def cache_file() -> Path:
-    from chatrlhf.utils import cache_dir
 
     return cache_dir() / "calibration.json"
 

@@ -1,4 +1,4 @@
-/* Fused kernels for training on CPU (models/fused.py): SwiGLU and RMSNorm, forward and backward, one pass each.
+/* Fused kernels for training on CPU (engine/fused.py): SwiGLU and RMSNorm, forward and backward, one pass each.
 
    SwiGLU: h = silu(g) * u.
 

@@ -12,7 +12,7 @@ reads the weights of a Hugging Face model in place (after ZeRO-3 gathering and L
   bf16: oneDNN's ``_reorder_linear_weight``): a decode step multiplies ``batch`` rows by every weight matrix, where
   plain ``F.linear`` streams fp32 weights at 5-8 GB/s on a 2-core Xeon and packed MKL at 12-15 GB/s, and bf16
   weights at 4-27 GB/s on an AVX512-BF16 EPYC against 24-72 GB/s packed;
-- for llama-style models on CPU in fp32, every step after the prefill is one call into decode.c
+- for llama-style models on CPU in fp32 or bf16, every step after the prefill is one call into decode.c
   (:mod:`chatrlhf.engine.native`: its own panel-packed GEMMs at 18-20 GB/s and no per-op cost), when a C compiler
   is there to build it;
 - the processors of ``generate`` in its order (min_new_tokens, temperature, top-k, top-p), then ``argmax`` (greedy:
@@ -37,6 +37,7 @@ fastest is cached (engine/calibrate.py) and used from then on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from types import SimpleNamespace
@@ -44,10 +45,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from chatrlhf.engine import calibrate
-from chatrlhf.engine import native as native_step
+from chatrlhf.engine import calibrate, native as native_step
+from chatrlhf.errors import one_line
 
-logger = logging.getLogger("chatrlhf.hybrid")
+logger = logging.getLogger(__name__)
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 ROPE_KINDS = LLAMA_LIKE + ("gpt_neox",)  # rotary positions (GPT-NeoX: on the first rotary_ndims of each head)
@@ -148,8 +149,9 @@ CALIBRATION_TOKENS = 16  # new tokens per timed candidate when choosing a decode
 
 
 def candidate_paths(model) -> list[str]:
-    """The decoders that can run ``model`` here, fastest-in-theory first: ``native`` (CPU fp32 llama-style, a C
-    compiler), ``packed`` (CPU fp32 or bf16: fused projections, weights pre-packed by MKL / oneDNN), ``torch``
+    """The decoders that can run ``model`` here, fastest-in-theory first: ``native`` (CPU fp32 or bf16
+    llama-style, a C compiler), ``packed`` (CPU fp32 or bf16: fused projections, weights pre-packed by MKL /
+    oneDNN where this processor can), ``torch``
     (HybridDecoder on the module's own weights: accelerators, other dtypes), and always ``generate``. Why a model
     has no hybrid path is logged once."""
     reason = unsupported_reason(model)
@@ -159,10 +161,10 @@ def candidate_paths(model) -> list[str]:
             logger.warning("hybrid engine: %s; generating with transformers' generate", reason)
         return ["generate"]
     embed = _embedding(_stack(model)).weight
-    if not _can_pack(embed):
+    if not _can_fuse(embed):
         return ["torch", "generate"]
-    fp32 = embed.dtype == torch.float32
-    return (["native"] if fp32 and native_lib(model) is not None else []) + ["packed", "generate"]
+    native = embed.dtype in native_step.DTYPES and native_lib(model) is not None
+    return (["native"] if native else []) + ["packed", "generate"]
 
 
 def decode_path(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -189,8 +191,8 @@ def decode_path(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
 
 
 def native_lib(model):
-    """The native decode step's library when it can run ``model`` (llama-style, SwiGLU, no biases, CPU fp32 with
-    folded norms), else None; the reason it cannot is logged once."""
+    """The native decode step's library when it can run ``model`` (llama-style, SwiGLU, no biases; CPU fp32 or
+    bf16 weights, the caller checks), else None; the reason it cannot is logged once."""
     cfg = model.config
     why = None
     if cfg.model_type not in LLAMA_LIKE:
@@ -275,7 +277,7 @@ class _Proj:
             if any(b is not None for _, b in parts):
                 self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
             self.rows = rows
-            if mkl_pack and self.weight.numel() >= self.PACK_MIN_ELEMENTS:
+            if mkl_pack and self.weight.numel() >= self.PACK_MIN_ELEMENTS and _can_pack(self.weight):
                 self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows) \
                     if self.weight.dtype == torch.float32 else \
                     torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
@@ -332,6 +334,11 @@ def _scale(norm: _Norm | None) -> torch.Tensor | None:
     return norm.fold_scale if norm is not None and norm.fold else None
 
 
+def _can_fuse(weight: torch.Tensor) -> bool:
+    """CPU fp32/bf16 weights: the projections are concatenated (and packed where :func:`_can_pack`)."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+
+
 def _can_pack(weight: torch.Tensor) -> bool:
     """CPU weights that torch can pre-pack for a fixed small batch: fp32 through MKL, bf16 through oneDNN (2-6x
     faster than plain ``F.linear`` at 8 rows on an AVX512-BF16 EPYC, bitwise the same result). Both are torch's
@@ -340,8 +347,25 @@ def _can_pack(weight: torch.Tensor) -> bool:
         return False
     if weight.dtype == torch.float32:
         return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
-    return (weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")))
+    return weight.dtype == torch.bfloat16 and _onednn_bf16_packs()
+
+
+@functools.cache
+def _onednn_bf16_packs() -> bool:
+    """Whether this build *and processor* can pre-pack bf16 weights through oneDNN: the op exists in every build
+    but refuses CPUs without AVX512-BF16-class instructions (seen on an AVX2 EPYC: "bf16 path needs the cpu
+    support avx_ne_convert or avx512bw, avx512vl and avx512dq"). Asked once, by packing a small matrix."""
+    if not (torch.backends.mkldnn.is_available()
+            and all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))):
+        return False
+    try:
+        w = torch.zeros(32, 32, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(w[:2], torch.ops.mkldnn._reorder_linear_weight(w, 2), None, "none",
+                                           [], "")
+    except RuntimeError as e:
+        logger.info("bf16 weight packing (oneDNN) unavailable on this CPU: %s", one_line(e))
+        return False
+    return True
 
 
 class HybridDecoder:
@@ -365,53 +389,59 @@ class HybridDecoder:
         self.hidden = cfg.hidden_size
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.n_heads
         self.dtype = self.embed.dtype
-        pack = _can_pack(self.embed) if pack is None else (pack and _can_pack(self.embed))
-        lib = native_lib(model) if pack and native is not False and self.dtype == torch.float32 else None
+        pack = _can_fuse(self.embed) if pack is None else (pack and _can_fuse(self.embed))
+        lib = native_lib(model) if pack and native is not False and self.dtype in native_step.DTYPES else None
         mkl = lib is None  # the native step has its own weight layout; the prefill uses the plain fused matrices
-        self.layers = []
         self.rotary_ndims = self.head_dim
-        for layer in _layers(stack):
-            if self.kind == "gpt2":
-                a = layer.attn
-                self.layers.append(dict(
-                    qkv=_Proj([_transposed(a.c_attn)], rows, pack, mkl_pack=mkl),
-                    o=_Proj([_transposed(a.c_proj)], rows, pack, mkl_pack=mkl),
-                    up=_Proj([_transposed(layer.mlp.c_fc)], rows, pack, mkl_pack=mkl),
-                    down=_Proj([_transposed(layer.mlp.c_proj)], rows, pack, mkl_pack=mkl),
-                    ln1=_Norm(layer.ln_1), ln2=_Norm(layer.ln_2), scaling=a.scaling, pre_norm=True, parallel=False))
-                continue
-            if self.kind in ("gpt_neox", "bloom"):  # the same module names and per-head interleaved q/k/v
-                neox = self.kind == "gpt_neox"
-                a = layer.attention if neox else layer.self_attention
-                if neox:
-                    self.rotary_ndims = a.rotary_ndims
-                self.layers.append(dict(
-                    qkv=_Proj([_per_head_qkv(a.query_key_value, self.n_heads)], rows, pack, mkl_pack=mkl),
-                    o=_Proj([a.dense], rows, pack, mkl_pack=mkl),
-                    up=_Proj([layer.mlp.dense_h_to_4h], rows, pack, mkl_pack=mkl),
-                    down=_Proj([layer.mlp.dense_4h_to_h], rows, pack, mkl_pack=mkl),
-                    ln1=_Norm(layer.input_layernorm), ln2=_Norm(layer.post_attention_layernorm),
-                    scaling=a.scaling if neox else a.inv_norm_factor, pre_norm=True,
-                    parallel=neox and layer.use_parallel_residual,
-                    normed_residual=not neox and layer.apply_residual_connection_post_layernorm))
-                continue
-            a = layer.self_attn
-            if self.kind == "opt":
-                self.layers.append(dict(
-                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.out_proj], rows, pack),
-                    up=_Proj([layer.fc1], rows, pack), down=_Proj([layer.fc2], rows, pack),
-                    ln1=_Norm(layer.self_attn_layer_norm), ln2=_Norm(layer.final_layer_norm), scaling=a.scaling,
-                    pre_norm=layer.do_layer_norm_before, parallel=False))
-            else:
-                ln1, ln2 = _Norm(layer.input_layernorm, fold=pack), _Norm(layer.post_attention_layernorm, fold=pack)
-                self.layers.append(dict(
-                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack, _scale(ln1), mkl),
-                    o=_Proj([a.o_proj], rows, pack, mkl_pack=mkl),
-                    up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack, _scale(ln2), mkl),
-                    down=_Proj([layer.mlp.down_proj], rows, pack, mkl_pack=mkl), ln1=ln1, ln2=ln2,
-                    scaling=a.scaling, pre_norm=True, parallel=False))
-        from transformers.activations import ACT2FN
+        self.layers = [self._build_layer(layer, rows, pack, mkl) for layer in _layers(stack)]
+        self._family_ends(model, stack, pack)
+        self.head = _Proj([model.get_output_embeddings()], rows, pack, _scale(self.final_norm), mkl)
+        self.native = native_step.NativeStep(lib, self, rows) if lib is not None else None
 
+    def _build_layer(self, layer, rows: int, pack: bool, mkl: bool) -> dict:
+        """One decoder layer's projections (fused and packed where ``pack``), norms and attention settings."""
+        if self.kind == "gpt2":
+            a = layer.attn
+            return dict(
+                qkv=_Proj([_transposed(a.c_attn)], rows, pack, mkl_pack=mkl),
+                o=_Proj([_transposed(a.c_proj)], rows, pack, mkl_pack=mkl),
+                up=_Proj([_transposed(layer.mlp.c_fc)], rows, pack, mkl_pack=mkl),
+                down=_Proj([_transposed(layer.mlp.c_proj)], rows, pack, mkl_pack=mkl),
+                ln1=_Norm(layer.ln_1), ln2=_Norm(layer.ln_2), scaling=a.scaling, pre_norm=True, parallel=False)
+        if self.kind in ("gpt_neox", "bloom"):  # the same module names and per-head interleaved q/k/v
+            neox = self.kind == "gpt_neox"
+            a = layer.attention if neox else layer.self_attention
+            if neox:
+                self.rotary_ndims = a.rotary_ndims
+            return dict(
+                qkv=_Proj([_per_head_qkv(a.query_key_value, self.n_heads)], rows, pack, mkl_pack=mkl),
+                o=_Proj([a.dense], rows, pack, mkl_pack=mkl),
+                up=_Proj([layer.mlp.dense_h_to_4h], rows, pack, mkl_pack=mkl),
+                down=_Proj([layer.mlp.dense_4h_to_h], rows, pack, mkl_pack=mkl),
+                ln1=_Norm(layer.input_layernorm), ln2=_Norm(layer.post_attention_layernorm),
+                scaling=a.scaling if neox else a.inv_norm_factor, pre_norm=True,
+                parallel=neox and layer.use_parallel_residual,
+                normed_residual=not neox and layer.apply_residual_connection_post_layernorm)
+        a = layer.self_attn
+        if self.kind == "opt":
+            return dict(
+                qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.out_proj], rows, pack),
+                up=_Proj([layer.fc1], rows, pack), down=_Proj([layer.fc2], rows, pack),
+                ln1=_Norm(layer.self_attn_layer_norm), ln2=_Norm(layer.final_layer_norm), scaling=a.scaling,
+                pre_norm=layer.do_layer_norm_before, parallel=False)
+        ln1, ln2 = _Norm(layer.input_layernorm, fold=pack), _Norm(layer.post_attention_layernorm, fold=pack)
+        return dict(
+            qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack, _scale(ln1), mkl),
+            o=_Proj([a.o_proj], rows, pack, mkl_pack=mkl),
+            up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack, _scale(ln2), mkl),
+            down=_Proj([layer.mlp.down_proj], rows, pack, mkl_pack=mkl), ln1=ln1, ln2=ln2,
+            scaling=a.scaling, pre_norm=True, parallel=False)
+
+    def _family_ends(self, model, stack, pack: bool) -> None:
+        """What sits around the layers, per family: activation, final norm, positions, projections in/out."""
+        from transformers.activations import ACT2FN  # lazy: transformers
+
+        cfg = model.config
         self.project_in = self.project_out = self.embed_norm = self.alibi_slopes = self.alibi = None
         if self.kind == "opt":
             self.act = ACT2FN[cfg.activation_function]
@@ -434,8 +464,6 @@ class HybridDecoder:
         else:
             self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
             self.final_norm = _Norm(stack.norm, fold=pack)
-        self.head = _Proj([model.get_output_embeddings()], rows, pack, _scale(self.final_norm), mkl)
-        self.native = native_step.NativeStep(lib, self, rows) if lib is not None else None
 
     # ------------------------------------------------------------------------------------------------ pieces
     @staticmethod
@@ -640,7 +668,7 @@ def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     half precision the model's own op-by-op formula, whose intermediate roundings decide generate()'s tokens."""
     if x.dtype == torch.float32:
         return F.gelu(x, approximate="tanh")
-    from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
+    from transformers.models.bloom.modeling_bloom import bloom_gelu_forward  # lazy: transformers
 
     return bloom_gelu_forward(x)
 

@@ -11,7 +11,7 @@ import logging
 
 from chatrlhf.errors import UserError
 
-logger = logging.getLogger("chatrlhf.liger")
+logger = logging.getLogger(__name__)
 
 
 def check_available(device_type: str) -> None:
@@ -20,7 +20,7 @@ def check_available(device_type: str) -> None:
         raise UserError("--use_liger_kernel needs a GPU: Liger-Kernel's kernels are Triton GPU kernels, and this run "
                         "is on the CPU (drop the flag)")
     try:
-        import liger_kernel.transformers  # noqa: F401
+        import liger_kernel.transformers  # noqa: F401  # lazy: liger_kernel
     except ImportError as e:
         raise UserError(f"--use_liger_kernel: Liger-Kernel cannot be imported ({e}); pip install liger-kernel") \
             from None
@@ -29,7 +29,7 @@ def check_available(device_type: str) -> None:
 def apply(model, model_type: str) -> str:
     """Patch ``model`` (a transformers model, or our reward model's body) with Liger's kernels for ``model_type``;
     returns the function applied."""
-    import liger_kernel.transformers as lk
+    import liger_kernel.transformers as lk  # lazy: liger_kernel
 
     name = f"apply_liger_kernel_to_{model_type}"
     fn = getattr(lk, name, None)

@@ -21,22 +21,26 @@ import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
 from chatrlhf.engine import calibrate
+import stat
 
-logger = logging.getLogger("chatrlhf.native")
+logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
 PANEL = 32
 _P = ctypes.POINTER
 _f = ctypes.c_float
+_v = ctypes.c_void_p
 _libs: dict[str, ctypes.CDLL] = {}  # the built kernels, by name
 _whys: dict[str, str] = {}  # why a kernel is not there, by name
 
@@ -44,13 +48,15 @@ _whys: dict[str, str] = {}  # why a kernel is not there, by name
 class Net(ctypes.Structure):
     """Mirror of ``Net`` in decode.c."""
     _fields_ = ([(k, ctypes.c_int) for k in ("rows", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab",
-                                              "layers", "max_len")]
-                + [("scale", _f), ("embed", _P(_f))]
-                + [(k, _P(_P(_f))) for k in ("wqkv", "wo", "wup", "wdown")]
+                                              "layers", "max_len", "bf16")]
+                + [("scale", _f), ("embed", _v)]
+                + [(k, _P(_v)) for k in ("wqkv", "wo", "wup", "wdown")]
                 + [("floor1", _P(_f)), ("floor2", _P(_f)), ("floor_final", _f)]
-                + [(k, _P(_P(_f))) for k in ("kc", "vc")]
-                + [("whead", _P(_f))]
-                + [(k, _P(_f)) for k in ("x", "h", "qkv", "att", "gu", "act", "logits", "scores")])
+                + [("g1", _P(_P(_f))), ("g2", _P(_P(_f))), ("gfinal", _P(_f))]
+                + [(k, _P(_v)) for k in ("kc", "vc")]
+                + [("whead", _v)]
+                + [(k, _P(_f)) for k in ("x", "h", "qkv", "att", "gu", "act", "logits", "scores")]
+                + [("xb", _v)])
 
 
 def _cache_dir() -> Path:
@@ -84,7 +90,6 @@ def _kernel_key(src: bytes, cc: str) -> str:
 def _unsafe(path: Path) -> str | None:
     """Why a cached library or its dir must not be trusted (None: it may be): a symlink, another owner, or writable
     by group/others (whoever can write it can put code there that dlopen would run)."""
-    import stat
 
     try:
         st = os.lstat(path)
@@ -123,7 +128,9 @@ def _declare_decode(lib: ctypes.CDLL) -> None:
     lib.chatrlhf_decode_step.argtypes = [_P(Net), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_void_p]
     lib.chatrlhf_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.chatrlhf_decode_step.restype = lib.chatrlhf_pack.restype = None
+    lib.chatrlhf_pack_bf16.argtypes = lib.chatrlhf_pack.argtypes
+    lib.chatrlhf_decode_step.restype = lib.chatrlhf_pack.restype = lib.chatrlhf_pack_bf16.restype = None
+    lib.chatrlhf_bf16_dot.argtypes, lib.chatrlhf_bf16_dot.restype = [], ctypes.c_int
 
 
 def _declare_fused(lib: ctypes.CDLL) -> None:
@@ -197,57 +204,140 @@ def _ptrs(ts: list[torch.Tensor]):
     return (_P(_f) * len(ts))(*[_ptr(t) for t in ts])
 
 
-def pack(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] -> panels [ceil(N/32), K, 32] (decode.c's GEMM layout)."""
+def _vptrs(ts: list[torch.Tensor]):
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+DTYPES = (torch.float32, torch.bfloat16)  # the weight formats decode.c has
+
+
+def packed_numel(n: int, k: int, dtype: torch.dtype) -> int:
+    """Elements of W [n, k] in decode.c's GEMM layout (see :func:`pack`)."""
+    return (n + PANEL - 1) // PANEL * PANEL * ((k + 1) // 2 * 2 if dtype == torch.bfloat16 else k)
+
+
+def pack(lib: ctypes.CDLL, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] -> decode.c's GEMM layout, flat (into ``out`` when given): fp32 panels [ceil(N/32), K, 32]; bf16
+    panels [ceil(N/32), ceil(K/2), 32, 2] (each column's k and k+1 side by side, zeros past N and K)."""
     n, k = weight.shape
     w = weight.contiguous()
-    out = torch.empty((n + PANEL - 1) // PANEL, k, PANEL, dtype=torch.float32)
-    lib.chatrlhf_pack(w.data_ptr(), n, k, out.data_ptr())
+    if out is None:
+        out = torch.empty(packed_numel(n, k, w.dtype), dtype=w.dtype)
+    (lib.chatrlhf_pack_bf16 if w.dtype == torch.bfloat16 else lib.chatrlhf_pack)(w.data_ptr(), n, k,
+                                                                                  out.data_ptr())
     return out
+
+
+HUGE_PAGE = 2 << 20
+_spare: list = []  # the weight region of the last dropped NativeStep, for the next one of the same size
+
+
+def _arena(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """An uninitialised 1-D tensor for the packed weights and the memory region under it (None: a plain tensor).
+
+    The region is fresh anonymous memory that Linux may back with 2 MiB pages (MADV_HUGEPAGE: transparent huge
+    pages in their default `madvise` mode): the packed weights are streamed whole every step, and with 4 KiB pages
+    the bf16 GEMMs of the mid model read 16% slower (measured 36.6 vs 43.4 GB/s on one core); they also fault in
+    faster (8 vs 55 ms for 164 MB). A process's first huge pages can cost the kernel a compaction (0.2-0.4 s
+    measured), so the region of a dropped step is kept for the next one of the same size (one rollout after the
+    other: no faults at all), unless it is over an eighth of the machine's memory."""
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < HUGE_PAGE:
+        return torch.empty(numel, dtype=dtype), None
+    size = nbytes + HUGE_PAGE
+    region = _spare.pop() if _spare and len(_spare[-1]) == size else None
+    _spare.clear()
+    if region is None:
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # a kernel without THP: 4 KiB pages
+        pass
+    return torch.frombuffer(region, dtype=dtype, count=numel, offset=start), region
+
+
+def _keep_spare(region: mmap.mmap) -> None:
+    try:
+        small = len(region) * 8 <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        small = False
+    if small:
+        _spare[:] = [region]
 
 
 class NativeStep:
     """One decode step of a HybridDecoder's llama-style layers for ``rows`` rows, writing its KV ``cache``.
 
-    Holds the packed weights (a copy, made once per decoder) and the scratch buffers; ``logits`` is reused by
-    every step, so consume it before the next call."""
+    fp32 decoders (folded norms) run fp32 panels; bf16 decoders bf16 panels (half the bytes a step streams) with
+    fp32 accumulation and activations, the norm weights applied in the step and the KV cache in bf16 (the one the
+    torch prefill wrote). Holds the packed weights (a copy, made once per decoder, every matrix in one buffer in
+    the order a step reads them) and the scratch buffers; ``logits`` is reused by every step, so consume it before
+    the next call."""
 
     def __init__(self, lib: ctypes.CDLL, dec, rows: int):
         self.lib = lib
         H, I = dec.hidden, dec.layers[0]["up"].weight.shape[0] // 2
         nh, nkv, hd = dec.n_heads, dec.n_kv, dec.head_dim
-        self.rows, self.vocab = rows, dec.head.weight.shape[0]
-        pad = (rows + 7) // 8 * 8  # GEMM inputs: whole blocks of 8 rows, the extra rows stay zero
+        self.rows, self.vocab, self.bf16 = rows, dec.head.weight.shape[0], dec.dtype == torch.bfloat16
+        pad = (rows + 7) // 8 * 8  # GEMM inputs: whole blocks of 8 rows (the extra rows' results are dropped)
+        names = ("qkv", "o", "up", "down")
+        mats = [L[k].weight for L in dec.layers for k in names] + [dec.head.weight]
         # packed copies, kept alive here: the Net struct holds only their addresses
-        self.packed = {f"w{k}": [pack(lib, L[k].weight) for L in dec.layers] for k in ("qkv", "o", "up", "down")}
-        self.whead = pack(lib, dec.head.weight)
+        self.arena, region = _arena(sum(packed_numel(*w.shape, dec.dtype) for w in mats), dec.dtype)
+        if region is not None:
+            weakref.finalize(self, _keep_spare, region)
+        views = list(torch.split(self.arena, [packed_numel(*w.shape, dec.dtype) for w in mats]))
+        for w, v in zip(mats, views):
+            pack(lib, w, v)
+        n_layers = len(dec.layers)
+        self.lists = {f"w{k}": _vptrs(views[j:4 * n_layers:4]) for j, k in enumerate(names)}
+        self.whead = views[-1]
         self.embed = dec.embed.contiguous()
-        self.floors = [torch.stack([L[k].floor for L in dec.layers]).float().contiguous() for k in ("ln1", "ln2")]
+        norms = [[L[k] for L in dec.layers] for k in ("ln1", "ln2")] + [[dec.final_norm]]
+        floors = [torch.tensor([(H * m.eps) ** 0.5 for m in ms], dtype=torch.float32) for ms in norms]
+        self.floors = floors
+        # sqrt(H) * weight of each norm, or None where it is folded into the next matrix (fp32)
+        self.gains = None if dec.final_norm.fold else \
+            [[(m.weight.float() * H ** 0.5).contiguous() for m in ms] for ms in norms]
         z = torch.zeros
+        width = max(H, nh * hd, I)
         self.buf = dict(x=z(rows, H), h=z(pad, H), qkv=z(rows, (nh + 2 * nkv) * hd), att=z(pad, nh * hd),
                         gu=z(rows, 2 * I), act=z(pad, I), logits=z(rows, self.vocab))
-        self.H, self.I, self.nh, self.nkv, self.hd, self.dec = H, I, nh, nkv, hd, dec
-        self.lists = {k: _ptrs(ws) for k, ws in self.packed.items()}
+        self.xb = z(pad, (width + 1) // 2 if self.bf16 else 1, dtype=torch.int32)  # bf16 GEMM input pairs
+        self.H, self.I, self.nh, self.nkv, self.hd = H, I, nh, nkv, hd
+        self.n_layers, self.scale = n_layers, dec.layers[0]["scaling"]  # not `dec`: no cycle, freed with it
         self.net = None
 
     def bind(self, cache: list[tuple[torch.Tensor, torch.Tensor]], max_len: int) -> None:
         """Point the step at a fresh KV cache [rows, n_kv, max_len, head_dim] per layer (one per generate())."""
         self.cache = cache
         self.scores = torch.empty(self.rows * self.nh, max_len)
-        self.kc, self.vc = _ptrs([k for k, _ in cache]), _ptrs([v for _, v in cache])
-        dec, b = self.dec, self.buf
+        self.kc, self.vc = _vptrs([k for k, _ in cache]), _vptrs([v for _, v in cache])
+        self._rope = None
+        b, g = self.buf, self.gains
+        gains = {} if g is None else dict(g1=_ptrs(g[0]), g2=_ptrs(g[1]), gfinal=_ptr(g[2][0]))
         self.net = Net(rows=self.rows, hidden=self.H, n_heads=self.nh, n_kv=self.nkv, head_dim=self.hd,
-                       inter=self.I, vocab=self.vocab, layers=len(dec.layers), max_len=max_len,
-                       scale=dec.layers[0]["scaling"], embed=_ptr(self.embed), **self.lists,
+                       inter=self.I, vocab=self.vocab, layers=self.n_layers, max_len=max_len, bf16=self.bf16,
+                       scale=self.scale, embed=self.embed.data_ptr(), **self.lists,
                        floor1=_ptr(self.floors[0]), floor2=_ptr(self.floors[1]),
-                       floor_final=float(dec.final_norm.floor), kc=self.kc, vc=self.vc, whead=_ptr(self.whead),
-                       scores=_ptr(self.scores), **{k: _ptr(t) for k, t in b.items()})
+                       floor_final=float(self.floors[2][0]), kc=self.kc, vc=self.vc, whead=self.whead.data_ptr(),
+                       scores=_ptr(self.scores), xb=self.xb.data_ptr(), **gains,
+                       **{k: _ptr(t) for k, t in b.items()})
+
+    def _fp32(self, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor):
+        """cos, sin, mask as contiguous fp32 (what the C side reads): converted once per generate() for bf16."""
+        src = (cos, sin, mask)
+        if self._rope is None or any(a is not b for a, b in zip(self._rope[0], src)):
+            self._rope = (src, tuple(t.float().contiguous() for t in src))
+        return self._rope[1]
 
     def __call__(self, ids: torch.Tensor, p: int, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
         """ids [rows] at position p; cos/sin [rows, max_len, head_dim]; mask [rows, max_len] -> logits [rows, V]."""
-        # the C side reads int64 ids and contiguous fp32 rows (no-ops for what HybridDecoder passes)
-        ids, cos, sin, mask = ids.long().contiguous(), cos.contiguous(), sin.contiguous(), mask.contiguous()
+        # the C side reads int64 ids and contiguous fp32 rows (no-ops for what an fp32 HybridDecoder passes)
+        ids = ids.long().contiguous()
+        cos, sin, mask = self._fp32(cos, sin, mask)
         self.lib.chatrlhf_decode_step(ctypes.byref(self.net), ids.data_ptr(), p, cos.data_ptr(), sin.data_ptr(),
                                       mask.data_ptr())
         return self.buf["logits"]

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-log = logging.getLogger("chatrlhf")
+log = logging.getLogger(__name__)
 
 
 def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor:

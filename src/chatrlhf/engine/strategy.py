@@ -13,54 +13,34 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-
+from chatrlhf.engine import liger
+from chatrlhf.engine.device import DTYPES, accelerator, resolve_dtype, rng_state, set_rng_state
+from chatrlhf.engine.fused import fuse_cpu_kernels
+from chatrlhf.engine.memory import static_memory
 from chatrlhf.engine.optim import AdamW
 from chatrlhf.errors import UserError
-from chatrlhf.utils import atomic_dir, atomic_write_json, find_latest_checkpoint, free_port, latest_checkpoints
+from chatrlhf.models import lora
+from chatrlhf.models.dims import unwrap
+from chatrlhf.models.lora import has_lora, merged_state_dict
+from chatrlhf.models.reward_model import RewardModel
+from chatrlhf.utils import atomic_dir, atomic_write_json, free_port, latest_checkpoints, set_seed
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Parameters whose names contain one of these get no weight decay (biases and all LayerNorm/RMSNorm weights).
 NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_1.weight",
             "ln_2.weight", "LayerNorm.weight")
-
-
-def accelerator():
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator()
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str) -> str:
-    """'auto' -> bf16 where the device does bf16 natively (GPU with bf16, CPU with AVX512-BF16/AMX), else fp32.
-    fp16 on CPU is refused: matmuls run ~1 GFLOP/s there and overflow handling buys nothing."""
-    acc = accelerator()
-    on_cpu = acc.device_name() == "cpu"
-    if dtype == "auto":
-        if on_cpu:
-            return "bf16" if cpu_supports_bf16() else "fp32"
-        return "bf16" if acc.is_bf16_supported() else "fp16"
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of auto, fp32, bf16, fp16; got {dtype!r}")
-    if dtype == "fp16" and on_cpu:
-        raise UserError("--dtype fp16 is not usable on CPU (fp16 matmuls are ~400x slower than bf16 here and "
-                        "need loss scaling); use --dtype bf16 or --dtype fp32")
-    return dtype
 
 
 @dataclass
@@ -92,23 +72,10 @@ def estimate_memory(n_params: int, zero_stage: int, dtype: str, world_size: int 
     optimizer states (and ZeRO-3 weights) to host memory, which on a CPU-only machine is the same memory.
     """
     trainable = n_params if trainable_params is None else trainable_params
-    w = 4 if dtype == "fp32" else 2
-    opt_b = 8 if dtype == "fp32" else 12
-    weights, grads, optim = n_params * w, trainable * w, trainable * opt_b
     ws = max(1, world_size)
-    if zero_stage >= 1:
-        optim //= ws
-    if zero_stage >= 2:
-        grads //= ws
-    if zero_stage >= 3:
-        weights //= ws
     if on_cpu is None:
         on_cpu = accelerator().device_name() == "cpu"
-    dev = {"weights": weights, "gradients": grads, "optimizer": optim}
-    if offload and zero_stage >= 1 and not on_cpu:  # ZeRO-0 cannot offload (refused by check_offload)
-        dev["optimizer"] = 0
-        if zero_stage >= 3:
-            dev["weights"] = 0
+    dev = static_memory(n_params, zero_stage, dtype, ws, offload, on_cpu, trainable)
     total = sum(dev.values())
     tips = []
     if zero_stage < 3 and ws > 1:
@@ -148,7 +115,7 @@ def check_offload(offload: bool, zero_stage: int, flag: str = "--zero_stage") ->
 
 
 def _is_cpu_adam(optimizer: Any) -> bool:
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: deepspeed
 
     return isinstance(optimizer, DeepSpeedCPUAdam)
 
@@ -156,7 +123,7 @@ def _is_cpu_adam(optimizer: Any) -> bool:
 def cpu_adam(param_groups: list[dict], lr: float, betas: tuple[float, float]):
     """DeepSpeed's CPU AdamW (decoupled weight decay, as torch's AdamW) for ZeRO-Offload. Its C++ op is built on
     first use (1-2.5 min, cached in TORCH_EXTENSIONS_DIR); a failed build is one clear line, not a compiler log."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: deepspeed
 
     try:
         return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, adamw_mode=True)
@@ -164,10 +131,6 @@ def cpu_adam(param_groups: list[dict], lr: float, betas: tuple[float, float]):
         raise UserError(f"--offload needs DeepSpeed's cpu_adam op, which failed to build or load "
                         f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
                         "check that a C++ compiler and ninja are installed, or train without --offload") from None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 class DeepSpeedStrategy:
@@ -184,8 +147,6 @@ class DeepSpeedStrategy:
             raise UserError(f"--zero_stage must be 0, 1, 2 or 3; got {self.cfg.zero_stage}")
         check_offload(self.cfg.offload, self.cfg.zero_stage)
         if self.cfg.use_liger_kernel:
-            from chatrlhf.engine import liger
-
             liger.check_available(self.device.type)
         self._hf_ds = None
 
@@ -193,8 +154,7 @@ class DeepSpeedStrategy:
     def setup_distributed(self) -> None:
         """Init torch.distributed once: without a launcher a 1-process group on a free local port; under
         torchrun / the deepspeed launcher the env (RANK, WORLD_SIZE, MASTER_*) is used."""
-        import deepspeed
-        import torch.distributed as dist
+        import deepspeed  # lazy: deepspeed
 
         if not dist.is_initialized():
             if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -218,8 +178,6 @@ class DeepSpeedStrategy:
         self._seed_all(self.cfg.seed)
 
     def _seed_all(self, seed: int) -> None:
-        from chatrlhf.utils import set_seed
-
         set_seed(seed)
         accelerator().manual_seed_all(seed)
 
@@ -232,14 +190,10 @@ class DeepSpeedStrategy:
 
     @property
     def world_size(self) -> int:
-        import torch.distributed as dist
-
         return dist.get_world_size() if dist.is_initialized() else 1
 
     @property
     def rank(self) -> int:
-        import torch.distributed as dist
-
         return dist.get_rank() if dist.is_initialized() else 0
 
     @property
@@ -251,14 +205,10 @@ class DeepSpeedStrategy:
         return DTYPES[self.cfg.dtype]
 
     def barrier(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
     def all_reduce_mean(self, tensor: torch.Tensor | float) -> torch.Tensor:
-        import torch.distributed as dist
-
         t = torch.as_tensor(tensor, dtype=torch.float32, device=self.device).clone().detach()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -266,8 +216,6 @@ class DeepSpeedStrategy:
         return t
 
     def all_reduce_sum(self, tensor: torch.Tensor | float) -> torch.Tensor:
-        import torch.distributed as dist
-
         t = torch.as_tensor(tensor, dtype=torch.float32, device=self.device).clone().detach()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -275,8 +223,6 @@ class DeepSpeedStrategy:
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
-        import torch.distributed as dist
-
         if dist.is_initialized() and dist.get_world_size() > 1:
             out: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(out, obj)
@@ -286,8 +232,6 @@ class DeepSpeedStrategy:
     def finish(self, exit_code: int | None = None) -> None:
         """Barrier so no rank leaves while others still save; in multi-process runs ``exit_code`` given ends the
         process with os._exit (interpreter teardown of gloo groups sometimes aborts after a finished run)."""
-        import sys
-
         self.barrier()
         if exit_code is not None and self.world_size > 1:
             sys.stdout.flush()
@@ -334,7 +278,7 @@ class DeepSpeedStrategy:
         if stage != 3:
             yield
             return
-        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations import HfDeepSpeedConfig  # lazy: transformers
 
         self._hf_ds = HfDeepSpeedConfig(self.ds_config(train=train, zero_stage=3))
         try:
@@ -353,7 +297,7 @@ class DeepSpeedStrategy:
         if not self.is_zero3(module):
             yield
             return
-        import deepspeed
+        import deepspeed  # lazy: deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
             yield
@@ -401,7 +345,7 @@ class DeepSpeedStrategy:
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
                 zero_stage: int | None = None, offload: bool | None = None):
         """Wrap a model for training; ``scheduler`` is a scheduler object or a callable(optimizer)."""
-        import deepspeed
+        import deepspeed  # lazy: deepspeed
 
         self._cast_extra_params(model)
         self._fuse_kernels(model)
@@ -436,7 +380,7 @@ class DeepSpeedStrategy:
         self._fuse_kernels(model)
         self._liger(model)
         if stage == 3:
-            import deepspeed
+            import deepspeed  # lazy: deepspeed
 
             self._cast_extra_params(model)
             engine, *_ = deepspeed.initialize(model=model, config=self.ds_config(train=False, zero_stage=3,
@@ -450,15 +394,11 @@ class DeepSpeedStrategy:
         """CPU fp32: SiLU-gated MLPs and RMSNorms run in one native pass each way where that measured faster
         (models/fused.py; same weights and math). GPUs and bf16 keep the model's own forwards."""
         if self.device.type == "cpu" and self.cfg.dtype == "fp32":
-            from chatrlhf.models.fused import fuse_cpu_kernels
-
             fuse_cpu_kernels(model)
 
     def _liger(self, model: nn.Module) -> None:
         """``--use_liger_kernel``: Liger-Kernel's kernels for the model's type (checked when the strategy was made)."""
         if self.cfg.use_liger_kernel:
-            from chatrlhf.engine import liger
-
             cfg = getattr(model, "config", None)
             liger.apply(model, getattr(cfg, "model_type", None) or type(model).__name__)
 
@@ -486,15 +426,13 @@ class DeepSpeedStrategy:
     def full_state_dict(self, engine_or_module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on CPU on rank 0 (None elsewhere): ZeRO-3 gathered one parameter at a time,
         LoRA merged into the base weights (keys as the plain model names them). Every rank must call it."""
-        from chatrlhf.models.lora import has_lora, merged_state_dict
-
         module = unwrap(engine_or_module)
         if has_lora(module):
             with self.gathered_params(module):
                 return merged_state_dict(module) if self.is_rank0 else None
         if not self.is_zero3(module):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.is_rank0 else None
-        import deepspeed
+        import deepspeed  # lazy: deepspeed
 
         out: dict[str, torch.Tensor] = {}
         for n, p in module.named_parameters():
@@ -511,9 +449,6 @@ class DeepSpeedStrategy:
                 save_lora_adapter: bool = False) -> Path:
         """Rank 0 writes a Hugging Face dir (safetensors, config, tokenizer, generation_config,
         chatrlhf_config.json) atomically. RewardModel bodies are written with their value head."""
-        from chatrlhf.models import lora
-        from chatrlhf.models.reward_model import RewardModel
-
         out = Path(out_dir)
         module = unwrap(engine_or_module)
         sd = self.full_state_dict(module)
@@ -523,8 +458,6 @@ class DeepSpeedStrategy:
                 if self.is_rank0:
                     adapter_sd = lora.adapter_state_dict(module)
             if self.is_rank0 and lora.base_weights_trained(module):
-                import logging
-
                 logging.getLogger("chatrlhf").warning(
                     "%s: the base weights were trained too (no --only_optimize_lora), so the adapter reproduces this "
                     "run only on those trained weights, not on the original base model; use the merged checkpoint",
@@ -567,8 +500,6 @@ class DeepSpeedStrategy:
         self.barrier()
         for name, eng in engines.items():
             eng.save_checkpoint(str(sdir), tag=name, save_latest=False)
-        from chatrlhf.steps.common import rng_state
-
         atomic_write_json(sdir / f"rng_rank{self.rank}.json", rng_state())
         self.barrier()
         if self.is_rank0:
@@ -602,8 +533,6 @@ class DeepSpeedStrategy:
             if path is None:
                 raise UserError(f"{sdir}: no checkpoint for {name!r}")
             _apply_configured_lrs(eng, configured, name)
-        from chatrlhf.steps.common import set_rng_state
-
         rng = sdir / f"rng_rank{self.rank}.json"
         if rng.exists():
             try:
@@ -704,9 +633,6 @@ def verify_checkpoint_files(sdir: str | os.PathLike) -> None:
 
 
 def _refusal(path: Path, err: Exception) -> str:
-    import pickle
-    import re
-
     text = str(err).strip()
     if isinstance(err, pickle.UnpicklingError):
         m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"unrecognized function (\S+)", text) \
@@ -754,7 +680,6 @@ def _publish_dir(out: Path) -> Iterator[Path]:
         with atomic_dir(out) as tmp:
             yield tmp
         return
-    import tempfile
 
     for stale in out.glob(".staging-*"):  # a save killed earlier; only rank 0 of one run writes here
         shutil.rmtree(stale, ignore_errors=True)
@@ -771,5 +696,3 @@ def _publish_dir(out: Path) -> Iterator[Path]:
             os.replace(f, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -25,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from chatrlhf.errors import ModelError
-from chatrlhf.models.loading import PROBE_TEXT, _one_line, _special
+from chatrlhf.errors import ModelError, one_line
+from chatrlhf.models.loading import PROBE_TEXT, _special
+from chatrlhf.utils import atomic_dir, cache_dir
 
 SOURCE_FILE = "chatrlhf_source.json"  # provenance; written last, so its presence marks a complete conversion
 GGUF_MAGIC = b"GGUF"
@@ -36,7 +38,6 @@ _sha_memo: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -
 
 def models_cache_dir() -> Path:
     """Where converted models live: ``$CHATRLHF_CACHE_DIR/models``."""
-    from chatrlhf.utils import cache_dir
 
     return cache_dir() / "models"
 
@@ -98,7 +99,6 @@ def convert_gguf(path: str | os.PathLike, who: str = "") -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"{who}: reading a .gguf file needs the gguf package, which is not installed: "
                          f"{GGUF_INSTALL}")
-    from chatrlhf.utils import atomic_dir
 
     arch = read_gguf_metadata(p, who).get("general.architecture", "")
     print(f"chatrlhf: converting {p} ({p.stat().st_size / 1e6:.0f} MB {arch} GGUF) to a Hugging Face folder, "
@@ -122,13 +122,13 @@ def read_gguf_metadata(path: Path, who: str) -> dict:
     """The GGUF's metadata (no tensors read), or ModelError naming a corrupt or truncated file: said plainly here
     rather than as the struct error the model loader would raise. Empty where transformers has no such reader."""
     try:
-        from transformers.integrations.gguf import read_gguf_metadata as read
+        from transformers.integrations.gguf import read_gguf_metadata as read  # lazy: transformers
     except ImportError:
         return {}
     try:
         metadata, _ = read(str(path))
     except Exception as e:  # struct.error, UnicodeDecodeError, ValueError... from a damaged header
-        raise ModelError(f"{who}: a corrupt or truncated GGUF file ({_one_line(e)})") from None
+        raise ModelError(f"{who}: a corrupt or truncated GGUF file ({one_line(e)})") from None
     return metadata if isinstance(metadata, dict) else {}
 
 
@@ -140,9 +140,7 @@ def _dequantize_kwargs() -> dict:
     """Ask for dense weights where transformers could keep GGUF blocks packed (GgufConfig(dequantize=...), newer
     releases): a packed module has no plain state dict to save. Older releases always dequantise."""
     try:
-        import inspect
-
-        from transformers import GgufConfig
+        from transformers import GgufConfig  # lazy: transformers
     except ImportError:
         return {}
     return {"quantization_config": GgufConfig(dequantize=True)} \
@@ -156,9 +154,9 @@ def _convert_into(gguf: Path, out: Path, who: str) -> None:
     transformers refuses ``save_pretrained`` on a GGUF-loaded model (its GGUF quantizer is not serialisable), so
     the weights move into a model built from the same config: a strict ``load_state_dict`` (every tensor name must
     match), built on the meta device and assigned, so no second copy of the weights is allocated."""
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import torch  # lazy: torch
+    import transformers  # lazy: transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # lazy: transformers
 
     src, kw = str(gguf.parent), {"gguf_file": gguf.name}  # a local file: nothing is looked up online
     try:
@@ -166,9 +164,9 @@ def _convert_into(gguf: Path, out: Path, who: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
         loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw, **_dequantize_kwargs())
     except ImportError as e:  # gguf too old, or a reader dependency missing
-        raise ModelError(f"{who}: cannot read GGUF files here ({_one_line(e)}); {GGUF_INSTALL}") from None
+        raise ModelError(f"{who}: cannot read GGUF files here ({one_line(e)}); {GGUF_INSTALL}") from None
     except Exception as e:  # the reader's and the mapping's own errors (bad file, unsupported architecture)
-        raise ModelError(f"{who}: transformers cannot load this GGUF file: {_one_line(e)}") from None
+        raise ModelError(f"{who}: transformers cannot load this GGUF file: {one_line(e)}") from None
     gguf_name = getattr(config, "_model_name_or_path", None)
     for attr in ("quantization_config", "_model_name_or_path"):  # the GGUF loading, not the model
         if hasattr(config, attr):
@@ -210,7 +208,7 @@ def _convert_into(gguf: Path, out: Path, who: str) -> None:
 def _check_tokenizer(tokenizer, out: Path, who: str) -> None:
     """The saved tokenizer must be the GGUF's: same ids for a probe text, same special tokens, same chat template
     (a tokenizer that does not survive its own save_pretrained would silently change every step's inputs)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers
 
     saved = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     text = PROBE_TEXT + "<|im_start|>user\nhi<|im_end|>"

@@ -24,10 +24,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from chatrlhf.errors import ModelError
+from chatrlhf.errors import ModelError, one_line
 from chatrlhf.models.registry import resolve_model_path
 
-logger = logging.getLogger("chatrlhf.models")
+logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Weight files that are Python pickles (torch.load / pickle.load can run code): found, named, never loaded.
@@ -43,6 +43,8 @@ DROPOUT_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "hidden_
                   "classifier_dropout", "embed_dropout", "ffn_dropout")
 # Attributes naming a hard position limit (learned absolute position embeddings).
 _MAX_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+# the config.json block that marks a trained reward model (models/reward_model.py)
+REWARD_KEY = "chatrlhf_reward"
 PROBE_TEXT = " Human: Reverse the word: cat Assistant: tac 1234 ÄÖ ok!\n"
 TRUST_FLAG = "--trust_remote_code"
 # auto_map entries named in the refusal, most telling first
@@ -82,14 +84,14 @@ def remote_code_refs(local: str | Path) -> dict[str, str]:
     cfg = _read_json(local / "config.json") or {}
     model_refs = _auto_map_refs(cfg.get("auto_map"))
     if model_refs:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # lazy: transformers
 
         if cfg.get("model_type") not in CONFIG_MAPPING:
             refs.update({k: v for k, v in model_refs.items() if k != "AutoTokenizer"})
     tok_cfg = _read_json(local / "tokenizer_config.json") or {}
     tok_ref = _auto_map_refs(tok_cfg.get("auto_map")).get("AutoTokenizer") or model_refs.get("AutoTokenizer")
     if tok_ref:
-        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name  # lazy: transformers
 
         name = tok_cfg.get("tokenizer_class")
         if not isinstance(name, str) or tokenizer_class_from_name(name) is None:
@@ -141,7 +143,7 @@ def copy_model_code(src: str | Path, out: str | Path) -> list[str]:
             if "--" not in ref and f.is_file():
                 files.add(f)
     try:
-        from transformers.dynamic_module_utils import get_relative_import_files  # parses imports, runs nothing
+        from transformers.dynamic_module_utils import get_relative_import_files  # lazy: transformers; runs nothing
 
         for f in list(files):
             files.update(Path(x) for x in get_relative_import_files(str(f)))
@@ -180,11 +182,6 @@ def is_model_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHT_FILES)
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def safetensors_files(local: Path) -> list[Path]:
     """The safetensors files holding a model dir's weights: the shards its index names, or model.safetensors."""
     index = local / "model.safetensors.index.json"
@@ -193,7 +190,7 @@ def safetensors_files(local: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise ModelError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
+            raise ModelError(f"{index}: not a valid safetensors index ({one_line(e)})") from None
         for shard in shards:
             if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
                 raise ModelError(f"{index}: names {shard!r}, which is not a file in the model directory")
@@ -296,8 +293,8 @@ def check_weight_shapes(path: str | Path, config, flag: str = "", trust_remote_c
     """ModelError when a stored tensor's shape differs from what config.json builds (e.g. vocab_size or
     hidden_size edited, or weights copied from another model): compared against a meta-device skeleton, so no
     memory is used; tensors the skeleton does not name (value head, renamed legacy keys) are not compared."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # lazy: torch
+    from transformers import AutoModelForCausalLM  # lazy: transformers
 
     try:
         with torch.device("meta"):
@@ -354,7 +351,6 @@ def preflight_model(path: str, flag: str, seq_len: int | None = None, seq_flag: 
             raise ModelError(f"{seq_flag} {seq_len} is longer than the model's {limit} positions ({flag} {path}, "
                              f"{getattr(config, 'model_type', 'model')}); use {limit} or less")
     if value_head:
-        from chatrlhf.models.reward_model import REWARD_KEY
 
         raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         if REWARD_KEY not in raw:
@@ -369,7 +365,7 @@ def preflight_model(path: str, flag: str, seq_len: int | None = None, seq_flag: 
 def check_finite_weights(model, path: str | Path) -> None:
     """ModelError when a loaded weight holds NaN/Inf: a corrupt file that is still well-formed. ZeRO-3 partitioned
     parameters (empty here) are skipped."""
-    import torch
+    import torch  # lazy: torch
 
     for name, p in model.named_parameters():
         if hasattr(p, "ds_id") or p.numel() == 0 or p.device.type == "meta":
@@ -385,7 +381,7 @@ def load_tokenizer(path: str | Path, padding_side: str = "right", trust_remote_c
     pad = eos (with a warning) when the tokenizer has no pad token; ModelError when it has neither. A tokenizer
     (or a config it reads) whose class is Python in the folder loads only with ``trust_remote_code``.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers
 
     path = resolve_model_path(str(path))
     local = _local_dir(path)
@@ -400,7 +396,7 @@ def load_tokenizer(path: str | Path, padding_side: str = "right", trust_remote_c
     except Exception as e:  # a corrupt tokenizer.json raises tokenizers' bare Exception: still one line
         if local is not None and _is_remote_code_refusal(e):
             raise _remote_code_refusal(local, remote_code_refs(local) or {"AutoTokenizer": "?"}) from None
-        raise ModelError(f"{path}: cannot load the tokenizer: {_one_line(e)}") from None
+        raise ModelError(f"{path}: cannot load the tokenizer: {one_line(e)}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelError(f"{path}: the tokenizer has neither a pad token nor an eos token; "
@@ -412,7 +408,7 @@ def load_tokenizer(path: str | Path, padding_side: str = "right", trust_remote_c
 
 
 def _read_config(local: Path, trust_remote_code: bool):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers
 
     cfg_file = local / "config.json"
     if not cfg_file.is_file():
@@ -421,7 +417,7 @@ def _read_config(local: Path, trust_remote_code: bool):
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{cfg_file}: not valid JSON: {_one_line(e)}") from None
+        raise ModelError(f"{cfg_file}: not valid JSON: {one_line(e)}") from None
     except OSError as e:
         raise ModelError(f"{cfg_file}: cannot read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
@@ -433,15 +429,15 @@ def _read_config(local: Path, trust_remote_code: bool):
     except (ValueError, KeyError) as e:
         if _is_remote_code_refusal(e):
             raise _remote_code_refusal(local, remote_code_refs(local) or {"AutoConfig": str(model_type)}) from None
-        raise ModelError(f"{cfg_file}: unknown or unsupported model_type {model_type!r} ({_one_line(e)})") from None
+        raise ModelError(f"{cfg_file}: unknown or unsupported model_type {model_type!r} ({one_line(e)})") from None
     except (OSError, TypeError, AttributeError) as e:  # e.g. a field of the wrong type
-        raise ModelError(f"{cfg_file}: not a usable model config ({_one_line(e)})") from None
+        raise ModelError(f"{cfg_file}: not a usable model config ({one_line(e)})") from None
     except ImportError as e:  # the folder's code needs a package this environment lacks
-        raise ModelError(f"{local}: cannot import the folder's model code: {_one_line(e)}") from None
+        raise ModelError(f"{local}: cannot import the folder's model code: {one_line(e)}") from None
 
 
 def _to_dtype(dtype: Any):
-    import torch
+    import torch  # lazy: torch
 
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -469,7 +465,7 @@ def load_causal_lm(path: str | Path, dtype: Any = None, dropout: float | None = 
     ``dropout`` overrides the config's dropout fields; ``tokenizer`` sets config/generation pad and eos ids and
     grows the embeddings (to a multiple of 8) when the tokenizer has more tokens than the model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # lazy: transformers
 
     path = resolve_model_path(str(path))
     local = _local_dir(path)
@@ -483,7 +479,7 @@ def load_causal_lm(path: str | Path, dtype: Any = None, dropout: float | None = 
             if _is_remote_code_refusal(e):
                 raise ModelError(f"{path}: its model code comes with the model, which chatrlhf runs only with "
                                  f"{TRUST_FLAG}; pass {TRUST_FLAG} if you trust that code") from None
-            raise ModelError(f"{path}: cannot load the model config: {_one_line(e)}") from None
+            raise ModelError(f"{path}: cannot load the model config: {one_line(e)}") from None
     apply_dropout(config, dropout)
     if tokenizer is not None:
         check_vocab(tokenizer, config, path)
@@ -502,7 +498,7 @@ def _from_pretrained(auto_cls, where, config, dtype, trust_remote_code: bool, wh
     """``auto_cls.from_pretrained`` from safetensors only (``use_safetensors``: transformers never falls back to a
     pickle), with what the loader raises on bad files as one ModelError line, and a NaN/Inf weight check."""
     try:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError  # lazy: safetensors
     except ImportError:  # older safetensors
         SafetensorError = OSError  # noqa: N806
     local = isinstance(where, Path)
@@ -513,11 +509,11 @@ def _from_pretrained(auto_cls, where, config, dtype, trust_remote_code: bool, wh
         if local and _is_remote_code_refusal(e):
             raise _remote_code_refusal(where, remote_code_refs(where) or {"AutoModel": str(config.model_type)}) \
                 from None
-        raise ModelError(f"{where}: cannot load as {what}: {_one_line(e)}") from None
+        raise ModelError(f"{where}: cannot load as {what}: {one_line(e)}") from None
     except ImportError as e:  # the folder's code needs a package this environment lacks
-        raise ModelError(f"{where}: cannot import the folder's model code: {_one_line(e)}") from None
+        raise ModelError(f"{where}: cannot import the folder's model code: {one_line(e)}") from None
     except (OSError, KeyError, RuntimeError, SafetensorError) as e:  # unreadable shard, shape mismatch, bad dtype
-        raise ModelError(f"{where}: cannot load the weights: {_one_line(e)}") from None
+        raise ModelError(f"{where}: cannot load the weights: {one_line(e)}") from None
     check_finite_weights(model, where)
     return model
 

@@ -10,6 +10,7 @@ grad"). Saving merges LoRA into the base weights without touching the training w
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +25,7 @@ ADAPTER = "default"
 def _linear_types() -> tuple[type, ...]:
     types: list[type] = [nn.Linear]
     try:
-        from transformers.pytorch_utils import Conv1D
+        from transformers.pytorch_utils import Conv1D  # lazy: transformers
 
         types.append(Conv1D)
     except ImportError:
@@ -63,7 +64,7 @@ def apply_lora(model: nn.Module, lora_dim: int, lora_module_name: str, only_opti
                lora_alpha: float | None = None, lora_dropout: float = 0.0) -> nn.Module:
     """Inject LoRA adapters in place (returns the same module). Base weights stay trainable unless
     ``only_optimize_lora`` (DeepSpeed-Chat's default trains both)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft
 
     if lora_dim <= 0:
         return model
@@ -78,7 +79,7 @@ def apply_lora(model: nn.Module, lora_dim: int, lora_module_name: str, only_opti
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: peft
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
@@ -139,7 +140,7 @@ PEFT_PREFIX = "base_model.model."
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights as a PeftModel checkpoint names them: peft's own selection (get_peft_model_state_dict,
     adapter name removed) under ``PEFT_PREFIX``. Under ZeRO-3 call it inside gathered params."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # lazy: peft
 
     sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
     return {PEFT_PREFIX + k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
@@ -156,9 +157,8 @@ def save_lora_adapter(model: nn.Module, adapter_state: dict[str, torch.Tensor], 
     """adapter_model.safetensors + adapter_config.json as ``PeftModel.save_pretrained`` writes them, so
     ``PeftModel.from_pretrained(base, out_dir)`` (and AutoPeftModelForCausalLM for causal LMs) loads every weight.
     ``adapter_state`` comes from :func:`adapter_state_dict`."""
-    import copy
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: safetensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ package's import spec, and the package's own code is never imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ def resolve_model_path(path: str, flag: str = "") -> str:
     source = gguf_source(str(path), who)
     if source is None:
         return path
-    from chatrlhf.models.gguf import convert_gguf
+    from chatrlhf.models.gguf import convert_gguf  # lazy: cycle (models.gguf -> loading -> registry)
 
     return str(convert_gguf(source, who))
 
@@ -96,7 +97,7 @@ A NAME or a FILE.gguf works wherever a model path is taken (--model_name_or_path
 
 
 def _status(m: KnownModel) -> str:
-    from chatrlhf.models.gguf import converted_dir, is_converted
+    from chatrlhf.models.gguf import converted_dir, is_converted  # lazy: cycle (models.gguf -> loading -> registry)
 
     try:
         gguf = known_gguf(m, m.name)
@@ -128,9 +129,8 @@ def main(argv: list[str]) -> int:
         if source is None:
             raise UserError(f"{rest[0]}: not a known model name ({', '.join(KNOWN_MODELS)}) nor a .gguf file (a "
                             "Hugging Face model folder needs no conversion)")
-        import contextlib
 
-        from chatrlhf.models.gguf import convert_gguf
+        from chatrlhf.models.gguf import convert_gguf  # lazy: cycle (models.gguf -> loading -> registry)
 
         with contextlib.redirect_stdout(sys.stderr):  # a library's chatter must not mix into the printed path
             folder = convert_gguf(source, rest[0])

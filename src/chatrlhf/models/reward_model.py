@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from chatrlhf.algo.losses import end_positions, gather_end
 from chatrlhf.errors import ModelError
-from chatrlhf.losses import end_positions, gather_end
-
-REWARD_KEY = "chatrlhf_reward"
+from chatrlhf.models.loading import (REWARD_KEY, _from_pretrained, apply_dropout, check_model_files, copy_model_code,
+                                     remote_code_refs)
+from chatrlhf.models.registry import resolve_model_path
 
 
 def _value_dim(config) -> int:
@@ -82,7 +83,6 @@ class RewardModel(nn.Module):
         (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if self.code_dir is not None:
             # transformers copies a body's code only when it was loaded through its own auto_map entry
-            from chatrlhf.models.loading import copy_model_code
 
             copy_model_code(self.code_dir, out)
 
@@ -96,7 +96,7 @@ def is_reward_dir(path: str | os.PathLike) -> bool:
 
 
 def _read_v_head(path: Path) -> torch.Tensor | None:
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: safetensors
 
     files = [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
@@ -121,10 +121,7 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     only a causal LM (GPT-Pangu's), the body is that LM's base model.
 
     Call inside ``strategy.zero3_init_context()`` to build a ZeRO-3-partitioned body."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    from chatrlhf.models.loading import _from_pretrained, check_model_files, remote_code_refs
-    from chatrlhf.models.registry import resolve_model_path
+    from transformers import AutoModel, AutoModelForCausalLM  # lazy: transformers
 
     p = Path(resolve_model_path(str(path)))  # a model name or GGUF: its converted folder
     if not (p / "config.json").is_file():
@@ -133,15 +130,13 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     config = check_model_files(p, trust_remote_code=trust_remote_code)
     remote = remote_code_refs(p) if trust_remote_code else {}
     if dropout is not None:
-        from chatrlhf.models.loading import apply_dropout
-
         apply_dropout(config, dropout)
     meta = json.loads((p / "config.json").read_text()).get(REWARD_KEY)
     if require_value_head and not meta:
         raise ModelError(f"{p}: not a trained reward model (its config.json has no {REWARD_KEY!r} block, so its value "
                          "head would be random); pass the output dir of `chatrlhf reward`")
     kw = {"dtype": dtype} if dtype is not None else {}
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: transformers
 
     level = hf_logging.get_verbosity()
     body_from_lm = bool(remote) and "AutoModel" not in remote and "AutoModelForCausalLM" in remote

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from chatrlhf.config import parse_config
 from chatrlhf.errors import UserError
+from chatrlhf.tasks.builtin import task_corpus
+from chatrlhf.utils import atomic_dir, atomic_write_json
 
 FAMILIES = ("opt", "llama", "gpt_neox", "bloom", "gpt2")
 
@@ -68,8 +71,8 @@ def _check_args(family: str, hidden: int, layers: int, vocab: int, heads: int, m
 def train_tokenizer(family: str, corpus: Iterable[str], vocab: int, max_positions: int = 512):
     """A byte-level BPE trained on ``corpus``, wrapped as a transformers fast tokenizer with the family's
     special tokens (see the module docstring)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # lazy: tokenizers
+    from transformers import PreTrainedTokenizerFast  # lazy: transformers
 
     specials, bos, eos, pad, unk, add_bos = _SPECIALS[family]
     tok = Tokenizer(models.BPE())
@@ -93,7 +96,7 @@ def train_tokenizer(family: str, corpus: Iterable[str], vocab: int, max_position
 def _model_config(family: str, hidden: int, layers: int, vocab: int, heads: int, max_positions: int, ids: dict,
                   kv_heads: int | None = None, intermediate: int | None = None, overrides: dict | None = None):
     """The family's config with tiny sizes; dropout off so tiny models learn fast (load_causal_lm can set it)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers
 
     ffn = intermediate or 4 * hidden
     if family == "opt":
@@ -126,15 +129,11 @@ def build_tiny_model(family: str, out_dir: str | Path, hidden: int = 64, layers:
     save both to ``out_dir`` (written atomically). Returns the directory. ``kv_heads`` (llama: grouped-query
     attention), ``intermediate`` (MLP width, default 4 x hidden) and ``overrides`` (any config field) shape a
     real model's architecture at random weights, e.g. for benchmarks."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from chatrlhf.utils import atomic_dir, atomic_write_json
+    import torch  # lazy: torch
+    from transformers import AutoModelForCausalLM, GenerationConfig  # lazy: transformers
 
     _check_args(family, hidden, layers, vocab, heads, max_positions)
     if corpus is None:
-        from chatrlhf.task import task_corpus
-
         corpus = task_corpus(seed=1234, n=4000)
     tokenizer = train_tokenizer(family, corpus, vocab, max_positions)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -158,8 +157,6 @@ def build_tiny_model(family: str, out_dir: str | Path, hidden: int = 64, layers:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from chatrlhf.config import parse_config
-
     cfg = parse_config(TinyModelConfig, argv, prog="chatrlhf tiny-model",
                        description="Build a tiny random causal LM plus a locally trained byte-level BPE tokenizer.")
     corpus = None
