@@ -214,6 +214,36 @@ def test_bf16_portable_builds_equal_the_default_build(tmp_path_factory, tmp_path
         torch.testing.assert_close(x, y, rtol=0, atol=ULPS4 * y.abs().max().item())
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU
+@pytest.mark.parametrize("flags", [b.values[0] for b in _builds() if b.id == "avx2-only"])  # x86-64 only
+def test_avx2_fp32_build_with_several_row_blocks_equals_the_default_build(tmp_path_factory, tmp_path, flags):
+    """The fp32 GEMM of an AVX2-only build (2-row blocks: 5 rows make three, which stream the next panel in while
+    they re-read this one) gives the default build's logits to fp32 rounding and the same greedy tokens."""
+    so = tmp_path / "decode.so"
+    p = subprocess.run([native._compiler(), "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o",
+                        str(so), str(native.SOURCE), "-lm"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    lib = ctypes.CDLL(str(so))
+    native._declare_decode(lib)
+    d, tok, _, _ = _model(tmp_path_factory, 2, init=0.2)
+    enc = tok(PROMPTS + ["Human: Name a colour. Assistant:", "Human: 3 times 4? Assistant:"], return_tensors="pt",
+              padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    model = load_causal_lm(str(d), tokenizer=tok).eval()
+    seen = {"default": [], "avx2": []}
+    ref = HybridDecoder(model, rows=5)
+    assert ref.native is not None  # the default build's native fp32 step
+    _recorded(ref, seen["default"])
+    port = HybridDecoder(model, rows=5)
+    port.native = native.NativeStep(lib, port, 5)
+    _recorded(port, seen["avx2"])
+    a = ref.generate(ids, mask, 10, tok.pad_token_id, None, do_sample=False)
+    b = port.generate(ids, mask, 10, tok.pad_token_id, None, do_sample=False)
+    assert torch.equal(a, b) and len(seen["avx2"]) == 9
+    for x, y in zip(seen["avx2"], seen["default"]):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+
+
 def test_weight_arena_is_huge_page_aligned_and_reused():
     """The packed weights live in a 2 MiB-aligned region advised for huge pages; a dropped step's region serves the
     next step of the same size (no page faults, no compaction per rollout) and is not kept for another size."""

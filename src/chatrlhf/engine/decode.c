@@ -52,9 +52,8 @@ typedef unsigned int vfu __attribute__((vector_size(32)));
 #define VL ((int)(sizeof(vf) / sizeof(float)))
 #define NV (PANEL / VL)
 #define KV_AHEAD 32 /* cache rows prefetched ahead in the attention */
-#define PREFETCH 4096 /* floats ahead of the panel read (16 KiB): measured best on the bench CPU */
-#ifndef PREFETCH_BF
-#define PREFETCH_BF 4096 /* bf16 pairs (32-bit) ahead of the panel read (16 KiB) */
+#ifndef PREFETCH
+#define PREFETCH 4096 /* 4-byte elements (floats or bf16 pairs) ahead of the panel read (16 KiB): best on the bench CPU */
 #endif
 
 typedef struct {
@@ -116,6 +115,18 @@ static inline void store_block(vf acc[MR][NV], int mc, float *y, int ldy, int nn
     }
 }
 
+/* Where a row block's k loop prefetches (4-byte elements; the loop adds k * PANEL / blocks): with one block of rows,
+   PREFETCH elements ahead of its own reads; with several (more rows than MR: each block after the first re-reads
+   the panel from L2, so DRAM would idle), a share of the NEXT panel (it follows this one in memory), so that the
+   blocks together stream it in while they compute and the weight stream never stops. */
+static inline const void *ahead(const void *panel, size_t panel_elems, int M, int m0) {
+    const float *w = (const float *)panel;
+    int blocks = (M + MR - 1) / MR;
+    if (blocks == 1)
+        return w + PREFETCH;
+    return w + panel_elems + (size_t)(m0 / MR) * panel_elems / blocks;
+}
+
 /* y[m, n] = (y +) sum_k x[m, k] W[n, k] for m < M, n < N; W packed [ceil(N/32)][K][32]; x has ceil(M/8)*8 rows
    (the extra rows' results are dropped), y row stride ldy. Work-shared over panels: call inside a parallel region. */
 static void gemm(const float *x, int M, int K, const float *W, int N, float *y, int ldy, int accumulate) {
@@ -128,9 +139,11 @@ static void gemm(const float *x, int M, int K, const float *W, int N, float *y, 
             vf acc[MR][NV];
             memset(acc, 0, sizeof(acc));
             const float *xm = x + (size_t)m0 * K;
+            const float *pf = ahead(w, (size_t)K * PANEL, M, m0);
             for (int k = 0; k < K; k++) {
                 const float *wk = w + (size_t)k * PANEL;
-                __builtin_prefetch(wk + PREFETCH);
+                __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR));
+                __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR) + 16);
                 vf wv[NV];
                 for (int j = 0; j < NV; j++) wv[j] = *(const vf *)(wk + j * VL);
                 for (int i = 0; i < MR; i++) {
@@ -155,10 +168,11 @@ static void gemm_bf16(const unsigned *x, int M, int K2, const unsigned *W, int N
             vf acc[MR][NV];
             memset(acc, 0, sizeof(acc));
             const unsigned *xm = x + (size_t)m0 * K2;
+            const unsigned *pf = (const unsigned *)ahead(w, (size_t)K2 * PANEL, M, m0);
             for (int k = 0; k < K2; k++) {
                 const unsigned *wk = w + (size_t)k * PANEL;
-                __builtin_prefetch(wk + PREFETCH_BF);
-                __builtin_prefetch(wk + PREFETCH_BF + 16);
+                __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR));
+                __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR) + 16);
 #if BF16_DOT
                 __m512bh w0 = (__m512bh)_mm512_load_si512(wk), w1 = (__m512bh)_mm512_load_si512(wk + 16);
                 for (int i = 0; i < MR; i++) {
