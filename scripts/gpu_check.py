@@ -17,9 +17,9 @@ still run):
 - ``liger``: SFT and PPO on the real size with and without ``--use_liger_kernel``: step time and peak memory.
 
 Without CUDA (here, in CI) the same command runs what a CPU can (env, the device-paths tests on the CPU, a quick
-bench on the tiny size), with CPU_SLACK times the budgets, and says plainly that CUDA was not found. Results: ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (OUT:
-``--out``, else ``$OUT``, else ``gpu_check_out/``), the bench's own results under ``OUT/bench_*``, logs under
-``OUT/logs``. Exit status 0 when every part that ran passed.
+bench on the tiny size), with CPU_SLACK times the budgets, and says plainly that CUDA was not found. Results:
+``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (OUT: ``--out``, else ``$OUT``, else ``gpu_check_out/``), the
+bench's own results under ``OUT/bench_*``, logs under ``OUT/logs``. Exit status 0 when every part that ran passed.
 """
 
 from __future__ import annotations

@@ -74,11 +74,11 @@ def tune_cpu_malloc() -> bool:
     """Make glibc malloc keep freed memory for reuse instead of handing it back to the kernel.
 
     By default glibc serves blocks over its (adaptive, at most 32 MiB) threshold with fresh ``mmap``s and trims the
-    heap top after frees (here: no mmap for any size, no trim), so every step's activations and gradients arrive as new pages: 40-70k page faults and
-    0.1-0.3 s of kernel time in each ~1.4 s SFT step of the mid bench model (hidden 768), none once tuned. This is
-    what jemalloc/tcmalloc are preloaded for in CPU training recipes; ``mallopt`` gets it without a preload. The
-    process keeps its peak heap (as those allocators do). Off with CHATRLHF_MALLOC_TUNING=0; a no-op on non-glibc
-    systems. Returns whether it applied.
+    heap top after frees, so every step's activations and gradients arrive as new pages (here: no mmap for any
+    size, no trim): 40-70k page faults and 0.1-0.3 s of kernel time in each ~1.4 s SFT step of the mid bench model
+    (hidden 768), none once tuned. This is what jemalloc/tcmalloc are preloaded for in CPU training recipes;
+    ``mallopt`` gets it without a preload. The process keeps its peak heap (as those allocators do). Off with
+    CHATRLHF_MALLOC_TUNING=0; a no-op on non-glibc systems. Returns whether it applied.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
