@@ -188,29 +188,41 @@ def _builds():
     return out if cc and shutil.which(cc) else []
 
 
-@pytest.mark.slow  # over 2 s on a 2-core CPU
-@pytest.mark.parametrize("flags", _builds())
-def test_bf16_portable_builds_equal_the_default_build(tmp_path_factory, tmp_path, flags):
-    """The portable bf16 GEMM (pairs widened to fp32 in registers: what AVX2 or NEON processors run) and an
-    AVX2-only build give the default build's logits within the same tolerance, and the same greedy tokens."""
+def _build(tmp_path, flags) -> ctypes.CDLL:
     so = tmp_path / "decode.so"
     p = subprocess.run([native._compiler(), "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(so),
                         str(native.SOURCE), "-lm"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     lib = ctypes.CDLL(str(so))
     native._declare_decode(lib)
+    return lib
+
+
+def _default_vs_built(model, lib, rows, ids, mask, pad_id):
+    """The default build's native step and ``lib``'s give the same greedy tokens; each decode step's logits of both."""
+    seen = {"default": [], "built": []}
+    ref = HybridDecoder(model, rows=rows)
+    assert ref.native is not None  # the default build's native step
+    _recorded(ref, seen["default"])
+    other = HybridDecoder(model, rows=rows)
+    other.native = native.NativeStep(lib, other, rows)
+    _recorded(other, seen["built"])
+    a = ref.generate(ids, mask, 10, pad_id, None, do_sample=False)
+    b = other.generate(ids, mask, 10, pad_id, None, do_sample=False)
+    assert torch.equal(a, b) and len(seen["built"]) == 9
+    return list(zip(seen["built"], seen["default"]))
+
+
+@pytest.mark.slow  # over 2 s on a 2-core CPU
+@pytest.mark.parametrize("flags", _builds())
+def test_bf16_portable_builds_equal_the_default_build(tmp_path_factory, tmp_path, flags):
+    """The portable bf16 GEMM (pairs widened to fp32 in registers: what AVX2 or NEON processors run) and an
+    AVX2-only build give the default build's logits within the same tolerance, and the same greedy tokens."""
+    lib = _build(tmp_path, flags)
     assert lib.chatrlhf_bf16_dot() == 0
     d, tok, ids, mask = _model(tmp_path_factory, 2)
     model = load_causal_lm(str(d), tokenizer=tok).eval().to(torch.bfloat16)
-    seen = {"default": [], "portable": []}
-    ref = _recorded(HybridDecoder(model, rows=3), seen["default"])
-    port = HybridDecoder(model, rows=3)
-    port.native = native.NativeStep(lib, port, 3)
-    _recorded(port, seen["portable"])
-    a = ref.generate(ids, mask, 10, tok.pad_token_id, None, do_sample=False)
-    b = port.generate(ids, mask, 10, tok.pad_token_id, None, do_sample=False)
-    assert torch.equal(a, b) and len(seen["portable"]) == 9
-    for x, y in zip(seen["portable"], seen["default"]):
+    for x, y in _default_vs_built(model, lib, 3, ids, mask, tok.pad_token_id):
         torch.testing.assert_close(x, y, rtol=0, atol=ULPS4 * y.abs().max().item())
 
 
@@ -219,28 +231,12 @@ def test_bf16_portable_builds_equal_the_default_build(tmp_path_factory, tmp_path
 def test_avx2_fp32_build_with_several_row_blocks_equals_the_default_build(tmp_path_factory, tmp_path, flags):
     """The fp32 GEMM of an AVX2-only build (2-row blocks: 5 rows make three, which stream the next panel in while
     they re-read this one) gives the default build's logits to fp32 rounding and the same greedy tokens."""
-    so = tmp_path / "decode.so"
-    p = subprocess.run([native._compiler(), "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o",
-                        str(so), str(native.SOURCE), "-lm"], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    lib = ctypes.CDLL(str(so))
-    native._declare_decode(lib)
+    lib = _build(tmp_path, flags)
     d, tok, _, _ = _model(tmp_path_factory, 2, init=0.2)
     enc = tok(PROMPTS + ["Human: Name a colour. Assistant:", "Human: 3 times 4? Assistant:"], return_tensors="pt",
               padding=True)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
     model = load_causal_lm(str(d), tokenizer=tok).eval()
-    seen = {"default": [], "avx2": []}
-    ref = HybridDecoder(model, rows=5)
-    assert ref.native is not None  # the default build's native fp32 step
-    _recorded(ref, seen["default"])
-    port = HybridDecoder(model, rows=5)
-    port.native = native.NativeStep(lib, port, 5)
-    _recorded(port, seen["avx2"])
-    a = ref.generate(ids, mask, 10, tok.pad_token_id, None, do_sample=False)
-    b = port.generate(ids, mask, 10, tok.pad_token_id, None, do_sample=False)
-    assert torch.equal(a, b) and len(seen["avx2"]) == 9
-    for x, y in zip(seen["avx2"], seen["default"]):
+    for x, y in _default_vs_built(model, lib, 5, enc["input_ids"], enc["attention_mask"], tok.pad_token_id):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
 
 
