@@ -108,16 +108,22 @@ def _generate_logits(model, tok, ids, mask, n):
     return g.sequences, torch.stack(g.logits, 1).float()  # [B, P + n], [B, n, V]
 
 
-@pytest.mark.parametrize("init,seed,kv", [(0.02, 0, 4), (0.02, 0, 2), (0.1, 2, 2)],
+@pytest.mark.parametrize("init,seed,kv", [(0.02, 0, 4), (0.02, 0, 2), (0.05, 2, 2)],
                          ids=["default-init", "default-init-gqa", "varied-large-margins"])
 def test_bf16_greedy_tokens_equal_generate_where_margins_are_large(tmp_path_factory, init, seed, kv):
-    """Seeded models on which generate()'s top-1 leads its top-2 by more than 2 bf16 ulps at every step (checked
-    here, it is the premise): the native bf16 step gives generate()'s greedy tokens, left-padded rows included."""
-    d, tok, ids, mask = _model(tmp_path_factory, kv, init, seed)
-    model = load_causal_lm(str(d), tokenizer=tok).eval().to(torch.bfloat16)
-    ref, logits = _generate_logits(model, tok, ids, mask, 16)
-    top = logits.topk(2, dim=-1).values
-    assert ((top[..., 0] - top[..., 1]) / logits.abs().amax(-1)).min() > 2.0 ** -7
+    """Seeded models on which generate()'s top-1 leads its top-2 by more than 2 bf16 ulps at every step (the
+    premise): the native bf16 step gives generate()'s greedy tokens, left-padded rows included. generate()'s bf16
+    logits differ between processors (AMX vs AVX512-BF16 kernels), so the first of 32 seeds from ``seed`` whose
+    margins hold on this machine is the model; one must (at init 0.05, a third of the seeds did on an AMX Xeon)."""
+    for s in range(seed, seed + 32):
+        d, tok, ids, mask = _model(tmp_path_factory, kv, init, s)
+        model = load_causal_lm(str(d), tokenizer=tok).eval().to(torch.bfloat16)
+        ref, logits = _generate_logits(model, tok, ids, mask, 16)
+        top = logits.topk(2, dim=-1).values
+        if ((top[..., 0] - top[..., 1]) / logits.abs().amax(-1)).min() > 2.0 ** -7:
+            break
+    else:
+        pytest.fail(f"no seed in {seed}..{seed + 31} gives generate() margins over 2 bf16 ulps at every step")
     dec = HybridDecoder(model, rows=ids.shape[0])
     assert dec.native is not None and dec.native.bf16
     ours = dec.generate(ids, mask, 16, tok.pad_token_id, tok.eos_token_id, min_new_tokens=16, do_sample=False)
