@@ -305,6 +305,21 @@ def test_preference_pairs_are_meaningful():
     assert preference_pairs([off_topic, ""], meta, natural=2, fixed=2) == []  # nothing good, nothing to fix
 
 
+def test_swap_pairs_are_compliant_answers_to_another_topic():
+    meta = _meta(("include_word", {"word": "simple"}), ("no_commas", {}))
+    good, bad = "Owls are simple birds.", "Owls hunt, mostly at night."
+    elsewhere = ["", "Owls are birds.", "Cats sleep, a lot, all day.", "Dogs are loyal and simple."]
+    pairs = preference_pairs([good, bad], meta, natural=0, fixed=0, swapped=2, elsewhere=elsewhere)
+    assert [k for *_, k in pairs] == ["swap", "swap"]
+    for c, r, _ in pairs:
+        assert c == good
+        assert passes(r, meta) and not on_topic(r, meta)  # satisfies every instruction, about something else
+    # the owl answer (on topic once fixed) and the empty one are skipped; the others in order, made compliant
+    assert [r for _, r, _ in pairs] == [make_compliant(elsewhere[2], meta), make_compliant(elsewhere[3], meta)]
+    assert len(preference_pairs([good, bad], meta, natural=0, fixed=0, swapped=1, elsewhere=elsewhere)) == 1
+    assert preference_pairs([bad], meta, natural=0, fixed=0, swapped=2, elsewhere=elsewhere) == []  # no good answer
+
+
 # ------------------------------------------------------------------------------------------------------ dataset
 def test_writer_is_deterministic_and_disjoint(tmp_path):
     kw = dict(seed=3, n_train=300, n_eval=40, n_heldout=30)

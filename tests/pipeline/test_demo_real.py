@@ -46,6 +46,15 @@ def test_labelled_pairs_rank_passing_on_topic_answers_first():
                    ("sft", "natural", dschat(sft[0]["prompt"]), bad),
                    ("sft", "natural", dschat(sft[0]["prompt"]), off)]
 
+    # swapped pairs: a source's good answers to other topics, made compliant, under this prompt's good answer
+    cats = {"prompt": "Tell me about cats. Use the word \"simple\".",
+            "metadata": {**start[0]["metadata"], "topic": "cat"}, "samples": ["Cats are simple pets."]}
+    swapped = labelled_pairs({"sft": [cats] + sft}, {"sft": (0, 0, 1)}, seed=3)
+    assert [(p["kind"], p["prompt"], p["chosen"].strip(), p["rejected"].strip()) for p in swapped] == [
+        ("swap", dschat(cats["prompt"]), "Cats are simple pets.", good),
+        ("swap", dschat(sft[0]["prompt"]), good, "Cats are simple pets.")]
+    assert swapped == labelled_pairs({"sft": [cats] + sft}, {"sft": (0, 0, 1)}, seed=3)  # seeded
+
     # held-out pairs: the same labeller over each policy's greedy answer and samples on the test prompts
     data = {"test": [{"prompt": r["prompt"], "metadata": r["metadata"]} for r in start]}
     answers = {"start": {"greedy_seen": [bad, good, good], "sampled_seen": [[bad], [bad], [good]]},

@@ -88,7 +88,7 @@ from chatrlhf.apps.report import _plot, _step_section, _table, draw_plots, serie
 from chatrlhf.data.template import format_prompt
 from chatrlhf.errors import UserError
 from chatrlhf.models.registry import resolve_model_path
-from chatrlhf.tasks.instructions import (best_and_worst, eval_fn, make_compliant, passes, preference_pairs,
+from chatrlhf.tasks.instructions import (best_and_worst, eval_fn, make_compliant, on_topic, passes, preference_pairs,
                                          read_instruction_prompts, reward, write_instruction_prompts)
 from chatrlhf.trainers.metrics import read_metrics
 from chatrlhf.utils import atomic_write_json
@@ -103,15 +103,15 @@ SIZES: dict[str, dict[str, Any]] = {
     # the full demo (~30-40 min on 2 cores)
     "full": {"n_train": 160, "n_dev": 32, "n_test": 64, "n_heldout": 48, "k": 4, "sample_temperature": 0.8,
              "max_new_tokens": 64, "eval_samples": 2, "n_show": 8, "sample_batch": 48, "demos_per_prompt": 2,
-             "rm_pairs": {"start": (1, 1), "sft": (3, 1)}},
+             "rm_pairs": {"start": (1, 1), "sft": (3, 1, 1)}},
     # the slow test: learning must show, in a few minutes
     "small": {"n_train": 32, "n_dev": 8, "n_test": 24, "n_heldout": 6, "k": 2, "sample_temperature": 0.8,
               "max_new_tokens": 32, "eval_samples": 1, "n_show": 4, "sample_batch": 32, "demos_per_prompt": 2,
-              "rm_pairs": {"start": (1, 1), "sft": (1, 1)}, "rm_heldout_pairs": 24},
+              "rm_pairs": {"start": (1, 1), "sft": (1, 1, 1)}, "rm_heldout_pairs": 24},
     # --quick: the machinery only
     "quick": {"n_train": 12, "n_dev": 4, "n_test": 6, "n_heldout": 4, "k": 2, "sample_temperature": 0.8,
               "max_new_tokens": 12, "eval_samples": 1, "n_show": 2, "sample_batch": 16, "demos_per_prompt": 1,
-              "rm_pairs": {"start": (1, 1), "sft": (1, 1)}},
+              "rm_pairs": {"start": (1, 1), "sft": (1, 1, 1)}},
 }
 STEPS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
@@ -392,17 +392,24 @@ def phase_sample(out: Path, data: dict, sizes: dict, seed: int) -> dict[str, Any
             "prompts_with_a_passing_sample": n_pass, "demos_made_compliant": n_fixed, "sft_demos": len(sft_rows)}
 
 
-def labelled_pairs(sources: dict[str, list[dict]], per_source: dict[str, tuple[int, int]]) -> list[dict]:
+def labelled_pairs(sources: dict[str, list[dict]], per_source: dict[str, tuple[int, ...]], seed: int = 0) -> list[dict]:
     """Reward-model comparisons labelled by the verifiers (``preference_pairs``: chosen passes every instruction
     and is on topic, rejected does not), drawn per prompt from each source's answers; ``per_source[name]`` =
-    (natural, fixed) pairs per prompt. Rows {"prompt" (DeepSpeed-Chat text), "chosen", "rejected", "kind",
+    (natural, fixed[, swapped]) pairs per prompt, the swapped ones made from the same source's good answers to other
+    topics (up to 16 drawn per prompt, seeded). Rows {"prompt" (DeepSpeed-Chat text), "chosen", "rejected", "kind",
     "source", "metadata"}."""
 
     pairs = []
     for name, rows in sources.items():
-        natural, fixed = per_source[name]
+        natural, fixed, swapped = (tuple(per_source[name]) + (0,))[:3]
+        pool = [(s["metadata"].get("topic"), a) for s in rows for a in s["samples"]
+                if swapped and passes(a, s["metadata"]) and on_topic(a, s["metadata"])]
+        rng = random.Random(f"{seed}-{name}")
         for s in rows:
-            for c, r, kind in preference_pairs(s["samples"], s["metadata"], natural=natural, fixed=fixed):
+            topic = s["metadata"].get("topic")
+            elsewhere = [a for t, a in rng.sample(pool, min(16, len(pool))) if t != topic]
+            for c, r, kind in preference_pairs(s["samples"], s["metadata"], natural=natural, fixed=fixed,
+                                               swapped=swapped, elsewhere=elsewhere):
                 pairs.append({"prompt": dschat(s["prompt"]), "chosen": " " + c, "rejected": " " + r, "kind": kind,
                               "source": name, "metadata": s["metadata"]})
     return pairs
@@ -415,11 +422,11 @@ def phase_rm_data(out: Path, data: dict, sizes: dict, seed: int) -> dict[str, An
     start = _read_json(out / "data" / "samples.json")
     sft = sample_answers(out / "step1_sft", "SFT actor", data["train"], sizes, seed + 2,
                          out / "data" / "sft_samples.json")
-    pairs = labelled_pairs({"start": start, "sft": sft}, sizes["rm_pairs"])
+    pairs = labelled_pairs({"start": start, "sft": sft}, sizes["rm_pairs"], seed)
     _split_by_prompt("reward", out, pairs, [s["prompt"] for s in start], seed)
     stats = {"sft_actor_sample_pass_rate": _pass_rate(sft), "rm_pairs": len(pairs)}
     for src in ("start", "sft"):
-        for kind in ("natural", "fixed"):
+        for kind in ("natural", "fixed", "swap"):
             stats[f"rm_pairs_{src}_{kind}"] = sum(p["source"] == src and p["kind"] == kind for p in pairs)
     return stats
 

@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 
 from chatrlhf.errors import DataError, UserError
 
+
 # ------------------------------------------------------------------------------------------------------ topics
 @dataclass(frozen=True)
 class Topic:
@@ -668,8 +669,8 @@ def best_and_worst(candidates: Sequence[str], meta: dict) -> tuple[str, str] | N
     return best[2], worst[2]
 
 
-def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
-                     fixed: int = 1) -> list[tuple[str, str, str]]:
+def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1, fixed: int = 1,
+                     swapped: int = 0, elsewhere: Sequence[str] = ()) -> list[tuple[str, str, str]]:
     """(chosen, rejected, kind) comparisons a programmatic labeller draws from one prompt's candidate answers,
     each one meaningful: the chosen answer satisfies every instruction and is on topic, the rejected one does not.
 
@@ -677,7 +678,11 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
       of all (good, bad) combinations, those closest in word count first (so that a pair differs in compliance
       rather than in length), each good answer's closest bad answer before any second pairing of it;
     - kind "fixed" (at most ``fixed``): ``make_compliant(c)`` over a candidate ``c`` failing an instruction (the two
-      differ only where the fixes changed ``c``), when the fixed answer is on topic.
+      differ only where the fixes changed ``c``), when the fixed answer is on topic;
+    - kind "swap" (at most ``swapped``): the first good candidate over an answer to another topic (from
+      ``elsewhere``, in order) made compliant by ``make_compliant``: it satisfies every instruction and is off topic.
+      These teach a reward model that the topic matters (without them, one trained on natural and fixed pairs
+      ordered pairs whose rejected answer is off topic no better than chance: 5 of 12 held-out ones).
 
     Empty answers and duplicates are ignored; no pairs without both a good and a bad answer (or a fixable one)."""
     cands = [c for c in dict.fromkeys(candidates) if c.strip()]
@@ -698,6 +703,14 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
         if fx.strip() != b.strip() and passes(fx, meta) and on_topic(fx, meta):
             out.append((fx, b, "fixed"))
             n_fixed += 1
+    n_swapped = 0
+    for other in elsewhere if good else ():
+        if n_swapped >= swapped:
+            break
+        sw = make_compliant(other, meta) if other.strip() else ""
+        if sw.strip() and passes(sw, meta) and not on_topic(sw, meta):
+            out.append((good[0], sw, "swap"))
+            n_swapped += 1
     return out
 
 
