@@ -320,6 +320,28 @@ def test_swap_pairs_are_compliant_answers_to_another_topic():
     assert preference_pairs([bad], meta, natural=0, fixed=0, swapped=2, elsewhere=elsewhere) == []  # no good answer
 
 
+def test_cross_pairs_are_one_answer_made_to_follow_these_or_other_instructions():
+    meta = _meta(("start_with_word", {"word": "Surprisingly"}))
+    good, bad = "Surprisingly, owls are quiet hunters.", "Owls are quiet, patient hunters."
+    others = [{"instructions": _meta(*i)["instructions"]} for i in (
+        [("start_with_word", {"word": "Surprisingly"})],  # the same instruction: nothing made from it fails ours
+        [("lowercase", {})], [("no_commas", {}), ("uppercase", {})])]
+    pairs = preference_pairs([good, bad], meta, natural=0, fixed=0, crossed=3, others=others)
+    # the good answer lowercased or capitalised still starts with "Surprisingly": the failing candidate is used
+    fixed = make_compliant(bad, meta)
+    assert pairs == [(fixed, "owls are quiet, patient hunters.", "cross"),
+                     (fixed, "OWLS ARE QUIET PATIENT HUNTERS.", "cross")]
+    for (c, r, _), other in zip(pairs, others[1:]):
+        assert passes(c, meta) and on_topic(c, meta)
+        assert not passes(r, meta) and on_topic(r, meta) and passes(r, {**meta, **other})  # the wrong instructions
+    assert len(preference_pairs([good, bad], meta, natural=0, fixed=0, crossed=1, others=others)) == 1
+    # a passing candidate comes first and stays as it is
+    lower = _meta(("lowercase", {}))
+    assert preference_pairs(["owls are quiet.", "Owls sing."], lower, natural=0, fixed=0, crossed=1,
+                            others=others[2:]) == [("owls are quiet.", "OWLS ARE QUIET.", "cross")]
+    assert preference_pairs([good], meta, natural=0, fixed=0, crossed=2, others=others[:1]) == []
+
+
 # ------------------------------------------------------------------------------------------------------ dataset
 def test_writer_is_deterministic_and_disjoint(tmp_path):
     kw = dict(seed=3, n_train=300, n_eval=40, n_heldout=30)

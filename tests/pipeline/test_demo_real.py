@@ -55,6 +55,23 @@ def test_labelled_pairs_rank_passing_on_topic_answers_first():
         ("swap", dschat(sft[0]["prompt"]), good, "Cats are simple pets.")]
     assert swapped == labelled_pairs({"sft": [cats] + sft}, {"sft": (0, 0, 1)}, seed=3)  # seeded
 
+    # crossed pairs: a prompt's answer made compliant with its instructions over the same answer made compliant with
+    # another prompt's (of other types)
+    upper = {"prompt": "Tell me about owls in capitals.", "samples": ["OWLS HUNT AT NIGHT."],
+             "metadata": {**start[0]["metadata"], "instructions": [{"type": "uppercase", "params": {}}]}}
+    crossed = labelled_pairs({"sft": [upper] + start}, {"sft": (0, 0, 0, 1)}, seed=3)
+    # start[2]'s answer passes its instruction once capitalised too; the others' bad answer is used
+    assert [(p["kind"], p["prompt"]) for p in crossed] == [
+        ("cross", dschat(upper["prompt"])), ("cross", dschat(start[0]["prompt"])), ("cross", dschat(start[1]["prompt"]))]
+    assert [(p["chosen"].strip(), p["rejected"].strip()) for p in crossed[:2]] == [
+        ("OWLS HUNT AT NIGHT.", "OWLS HUNT AT NIGHT. It is truly simple."),
+        ("Owls hunt at night. It is truly simple.", "OWLS HUNT AT NIGHT.")]
+    for p, other in zip(crossed, (start[0], upper, upper)):
+        c, r = p["chosen"].strip(), p["rejected"].strip()
+        assert passes(c, p["metadata"]) and on_topic(c, p["metadata"])
+        assert not passes(r, p["metadata"]) and on_topic(r, p["metadata"]) and passes(r, other["metadata"])
+    assert crossed == labelled_pairs({"sft": [upper] + start}, {"sft": (0, 0, 0, 1)}, seed=3)  # seeded
+
     # held-out pairs: the same labeller over each policy's greedy answer and samples on the test prompts
     data = {"test": [{"prompt": r["prompt"], "metadata": r["metadata"]} for r in start]}
     answers = {"start": {"greedy_seen": [bad, good, good], "sampled_seen": [[bad], [bad], [good]]},

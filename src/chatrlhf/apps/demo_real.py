@@ -105,7 +105,7 @@ SIZES: dict[str, dict[str, Any]] = {
     # the full demo (~30-40 min on 2 cores)
     "full": {"n_train": 160, "n_dev": 32, "n_test": 64, "n_heldout": 48, "k": 4, "sample_temperature": 0.8,
              "max_new_tokens": 64, "eval_samples": 2, "n_show": 8, "sample_batch": 48, "demos_per_prompt": 2,
-             "rm_pairs": {"start": (1, 1), "sft": (3, 1, 1)}},
+             "rm_pairs": {"start": (1, 1, 0, 1), "sft": (3, 1, 1, 1)}},
     # the slow test: learning must show, in a few minutes
     "small": {"n_train": 32, "n_dev": 8, "n_test": 24, "n_heldout": 6, "k": 2, "sample_temperature": 0.8,
               "max_new_tokens": 32, "eval_samples": 1, "n_show": 4, "sample_batch": 32, "demos_per_prompt": 2,
@@ -119,13 +119,13 @@ STEPS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "sft": {"num_train_epochs": 2, "per_device_train_batch_size": 8, "max_seq_len": 160, "learning_rate": 1e-4,
                 "num_warmup_steps": 4, "lr_scheduler_type": "cosine", "weight_decay": 0.0, "log_interval": 10},
-        "reward": {"num_train_epochs": 2, "per_device_train_batch_size": 8, "max_seq_len": 160,
+        "reward": {"num_train_epochs": 1, "per_device_train_batch_size": 8, "max_seq_len": 160,
                    "learning_rate": 1e-4, "num_warmup_steps": 3, "lr_scheduler_type": "cosine", "weight_decay": 0.0,
                    "log_interval": 10},
         "ppo": {"max_steps": 40, "per_device_generation_batch_size": 8, "per_device_training_batch_size": 8,
-                "max_prompt_seq_len": 96, "max_answer_seq_len": 48, "actor_learning_rate": 2e-5,
-                "critic_learning_rate": 1e-5, "kl_ctl": 0.05, "eval_interval": 10, "log_interval": 1,
-                "save_interval": 0},
+                "max_prompt_seq_len": 96, "max_answer_seq_len": 48, "actor_learning_rate": 5e-5,
+                "critic_learning_rate": 1e-5, "kl_ctl": 0.05, "whiten_advantages": True, "eval_interval": 10,
+                "log_interval": 1, "save_interval": 0},
     },
     "small": {
         # LoRA: a third less compute a step than full fine-tuning, and as much learning here (37.5% greedy on the
@@ -397,24 +397,32 @@ def phase_sample(out: Path, data: dict, sizes: dict, seed: int) -> dict[str, Any
 def labelled_pairs(sources: dict[str, list[dict]], per_source: dict[str, tuple[int, ...]], seed: int = 0) -> list[dict]:
     """Reward-model comparisons labelled by the verifiers (``preference_pairs``: chosen passes every instruction
     and is on topic, rejected does not), drawn per prompt from each source's answers; ``per_source[name]`` =
-    (natural, fixed[, swapped]) pairs per prompt, the swapped ones made from the same source's good answers to other
-    topics (up to 16 drawn per prompt, seeded). Rows {"prompt" (DeepSpeed-Chat text), "chosen", "rejected", "kind",
-    "source", "metadata"}."""
+    (natural, fixed[, swapped[, crossed]]) pairs per prompt, the swapped ones made from the same source's good
+    answers to other topics (up to 16 drawn per prompt, seeded), the crossed ones from this prompt's answers made
+    compliant with the instructions of other prompts (up to 8 drawn, of other instruction types). Rows {"prompt"
+    (DeepSpeed-Chat text), "chosen", "rejected", "kind", "source", "metadata"}."""
 
     pairs = []
     for name, rows in sources.items():
-        natural, fixed, swapped = (tuple(per_source[name]) + (0,))[:3]
+        natural, fixed, swapped, crossed = (tuple(per_source[name]) + (0, 0))[:4]
         pool = [(s["metadata"].get("topic"), a) for s in rows for a in s["samples"]
                 if swapped and passes(a, s["metadata"]) and on_topic(a, s["metadata"])]
         rng = random.Random(f"{seed}-{name}")
         for s in rows:
-            topic = s["metadata"].get("topic")
+            meta = s["metadata"]
+            topic, types = meta.get("topic"), _types_of(meta)
             elsewhere = [a for t, a in rng.sample(pool, min(16, len(pool))) if t != topic]
-            for c, r, kind in preference_pairs(s["samples"], s["metadata"], natural=natural, fixed=fixed,
-                                               swapped=swapped, elsewhere=elsewhere):
+            others = [r["metadata"] for r in rng.sample(rows, min(8, len(rows)))
+                      if _types_of(r["metadata"]) != types] if crossed else []
+            for c, r, kind in preference_pairs(s["samples"], meta, natural=natural, fixed=fixed, swapped=swapped,
+                                               elsewhere=elsewhere, crossed=crossed, others=others):
                 pairs.append({"prompt": dschat(s["prompt"]), "chosen": " " + c, "rejected": " " + r, "kind": kind,
-                              "source": name, "metadata": s["metadata"]})
+                              "source": name, "metadata": meta})
     return pairs
+
+
+def _types_of(meta: dict) -> frozenset:
+    return frozenset(i["type"] for i in meta["instructions"])
 
 
 def phase_rm_data(out: Path, data: dict, sizes: dict, seed: int) -> dict[str, Any]:
@@ -552,7 +560,7 @@ def heldout_pairs(data: dict, answers: dict[str, dict]) -> list[dict]:
         samples = a.get("sampled_seen") or [[] for _ in data["test"]]
         sources[name] = [{"prompt": r["prompt"], "metadata": r["metadata"], "samples": [g] + list(s)}
                          for r, g, s in zip(data["test"], a["greedy_seen"], samples)]
-    return labelled_pairs(sources, {name: (1, 1) for name in sources})
+    return labelled_pairs(sources, {name: (1, 1, 0, 1) for name in sources})
 
 
 def phase_final_eval(out: Path, data: dict, sizes: dict, cfg, final_path: Path) -> dict[str, Any]:

@@ -670,7 +670,8 @@ def best_and_worst(candidates: Sequence[str], meta: dict) -> tuple[str, str] | N
 
 
 def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1, fixed: int = 1,
-                     swapped: int = 0, elsewhere: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+                     swapped: int = 0, elsewhere: Sequence[str] = (), crossed: int = 0,
+                     others: Sequence[dict] = ()) -> list[tuple[str, str, str]]:
     """(chosen, rejected, kind) comparisons a programmatic labeller draws from one prompt's candidate answers,
     each one meaningful: the chosen answer satisfies every instruction and is on topic, the rejected one does not.
 
@@ -682,7 +683,13 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
     - kind "swap" (at most ``swapped``): the first good candidate over an answer to another topic (from
       ``elsewhere``, in order) made compliant by ``make_compliant``: it satisfies every instruction and is off topic.
       These teach a reward model that the topic matters (without them, one trained on natural and fixed pairs
-      ordered pairs whose rejected answer is off topic no better than chance: 5 of 12 held-out ones).
+      ordered pairs whose rejected answer is off topic no better than chance: 5 of 12 held-out ones);
+    - kind "cross" (at most ``crossed``): a candidate made compliant with these instructions over the same candidate
+      made compliant with another prompt's instead (``others``: their metadata, in order; passing candidates
+      first, which stay as they are): the same words, on topic, following instructions, but the wrong ones. These
+      teach a reward model to read the instruction: without them, PPO against one trained on the other kinds
+      raised its score by writing every answer in lowercase without commas (at actor lr 1e-4 the dev pass rate
+      fell from 62.5% to 40.6% in 10 steps).
 
     Empty answers and duplicates are ignored; no pairs without both a good and a bad answer (or a fixable one)."""
     cands = [c for c in dict.fromkeys(candidates) if c.strip()]
@@ -711,6 +718,18 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
         if sw.strip() and passes(sw, meta) and not on_topic(sw, meta):
             out.append((good[0], sw, "swap"))
             n_swapped += 1
+    n_crossed = 0
+    for other in others:
+        if n_crossed >= crossed:
+            break
+        cross = {**meta, "instructions": other["instructions"]}
+        for base in good + bad:
+            ch, cr = make_compliant(base, meta), make_compliant(base, cross)
+            if (passes(ch, meta) and on_topic(ch, meta) and cr.strip() and passes(cr, cross)
+                    and not passes(cr, meta) and on_topic(cr, meta)):
+                out.append((ch, cr, "cross"))
+                n_crossed += 1
+                break
     return out
 
 
