@@ -252,14 +252,15 @@ def test_reward_range_and_ordering():
 def test_eval_fn_metrics():
     m1 = _meta(("lowercase", {}))
     m2 = _meta(("max_words", {"n": 15}), ("no_commas", {}))
-    out = eval_fn(["p"] * 3, ["owls hunt.", "Owls, hunt.", "owls hunt at night"], [m1, m2, m1])
-    assert {"pass_rate", "on_topic_rate", "mean_words", "pass_rate/lowercase", "pass_rate/max_words",
-            "pass_rate/no_commas", "instruction_rate", "reward", "n"} <= set(out)
+    out = eval_fn(["p"] * 4, ["owls hunt.", "Owls, hunt.", "owls hunt at night", "cats sleep."], [m1, m2, m1, m1])
+    assert {"pass_rate", "on_topic_rate", "pass_on_topic_rate", "mean_words", "pass_rate/lowercase",
+            "pass_rate/max_words", "pass_rate/no_commas", "instruction_rate", "reward", "n"} <= set(out)
     assert "pass_rate/uppercase" not in out
-    assert out["pass_rate"] == pytest.approx(2 / 3) and out["pass_rate/lowercase"] == 1.0
+    assert out["pass_rate"] == pytest.approx(3 / 4) and out["pass_rate/lowercase"] == 1.0
     assert out["pass_rate/no_commas"] == 0.0 and out["pass_rate/max_words"] == 1.0
-    assert out["on_topic_rate"] == 1.0 and out["mean_words"] == pytest.approx(8 / 3)
-    assert out["instruction_rate"] == pytest.approx(3 / 4)
+    assert out["on_topic_rate"] == 3 / 4 and out["mean_words"] == pytest.approx(10 / 4)
+    assert out["pass_on_topic_rate"] == 2 / 4  # the cat answer passes its instruction, about something else
+    assert out["instruction_rate"] == pytest.approx(4 / 5)
     with pytest.raises(UserError):
         eval_fn([], [], [])
 

@@ -61,8 +61,7 @@ def test_labelled_pairs_rank_passing_on_topic_answers_first():
              "metadata": {**start[0]["metadata"], "instructions": [{"type": "uppercase", "params": {}}]}}
     crossed = labelled_pairs({"sft": [upper] + start}, {"sft": (0, 0, 0, 1)}, seed=3)
     # start[2]'s answer passes its instruction once capitalised too; the others' bad answer is used
-    assert [(p["kind"], p["prompt"]) for p in crossed] == [
-        ("cross", dschat(upper["prompt"])), ("cross", dschat(start[0]["prompt"])), ("cross", dschat(start[1]["prompt"]))]
+    assert [(p["kind"], p["prompt"]) for p in crossed] == [("cross", dschat(r["prompt"])) for r in (upper, *start[:2])]
     assert [(p["chosen"].strip(), p["rejected"].strip()) for p in crossed[:2]] == [
         ("OWLS HUNT AT NIGHT.", "OWLS HUNT AT NIGHT. It is truly simple."),
         ("Owls hunt at night. It is truly simple.", "OWLS HUNT AT NIGHT.")]

@@ -19,12 +19,16 @@ on it, on the CPU, with every number measured by the verifiers and never by the 
               by the verifiers (``preference_pairs``, the programmatic labeller standing in for human labellers)
               among the start model's and the SFT actor's samples: every pair's chosen answer satisfies all its
               instructions and is on topic, its rejected one does not - "natural" pairs of two samples,
-              "fixed" pairs (make_compliant(c), c) and "swap" pairs (a good sample over another topic's good
-              sample made compliant: it satisfies every instruction, off topic). As in InstructGPT, the
-              comparisons rank the SFT model's own outputs: PPO starts there, and a reward model trained on the
-              start model's samples only (most pairs "fixed") ordered the SFT actor's natural pairs no better than
+              "fixed" pairs (make_compliant(c), c), "swap" pairs (a good sample over another topic's good
+              sample made compliant: it satisfies every instruction, off topic) and "cross" pairs (one sample
+              made compliant with this prompt's instructions over the same sample made compliant with another
+              prompt's: on topic, following instructions, the wrong ones). As in InstructGPT, the comparisons
+              rank the SFT model's own outputs: PPO starts there, and a reward model trained on the start
+              model's samples only (most pairs "fixed") ordered the SFT actor's natural pairs no better than
               chance (47%); without the swap pairs it ordered held-out natural pairs whose rejected answer is off
-              topic no better than chance either (5 of 12; with them 78% of all held-out natural pairs).
+              topic no better than chance either (5 of 12); without the cross pairs PPO learned to write every
+              answer in lowercase without commas, which that reward model liked whatever the instruction (the
+              dev pass rate fell from 62.5% to 41-47%).
 6. reward     step 2 (chatrlhf.trainers.reward): a value head on the start model, trained on the pairs.
 7. ppo        step 3 (chatrlhf.trainers.ppo): actor = the SFT output, critic and reward model = the step-2 output,
               greedy dev-set answers scored by the verifiers every ``eval_interval`` steps
@@ -59,11 +63,14 @@ costs ~0.28 s a token step, a SmolLM2 training step (bf16, AVX512-BF16) on 8 seq
   prompt from the SFT actor (~3 minutes): 650 comparisons (283 natural, 261 fixed, 106 topic swaps);
 - SFT: full fine-tuning (135 M parameters fit easily), 2 epochs at lr 1e-4 over two demonstrations per prompt (the
   model's own answers made compliant; ~4.5 min). lr 2e-5 (the first full run) moved nothing: 6.2% -> 10.9%;
-- reward model: full fine-tuning of the start model with a value head, 2 epochs at lr 1e-4 over the 650
-  comparisons (939 s on a 2-core Xeon with AMX; 1 epoch at 2e-5 left its eval split at chance, 46%): held-out pair
-  accuracy is the check;
-- PPO: 8 prompts a step, 40 steps (~12-25 s each), kl_ctl 0.05, actor lr 2e-5: short on purpose - the eval
-  every 10 steps on the dev set keeps the best actor, and the KL to the SFT actor is reported;
+- reward model: full fine-tuning of the start model with a value head, 1 epoch at lr 1e-4 over the ~950
+  comparisons (~11 minutes on a 2-core Xeon with AMX; one epoch over 759 comparisons ordered held-out pairs as well
+  as two over 544, 83.1% vs 83.8%; 1 epoch at 2e-5 left its eval split at chance, 46%): held-out pair accuracy is
+  the check;
+- PPO: 8 prompts a step, 40 steps (~12-25 s each), kl_ctl 0.05, actor lr 5e-5 with advantages whitened per batch
+  (at 2e-5 the policy hardly moved in 40 steps; at 1e-4 it found the reward model's blind spots within 20 steps,
+  dev pass rate 62.5% -> 34.4%): the eval every 10 steps on the dev set keeps the best actor, and the KL to the
+  SFT actor is reported;
 - evaluation: 64 test prompts of seen types and 48 of held-out types, greedy, plus 2 samples (T=0.8) per seen
   test prompt. Threads: all cores (2), with OMP_WAIT_POLICY=PASSIVE so that a competing process does not make
   OpenMP's spinning threads 10x slower; the hybrid engine's native decode step is forced
@@ -436,7 +443,7 @@ def phase_rm_data(out: Path, data: dict, sizes: dict, seed: int) -> dict[str, An
     _split_by_prompt("reward", out, pairs, [s["prompt"] for s in start], seed)
     stats = {"sft_actor_sample_pass_rate": _pass_rate(sft), "rm_pairs": len(pairs)}
     for src in ("start", "sft"):
-        for kind in ("natural", "fixed", "swap"):
+        for kind in ("natural", "fixed", "swap", "cross"):
             stats[f"rm_pairs_{src}_{kind}"] = sum(p["source"] == src and p["kind"] == kind for p in pairs)
     return stats
 
@@ -651,6 +658,7 @@ def format_table(summary: dict[str, Any]) -> str:
         for t in _types(ev, key):
             rows.append((f"  {t}", *[f"{s[n][key].get('pass_rate/' + t, float('nan')):.0%}" for n in names]))
         rows.append(("  on topic", *[f"{s[n][key]['on_topic_rate']:.0%}" for n in names]))
+        rows.append(("  all instructions and on topic", *[_pct(s[n][key].get("pass_on_topic_rate")) for n in names]))
         rows.append(("  words (mean)", *[f"{s[n][key]['mean_words']:.1f}" for n in names]))
 
     block("pass rate, seen types, greedy", "greedy_seen")
@@ -756,6 +764,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         rows += [(f"{title}: {t}", *[_pct(s[n][key].get("pass_rate/" + t)) for n in names]) for t in _types(ev, key)]
         rows += [(f"{title}: single-instruction rate", *[_pct(s[n][key]["instruction_rate"]) for n in names]),
                  (f"{title}: on topic", *[_pct(s[n][key]["on_topic_rate"]) for n in names]),
+                 (f"{title}: all instructions and on topic", *[_pct(s[n][key].get("pass_on_topic_rate")) for n in names]),
                  (f"{title}: words (mean)", *[f"{s[n][key]['mean_words']:.1f}" for n in names])]
     rows.append(("start model log-likelihood per answer token (greedy, seen)",
                  *[f"{ev['start_loglik_per_token'][n]:.3f}" for n in names]))
@@ -775,8 +784,9 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
           f"- KL(final || SFT), mean per answer token on the final actor's greedy test answers: "
           f"**{ev['kl_final_to_sft']:.4f}** nats.",
           f"- final actor: `{Path(ev['final_actor']).name}`, the PPO actor with the best dev-set pass rate (kept at "
-          f"PPO step {ev.get('final_actor_best_step')}; step 0 is the SFT actor itself, i.e. PPO never beat it on "
-          "the dev prompts).", ""]
+          f"PPO step {ev.get('final_actor_best_step')}"
+          + ("; step 0 is the SFT actor itself, i.e. PPO never beat it on the dev prompts)."
+             if ev.get("final_actor_best_step") == 0 else ")."), ""]
     st = summary.get("data", {})
     if st:
         L += ["## Training data (from the start model's own samples)", ""]

@@ -624,23 +624,25 @@ def reward(prompts: Sequence[str], answers: Sequence[str], metas: Sequence[dict]
 
 def eval_fn(prompts: Sequence[str], answers: Sequence[str], metas: Sequence[dict]) -> dict[str, float]:
     """Metrics: pass_rate (all instructions held), pass_rate/<type> (over rows having that type),
-    instruction_rate (over single instructions), on_topic_rate, mean_words, reward (mean), n."""
+    instruction_rate (over single instructions), on_topic_rate, pass_on_topic_rate (all instructions held and on
+    topic: pass_rate alone counts "Honestly." as a pass of "start with 'Honestly'"), mean_words, reward (mean), n."""
     _check_lengths("eval_fn", prompts, answers, metas)
     if not answers:
         raise UserError("eval_fn needs at least one row")
     n = len(answers)
     by_type: dict[str, list[bool]] = {}
-    all_ok, topical, n_words, single = 0, 0, 0, []
+    all_ok, topical, both, n_words, single = 0, 0, 0, 0, []
     for a, m in zip(answers, metas):
-        v = verify(a, m)
+        v, topic = verify(a, m), on_topic(a, m)
         all_ok += all(v.values())
-        topical += on_topic(a, m)
+        topical += topic
+        both += all(v.values()) and topic
         n_words += count_words(a)
         single += list(v.values())
         for t, ok in v.items():
             by_type.setdefault(t, []).append(ok)
     out = {"n": float(n), "pass_rate": all_ok / n, "instruction_rate": sum(single) / len(single),
-           "on_topic_rate": topical / n, "mean_words": n_words / n,
+           "on_topic_rate": topical / n, "pass_on_topic_rate": both / n, "mean_words": n_words / n,
            "reward": sum(reward(prompts, answers, metas)) / n}
     for t in sorted(by_type):
         out[f"pass_rate/{t}"] = sum(by_type[t]) / len(by_type[t])
