@@ -728,11 +728,29 @@ def _plot_pass_rates(path: Path, ev: dict, names: Sequence[str]) -> bool:
         return False
 
 
+def _policy_rows(ev: dict, names: Sequence[str]) -> list[tuple]:
+    """The report's "pass rate by policy" rows: per test set, each policy's verifier metrics, then fluency."""
+    s, rows = ev["scores"], []
+    for key, title in (("greedy_seen", "seen types, greedy"), ("sampled_seen", "seen types, sampled T=0.8"),
+                       ("greedy_heldout", "held-out types, greedy")):
+        if not all(key in s[n] for n in names):
+            continue
+        rows.append((f"**{title}: all instructions**", *[_pct(s[n][key]["pass_rate"]) for n in names]))
+        rows += [(f"{title}: {t}", *[_pct(s[n][key].get("pass_rate/" + t)) for n in names]) for t in _types(ev, key)]
+        rows += [(f"{title}: single-instruction rate", *[_pct(s[n][key]["instruction_rate"]) for n in names]),
+                 (f"{title}: on topic", *[_pct(s[n][key]["on_topic_rate"]) for n in names]),
+                 (f"{title}: all instructions and on topic",
+                  *[_pct(s[n][key].get("pass_on_topic_rate")) for n in names]),
+                 (f"{title}: words (mean)", *[f"{s[n][key]['mean_words']:.1f}" for n in names])]
+    rows.append(("start model log-likelihood per answer token (greedy, seen)",
+                 *[f"{ev['start_loglik_per_token'][n]:.3f}" for n in names]))
+    return rows
+
+
 def write_report(out: Path, summary: dict[str, Any]) -> Path:
     """OUTPUT/report.md + OUTPUT/plots/*.png: the before/after tables, the training curves, samples."""
 
     ev = summary["eval"]
-    s = ev["scores"]
     names = ("start", "sft", "final")
     metrics = {"sft": read_metrics(out / "step1_sft" / "metrics.jsonl"),
                "reward": read_metrics(out / "step2_reward" / "metrics.jsonl"),
@@ -757,21 +775,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
     L += _table(["target", "value", "met"], [(k, f"{v['value']:.3f}", "yes" if v["met"] else "**no**")
                                              for k, v in summary["targets"].items()]) + [""]
     L += ["## Pass rate by policy (held-out prompts)", ""]
-    rows = []
-    for key, title in (("greedy_seen", "seen types, greedy"), ("sampled_seen", "seen types, sampled T=0.8"),
-                       ("greedy_heldout", "held-out types, greedy")):
-        if not all(key in s[n] for n in names):
-            continue
-        rows.append((f"**{title}: all instructions**", *[_pct(s[n][key]["pass_rate"]) for n in names]))
-        rows += [(f"{title}: {t}", *[_pct(s[n][key].get("pass_rate/" + t)) for n in names]) for t in _types(ev, key)]
-        rows += [(f"{title}: single-instruction rate", *[_pct(s[n][key]["instruction_rate"]) for n in names]),
-                 (f"{title}: on topic", *[_pct(s[n][key]["on_topic_rate"]) for n in names]),
-                 (f"{title}: all instructions and on topic",
-                  *[_pct(s[n][key].get("pass_on_topic_rate")) for n in names]),
-                 (f"{title}: words (mean)", *[f"{s[n][key]['mean_words']:.1f}" for n in names])]
-    rows.append(("start model log-likelihood per answer token (greedy, seen)",
-                 *[f"{ev['start_loglik_per_token'][n]:.3f}" for n in names]))
-    L += _table(["metric", "start model", "SFT actor", "final actor"], rows) + [""]
+    L += _table(["metric", "start model", "SFT actor", "final actor"], _policy_rows(ev, names)) + [""]
     wr = ev["win_rate"]
     L += ["## Win-rates, reward model, KL", "",
           f"- verifier win-rate of the final actor (per-prompt gold reward, greedy, ties half): seen types "
