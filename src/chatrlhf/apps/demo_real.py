@@ -32,8 +32,8 @@ on it, on the CPU, with every number measured by the verifiers and never by the 
 6. reward     step 2 (chatrlhf.trainers.reward): a value head on the start model, trained on the pairs.
 7. ppo        step 3 (chatrlhf.trainers.ppo): actor = the SFT output, critic and reward model = the step-2 output,
               greedy dev-set answers scored by the verifiers every ``eval_interval`` steps
-              (``--eval_fn chatrlhf.tasks.instructions:eval_fn --save_best_by pass_rate``); the final actor is the
-              best one.
+              (``--eval_fn chatrlhf.tasks.instructions:eval_fn --save_best_by pass_on_topic_rate``); the final
+              actor is the best one.
 8. final eval start model, SFT actor and final actor on the test sets: pass rate per instruction type (seen and
               held-out types apart), greedy and sampled; verifier win-rates; the reward model's pair accuracy on
               held-out-topic pairs (built as in 5, from the start model's and the SFT actor's test answers);
@@ -42,12 +42,13 @@ on it, on the CPU, with every number measured by the verifiers and never by the 
 9. report     OUTPUT/summary.json, OUTPUT/report.md with plots (OUTPUT/plots), and a table on the terminal.
 
 Outcome of the full run (docs/demo_real/): greedy pass rate on held-out prompts of seen types 6.2% (start) ->
-46.9% (SFT) -> 56.2% (final: PPO's actor at step 10, the best on the dev set); sampled 10.2% -> 39.8% -> 50.0%. But
-fewer answers stay on topic (83% -> 80% -> 70%), so answers that pass every instruction *and* stay on topic went
-3.1% -> 34.4% -> 35.9% only. The reward model orders 88.8% of the held-out-topic pairs (83.6% of the cross pairs;
-the previous one, trained without cross pairs: 77.5% and 63.8%). The issue's targets (>= 60%, +10 over SFT,
-RM >= 90%, on-topic >= 90%) are not met. The same settings on one thread instead of two (an experiment on the same
-samples, bf16 sums in another order) reached 70.3%: run-to-run spread, and a 32-prompt dev set, are large.
+46.9% (SFT) -> 56.2% (final: PPO's actor at step 20, the best on the dev set); sampled 10.2% -> 39.8% -> 59.4%;
+answers that pass every instruction *and* stay on topic 3.1% -> 34.4% -> 48.4%; on topic 83% -> 80% -> 86%. The
+reward model orders 88.8% of the held-out-topic pairs (83.6% of the cross pairs; the previous one, trained without
+cross pairs: 77.5% and 63.8%). The issue's targets (>= 60%, +10 over SFT, RM >= 90%, on-topic >= 90%) are not met.
+With kl_ctl 0.05 and the actor chosen by pass_rate (the run before, same data and reward model), PPO reached the
+same 56.2% with answers that lost the topic (on topic 70%, every instruction and on topic 35.9%); the same settings
+on one thread instead of two reached 70.3% in an experiment: run-to-run spread, and a 32-prompt dev set, are large.
 
 Each phase writes its output under OUTPUT and is skipped when that output already exists (a rerun resumes;
 delete a phase's files to redo it).
@@ -69,7 +70,7 @@ costs ~0.28 s a token step, a SmolLM2 training step (bf16, AVX512-BF16) on 8 seq
   comparisons (~11 minutes on a 2-core Xeon with AMX; one epoch over 759 comparisons ordered held-out pairs as well
   as two over 544, 83.1% vs 83.8%; 1 epoch at 2e-5 left its eval split at chance, 46%): held-out pair accuracy is
   the check;
-- PPO: 8 prompts a step, 40 steps (~12-25 s each), kl_ctl 0.05, actor lr 5e-5 with advantages whitened per batch
+- PPO: 8 prompts a step, 40 steps (~12-25 s each), kl_ctl 0.1, actor lr 5e-5 with advantages whitened per batch
   (at 2e-5 the policy hardly moved in 40 steps; at 1e-4 it found the reward model's blind spots within 20 steps,
   dev pass rate 62.5% -> 34.4%): the eval every 10 steps on the dev set keeps the best actor, and the KL to the
   SFT actor is reported;
@@ -108,6 +109,9 @@ logger = logging.getLogger("chatrlhf.apps.demo_real")
 
 MODEL = "smollm2"
 EVAL_FN = "chatrlhf.tasks.instructions:eval_fn"
+# PPO keeps the actor whose dev-set answers most often pass every instruction *and* stay on topic: by pass_rate
+# alone it kept one that had learned to answer "Honestly." to "start with Honestly" (on topic 80% -> 70%)
+BEST_BY = "pass_on_topic_rate"
 
 # ---------------------------------------------------------------------------------------------------- sizes
 SIZES: dict[str, dict[str, Any]] = {
@@ -133,7 +137,7 @@ STEPS: dict[str, dict[str, dict[str, Any]]] = {
                    "log_interval": 10},
         "ppo": {"max_steps": 40, "per_device_generation_batch_size": 8, "per_device_training_batch_size": 8,
                 "max_prompt_seq_len": 96, "max_answer_seq_len": 48, "actor_learning_rate": 5e-5,
-                "critic_learning_rate": 1e-5, "kl_ctl": 0.05, "whiten_advantages": True, "eval_interval": 10,
+                "critic_learning_rate": 1e-5, "kl_ctl": 0.1, "whiten_advantages": True, "eval_interval": 10,
                 "log_interval": 1, "save_interval": 0},
     },
     "small": {
@@ -490,7 +494,7 @@ def phase_ppo(out: Path, data: dict, cfg, size: str, sizes: dict) -> tuple[Path,
     d = out / "step3_ppo"
     res: dict = {}
     if not _done(d):
-        kw = {"eval_samples": sizes["n_dev"], "eval_fn": EVAL_FN, "save_best_by": "pass_rate",
+        kw = {"eval_samples": sizes["n_dev"], "eval_fn": EVAL_FN, "save_best_by": BEST_BY,
               **_step_kwargs(cfg, size, "ppo")}
         res = run_ppo(PPOConfig(actor_model_name_or_path=str(out / "step1_sft"),
                                 critic_model_name_or_path=str(out / "step2_reward"),
@@ -790,7 +794,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
           f"{_pct(ev.get('rm_eval_split_accuracy'))} on step 2's own eval split.",
           f"- KL(final || SFT), mean per answer token on the final actor's greedy test answers: "
           f"**{ev['kl_final_to_sft']:.4f}** nats.",
-          f"- final actor: `{Path(ev['final_actor']).name}`, the PPO actor with the best dev-set pass rate (kept at "
+          f"- final actor: `{Path(ev['final_actor']).name}`, the PPO actor with the best dev-set {BEST_BY} (kept at "
           f"PPO step {ev.get('final_actor_best_step')}"
           + ("; step 0 is the SFT actor itself, i.e. PPO never beat it on the dev prompts)."
              if ev.get("final_actor_best_step") == 0 else ")."), ""]
