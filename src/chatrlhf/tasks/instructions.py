@@ -720,13 +720,15 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
         if sw.strip() and passes(sw, meta) and not on_topic(sw, meta):
             out.append((good[0], sw, "swap"))
             n_swapped += 1
-    n_crossed = 0
+    n_crossed, made = 0, {}  # made: each candidate made compliant with these instructions, once
     for other in others:
         if n_crossed >= crossed:
             break
         cross = {**meta, "instructions": other["instructions"]}
         for base in good + bad:
-            ch, cr = make_compliant(base, meta), make_compliant(base, cross)
+            if base not in made:
+                made[base] = make_compliant(base, meta)
+            ch, cr = made[base], make_compliant(base, cross)
             if (passes(ch, meta) and on_topic(ch, meta) and cr.strip() and passes(cr, cross)
                     and not passes(cr, meta) and on_topic(cr, meta)):
                 out.append((ch, cr, "cross"))
