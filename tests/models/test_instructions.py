@@ -23,13 +23,16 @@ from chatrlhf.tasks.instructions import (
     best_and_worst,
     compatible,
     count_words,
+    demonstrations,
     eval_fn,
+    good_answer,
     make_compliant,
     make_prompt,
     on_topic,
     passes,
     preference_pairs,
     read_instruction_prompts,
+    repetitive,
     reward,
     verify,
     write_instruction_prompts,
@@ -253,16 +256,31 @@ def test_eval_fn_metrics():
     m1 = _meta(("lowercase", {}))
     m2 = _meta(("max_words", {"n": 15}), ("no_commas", {}))
     out = eval_fn(["p"] * 4, ["owls hunt.", "Owls, hunt.", "owls hunt at night", "cats sleep."], [m1, m2, m1, m1])
-    assert {"pass_rate", "on_topic_rate", "pass_on_topic_rate", "mean_words", "pass_rate/lowercase",
+    assert {"pass_rate", "on_topic_rate", "pass_on_topic_rate", "repetitive_rate", "mean_words", "pass_rate/lowercase",
             "pass_rate/max_words", "pass_rate/no_commas", "instruction_rate", "reward", "n"} <= set(out)
     assert "pass_rate/uppercase" not in out
     assert out["pass_rate"] == pytest.approx(3 / 4) and out["pass_rate/lowercase"] == 1.0
     assert out["pass_rate/no_commas"] == 0.0 and out["pass_rate/max_words"] == 1.0
     assert out["on_topic_rate"] == 3 / 4 and out["mean_words"] == pytest.approx(10 / 4)
     assert out["pass_on_topic_rate"] == 2 / 4  # the cat answer passes its instruction, about something else
-    assert out["instruction_rate"] == pytest.approx(4 / 5)
+    assert out["instruction_rate"] == pytest.approx(4 / 5) and out["repetitive_rate"] == 0.0
+    loop = eval_fn(["p"] * 2, ["owls hunt. " * 5, "owls hunt at night."], [m1, m1])
+    assert loop["repetitive_rate"] == 1 / 2 and loop["pass_on_topic_rate"] == 1.0  # a loop is still reported apart
     with pytest.raises(UserError):
         eval_fn([], [], [])
+
+
+def test_repetitive_answers_are_loops_not_prose():
+    assert repetitive("MAGIC MAGIC MAGIC MAGIC MAGIC MAGIC")
+    assert repetitive("Owls are owls. Owls are owls! owls ARE owls.")  # case and punctuation ignored
+    assert repetitive("It is a wonderful thing. It is a wonderful thing. It is a wonderful thing.")
+    assert not repetitive(PARA) and not repetitive("") and not repetitive("Owls hunt.")
+    # one repeated phrase in real prose stays under the bar (2 of 17 trigrams repeat)
+    assert not repetitive("Owls hunt at night. They have large eyes. Owls hunt at dawn too, and they rest by day.")
+    meta = _meta(("lowercase", {}))
+    assert good_answer("owls hunt at night.", meta)
+    assert not good_answer("owls owls owls owls owls owls", meta)  # passes and on topic, but a loop
+    assert not good_answer("cats hunt at night.", meta) and not good_answer("Owls hunt at night.", meta)
 
 
 def test_best_and_worst():
@@ -304,6 +322,22 @@ def test_preference_pairs_are_meaningful():
     assert [k for *_, k in preference_pairs(cands, meta, natural=0, fixed=1)] == ["fixed"]
     assert preference_pairs(good, meta, natural=2, fixed=2) == []  # all good: nothing to prefer
     assert preference_pairs([off_topic, ""], meta, natural=2, fixed=2) == []  # nothing good, nothing to fix
+    loop = "Owls are simple. Owls are simple. Owls are simple."  # passes, on topic, a loop: never chosen
+    assert preference_pairs([loop, good[0]], meta, natural=2, fixed=0) == [(good[0], loop, "natural")]
+
+
+def test_demonstrations_are_good_answers_and_never_off_topic():
+    meta = _meta(("end_with_phrase", {"phrase": PHRASE}))
+    ok = f"Owls hunt at night. {PARA} {PHRASE}"
+    cands = [PHRASE, "Owls fly silently.", "Cats sleep all day.", ok, "Owls hoot. " * 6 + PHRASE, ok]
+    demos, fixed = demonstrations(cands, meta, n=3)
+    # the passing sample first; then the on-topic failing one made compliant; the phrase alone (passing, about
+    # nothing), the cat answer (off topic) and the loop (passing, on topic) never
+    assert demos == [ok, make_compliant("Owls fly silently.", meta)] and fixed == 1
+    assert all(good_answer(d, meta) for d in demos)
+    assert demonstrations(cands, meta, n=1) == ([ok], 0)
+    assert demonstrations([PHRASE, "Cats sleep all day."], meta, n=2) == ([], 0)  # nothing on topic: no demo
+    assert demonstrations([], meta, n=2) == ([], 0)
 
 
 def test_swap_pairs_are_compliant_answers_to_another_topic():

@@ -12,8 +12,12 @@ on it, on the CPU, with every number measured by the verifiers and never by the 
               choice of the best actor), a *test* set of seen types and a test set of *held-out types* (never in
               training). The final numbers come from the test sets only.
 2. baseline   the start model's greedy and sampled answers on the test sets.
-3. sample     K answers per training prompt sampled from the start model (T=0.8) -> SFT demonstrations (the best
-              sample when it satisfies its instructions, else that sample made compliant by ``make_compliant``).
+3. sample     K answers per training prompt sampled from the start model (T=0.8) -> SFT demonstrations
+              (``demonstrations``: samples that satisfy their instructions, stay on topic and do not loop, else
+              on-topic samples made compliant by ``make_compliant``; never an off-topic one - when SFT also took
+              passing off-topic samples, 73 of 320 demonstrations, e.g. "I hope this helps!" alone for "end with
+              'I hope this helps!'", the SFT actor answered "Honestly." or "Thanks for reading." on topic-free
+              prompts).
 4. sft        step 1 (chatrlhf.trainers.sft) on the demonstrations, rendered with the model's chat template.
 5. sample_sft K answers per training prompt sampled from the SFT actor, then reward-model comparisons labelled
               by the verifiers (``preference_pairs``, the programmatic labeller standing in for human labellers)
@@ -101,7 +105,7 @@ from chatrlhf.apps.report import _plot, _step_section, _table, draw_plots, serie
 from chatrlhf.data.template import format_prompt
 from chatrlhf.errors import UserError
 from chatrlhf.models.registry import resolve_model_path
-from chatrlhf.tasks.instructions import (best_and_worst, eval_fn, make_compliant, on_topic, passes, preference_pairs,
+from chatrlhf.tasks.instructions import (demonstrations, eval_fn, good_answer, passes, preference_pairs,
                                          read_instruction_prompts, reward, write_instruction_prompts)
 from chatrlhf.trainers.metrics import read_metrics
 from chatrlhf.utils import atomic_write_json
@@ -391,21 +395,17 @@ def phase_sample(out: Path, data: dict, sizes: dict, seed: int) -> dict[str, Any
 
     samples = sample_answers(data["model"], "start model", data["train"], sizes, seed + 1,
                              out / "data" / "samples.json")
-    sft_rows, n_pass, n_fixed = [], 0, 0
+    sft_rows, n_good, n_fixed, n_none = [], 0, 0, 0
     for s in samples:
-        meta, cands = s["metadata"], [c for c in s["samples"]]
-        picked = best_and_worst(cands, meta)
-        best = picked[0] if picked else cands[0]
-        if passes(best, meta):
-            demo, n_pass = best, n_pass + 1
-        else:
-            demo, n_fixed = make_compliant(best, meta), n_fixed + 1
-        demos = [demo] + [make_compliant(c, meta) for c in cands if c is not best]
-        for d in list(dict.fromkeys(x for x in demos if x.strip() and passes(x, meta)))[:sizes["demos_per_prompt"]]:
-            sft_rows.append({"prompt": dschat(s["prompt"]), "chosen": " " + d, "metadata": meta})
+        meta = s["metadata"]
+        demos, fixed = demonstrations(s["samples"], meta, sizes["demos_per_prompt"])
+        n_good += any(good_answer(c, meta) for c in s["samples"])
+        n_fixed, n_none = n_fixed + fixed, n_none + (not demos)
+        sft_rows += [{"prompt": dschat(s["prompt"]), "chosen": " " + d, "metadata": meta} for d in demos]
     _split_by_prompt("sft", out, sft_rows, [s["prompt"] for s in samples], seed)
     return {"train_prompts": len(samples), "samples_per_prompt": sizes["k"], "sample_pass_rate": _pass_rate(samples),
-            "prompts_with_a_passing_sample": n_pass, "demos_made_compliant": n_fixed, "sft_demos": len(sft_rows)}
+            "prompts_with_a_good_sample": n_good, "prompts_without_a_demo": n_none, "demos_made_compliant": n_fixed,
+            "sft_demos": len(sft_rows)}
 
 
 def labelled_pairs(sources: dict[str, list[dict]], per_source: dict[str, tuple[int, ...]], seed: int = 0) -> list[dict]:
@@ -420,7 +420,7 @@ def labelled_pairs(sources: dict[str, list[dict]], per_source: dict[str, tuple[i
     for name, rows in sources.items():
         natural, fixed, swapped, crossed = (tuple(per_source[name]) + (0, 0))[:4]
         pool = [(s["metadata"].get("topic"), a) for s in rows for a in s["samples"]
-                if swapped and passes(a, s["metadata"]) and on_topic(a, s["metadata"])]
+                if swapped and good_answer(a, s["metadata"])]
         rng = random.Random(f"{seed}-{name}")
         for s in rows:
             meta = s["metadata"]
@@ -666,6 +666,7 @@ def format_table(summary: dict[str, Any]) -> str:
             rows.append((f"  {t}", *[f"{s[n][key].get('pass_rate/' + t, float('nan')):.0%}" for n in names]))
         rows.append(("  on topic", *[f"{s[n][key]['on_topic_rate']:.0%}" for n in names]))
         rows.append(("  all instructions and on topic", *[_pct(s[n][key].get("pass_on_topic_rate")) for n in names]))
+        rows.append(("  repetitive (loops)", *[_pct(s[n][key].get("repetitive_rate")) for n in names]))
         rows.append(("  words (mean)", *[f"{s[n][key]['mean_words']:.1f}" for n in names]))
 
     block("pass rate, seen types, greedy", "greedy_seen")
@@ -746,6 +747,8 @@ def _policy_rows(ev: dict, names: Sequence[str]) -> list[tuple]:
                  (f"{title}: on topic", *[_pct(s[n][key]["on_topic_rate"]) for n in names]),
                  (f"{title}: all instructions and on topic",
                   *[_pct(s[n][key].get("pass_on_topic_rate")) for n in names]),
+                 (f"{title}: repetitive (word 3-grams repeat > 30%)",
+                  *[_pct(s[n][key].get("repetitive_rate")) for n in names]),
                  (f"{title}: words (mean)", *[f"{s[n][key]['mean_words']:.1f}" for n in names])]
     rows.append(("start model log-likelihood per answer token (greedy, seen)",
                  *[f"{ev['start_loglik_per_token'][n]:.3f}" for n in names]))

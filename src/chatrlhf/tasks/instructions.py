@@ -608,6 +608,17 @@ def _score(answer: str, meta: dict) -> tuple[float, int, bool]:
     return (1 - ON_TOPIC_WEIGHT) * ok / len(v) + ON_TOPIC_WEIGHT * topical, ok, topical
 
 
+# An answer whose word 3-grams repeat this much is a loop ("MAGIC MAGIC MAGIC ...", "A is A. A is A."), not prose.
+MAX_REPEATED_SHARE = 0.3
+
+
+def repetitive(answer: str) -> bool:
+    """Over MAX_REPEATED_SHARE of the answer's word 3-grams (case and punctuation ignored) repeat an earlier one."""
+    w = [_strip_punct(t).lower() for t in words(answer)]
+    grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
+    return bool(grams) and 1 - len(set(grams)) / len(grams) > MAX_REPEATED_SHARE
+
+
 def _check_lengths(name: str, prompts: Sequence, answers: Sequence, metas: Sequence) -> None:
     if not len(prompts) == len(answers) == len(metas):
         raise UserError(f"{name} needs equally long lists (got {len(prompts)} prompts, {len(answers)} answers, "
@@ -625,24 +636,27 @@ def reward(prompts: Sequence[str], answers: Sequence[str], metas: Sequence[dict]
 def eval_fn(prompts: Sequence[str], answers: Sequence[str], metas: Sequence[dict]) -> dict[str, float]:
     """Metrics: pass_rate (all instructions held), pass_rate/<type> (over rows having that type),
     instruction_rate (over single instructions), on_topic_rate, pass_on_topic_rate (all instructions held and on
-    topic: pass_rate alone counts "Honestly." as a pass of "start with 'Honestly'"), mean_words, reward (mean), n."""
+    topic: pass_rate alone counts "Honestly." as a pass of "start with 'Honestly'"), repetitive_rate (answers that
+    loop, ``repetitive``), mean_words, reward (mean), n."""
     _check_lengths("eval_fn", prompts, answers, metas)
     if not answers:
         raise UserError("eval_fn needs at least one row")
     n = len(answers)
     by_type: dict[str, list[bool]] = {}
-    all_ok, topical, both, n_words, single = 0, 0, 0, 0, []
+    all_ok, topical, both, loops, n_words, single = 0, 0, 0, 0, 0, []
     for a, m in zip(answers, metas):
         v, topic = verify(a, m), on_topic(a, m)
         all_ok += all(v.values())
         topical += topic
         both += all(v.values()) and topic
+        loops += repetitive(a)
         n_words += count_words(a)
         single += list(v.values())
         for t, ok in v.items():
             by_type.setdefault(t, []).append(ok)
     out = {"n": float(n), "pass_rate": all_ok / n, "instruction_rate": sum(single) / len(single),
-           "on_topic_rate": topical / n, "pass_on_topic_rate": both / n, "mean_words": n_words / n,
+           "on_topic_rate": topical / n, "pass_on_topic_rate": both / n, "repetitive_rate": loops / n,
+           "mean_words": n_words / n,
            "reward": sum(reward(prompts, answers, metas)) / n}
     for t in sorted(by_type):
         out[f"pass_rate/{t}"] = sum(by_type[t]) / len(by_type[t])
@@ -650,6 +664,26 @@ def eval_fn(prompts: Sequence[str], answers: Sequence[str], metas: Sequence[dict
 
 
 # ---------------------------------------------------------------------------------------- training-data helpers
+def good_answer(answer: str, meta: dict) -> bool:
+    """What a demonstration or a chosen answer must be: every instruction held, on topic, not a loop."""
+    return passes(answer, meta) and on_topic(answer, meta) and not repetitive(answer)
+
+
+def demonstrations(candidates: Sequence[str], meta: dict, n: int) -> tuple[list[str], int]:
+    """Up to ``n`` distinct SFT demonstrations from one prompt's sampled answers, and how many of them were made
+    compliant: the ``good_answer`` samples first (best first, as ``best_and_worst`` ranks them), then on-topic samples
+    made compliant by ``make_compliant`` (when the result is good). An off-topic sample is never a demonstration,
+    even one that passes ("I hope this helps!" for "end with 'I hope this helps!'"): SFT would teach the policy
+    to drop the topic. A prompt whose samples are all off topic gets none."""
+    picked = best_and_worst(candidates, meta)
+    ranked = ([picked[0]] if picked else []) + list(candidates)
+    ready = [c for c in ranked if good_answer(c, meta)]
+    made = [make_compliant(c, meta) for c in ranked if on_topic(c, meta) and not passes(c, meta)]
+    made = [m for m in made if m.strip() and good_answer(m, meta) and m not in ready]
+    out = list(dict.fromkeys(ready + made))[:n]
+    return out, sum(d not in ready for d in out)
+
+
 def best_and_worst(candidates: Sequence[str], meta: dict) -> tuple[str, str] | None:
     """(chosen, rejected) among the model's own samples, by reward; None when all rewards are equal (no signal).
 
@@ -675,9 +709,11 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
                      swapped: int = 0, elsewhere: Sequence[str] = (), crossed: int = 0,
                      others: Sequence[dict] = ()) -> list[tuple[str, str, str]]:
     """(chosen, rejected, kind) comparisons a programmatic labeller draws from one prompt's candidate answers,
-    each one meaningful: the chosen answer satisfies every instruction and is on topic, the rejected one does not.
+    each one meaningful: the chosen answer is a ``good_answer`` (every instruction, on topic, no loop), the
+    rejected one is not.
 
-    - kind "natural" (at most ``natural``): a good candidate over a bad one (failing an instruction or off topic);
+    - kind "natural" (at most ``natural``): a good candidate over a bad one (failing an instruction, off topic or
+      repetitive);
       of all (good, bad) combinations, those closest in word count first (so that a pair differs in compliance
       rather than in length), each good answer's closest bad answer before any second pairing of it;
     - kind "fixed" (at most ``fixed``): ``make_compliant(c)`` over a candidate ``c`` failing an instruction (the two
@@ -695,7 +731,7 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
 
     Empty answers and duplicates are ignored; no pairs without both a good and a bad answer (or a fixable one)."""
     cands = [c for c in dict.fromkeys(candidates) if c.strip()]
-    good = [c for c in cands if passes(c, meta) and on_topic(c, meta)]
+    good = [c for c in cands if good_answer(c, meta)]
     bad = [c for c in cands if c not in good]
     n = {c: count_words(c) for c in cands}
     ranked = [sorted(bad, key=lambda b: abs(n[b] - n[g])) for g in good]  # per good answer, closest bad first
@@ -709,7 +745,7 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
         if passes(b, meta):  # passing but off topic: the fixes would not change it
             continue
         fx = make_compliant(b, meta)
-        if fx.strip() != b.strip() and passes(fx, meta) and on_topic(fx, meta):
+        if fx.strip() != b.strip() and good_answer(fx, meta):
             out.append((fx, b, "fixed"))
             n_fixed += 1
     n_swapped = 0
@@ -729,7 +765,7 @@ def preference_pairs(candidates: Sequence[str], meta: dict, *, natural: int = 1,
             if base not in made:
                 made[base] = make_compliant(base, meta)
             ch, cr = made[base], make_compliant(base, cross)
-            if (passes(ch, meta) and on_topic(ch, meta) and cr.strip() and passes(cr, cross)
+            if (good_answer(ch, meta) and cr.strip() and passes(cr, cross)
                     and not passes(cr, meta) and on_topic(cr, meta)):
                 out.append((ch, cr, "cross"))
                 n_crossed += 1
