@@ -14,10 +14,10 @@ on it, on the CPU, with every number measured by the verifiers and never by the 
 2. baseline   the start model's greedy and sampled answers on the test sets.
 3. sample     K answers per training prompt sampled from the start model (T=0.8) -> SFT demonstrations
               (``demonstrations``: samples that satisfy their instructions, stay on topic and do not loop, else
-              on-topic samples made compliant by ``make_compliant``; never an off-topic one - when SFT also took
-              passing off-topic samples, 73 of 320 demonstrations, e.g. "I hope this helps!" alone for "end with
-              'I hope this helps!'", the SFT actor answered "Honestly." or "Thanks for reading." on topic-free
-              prompts).
+              on-topic samples made compliant by ``make_compliant``; never an off-topic one: when passing off-topic
+              samples were kept, 73 of 320 demonstrations, e.g. "I hope this helps!" alone for "end with 'I hope
+              this helps!'", the SFT and final actors answered "Honestly." or "Thanks for reading." alone; with
+              them gone the SFT actor stays on topic for 86% of the test prompts, was 80%).
 4. sft        step 1 (chatrlhf.trainers.sft) on the demonstrations, rendered with the model's chat template.
 5. sample_sft K answers per training prompt sampled from the SFT actor, then reward-model comparisons labelled
               by the verifiers (``preference_pairs``, the programmatic labeller standing in for human labellers)
@@ -46,14 +46,15 @@ on it, on the CPU, with every number measured by the verifiers and never by the 
 9. report     OUTPUT/summary.json, OUTPUT/report.md with plots (OUTPUT/plots), and a table on the terminal.
 
 Outcome of the full run (docs/demo_real/): greedy pass rate on held-out prompts of seen types 6.2% (start) ->
-46.9% (SFT) -> 57.8% (final: PPO's actor at step 20, the best on the dev set; +10.9 over SFT); sampled 10.2% ->
-39.8% -> 53.9%; answers that pass every instruction *and* stay on topic 3.1% -> 34.4% -> 42.2%; on topic 83% ->
-80% -> 80%. The reward model orders 88.8% of the held-out-topic pairs (83.6% of the cross pairs; the previous one,
-trained without cross pairs: 77.5% and 63.8%). Targets met: +10 over SFT; missed: >= 60% (57.8%), RM >= 90%,
-on-topic >= 90%. Earlier step-3 runs on the same data and reward model: 48-token rollouts with kl_ctl 0.1 reached
-56.2% (every instruction and on topic 48.4%, on topic 86%) but unlearned the end phrase (88% -> 12%); with kl_ctl
-0.05 and the actor chosen by pass_rate, 56.2% with answers that lost the topic (on topic 70%); that setting on one
-thread instead of two reached 70.3%: run-to-run spread, and a 32-prompt dev set, are large.
+48.4% (SFT) -> 54.7% (final: PPO's actor at step 20, the best on the dev set; +6.3 over SFT); sampled 10.2% ->
+42.2% -> 44.5%; answers that pass every instruction *and* stay on topic 3.1% -> 39.1% -> 43.8%; on topic 83% ->
+86% -> 86%. The reward model orders 90.8% of the held-out-topic pairs (88.6% of the cross pairs). Targets met:
+the reward model's 90%; missed: >= 60% (54.7%), +10 over SFT (+6.3), on-topic >= 90% (86%). The run before
+(kl_ctl 0.1, the same data and reward model) ended at 39.1%: PPO drifted (KL to the SFT actor 5-10 nats per answer
+from step 8) back to the start model's plain style, dropping quotes and start words; with kl_ctl 0.3 single-thread
+step-3 runs reached 54.7% (40 steps; 60 steps: 54.7%, on topic 94%). The previous session's run, whose SFT data
+still held off-topic demonstrations (below), reached 46.9% -> 57.8% (+10.9) with an 88.8% reward model and 80% on
+topic: run-to-run spread, and a 32-prompt dev set that picks the step, are large.
 
 Each phase writes its output under OUTPUT and is skipped when that output already exists (a rerun resumes;
 delete a phase's files to redo it).
@@ -67,17 +68,19 @@ costs ~0.28 s a token step, a SmolLM2 training step (bf16, AVX512-BF16) on 8 seq
 
 - answers are at most 64 new tokens (the start model's greedy answers average ~42 tokens; a third hit 64);
   rollouts in PPO too (with 48, a third less generation, PPO unlearned the end phrase: 88% -> 12%);
-- 160 training prompts x 4 samples from the start model (~3 minutes of sampling): 320 demonstrations; 4 more per
-  prompt from the SFT actor (~3 minutes): 945 comparisons (283 natural, 261 fixed, 106 topic swaps, 295 cross);
+- 160 training prompts x 4 samples from the start model (~3 minutes of sampling): 298 demonstrations (156
+  prompts); 4 more per prompt from the SFT actor (~2.5 minutes): 1027 comparisons (335 natural, 264 fixed, 129
+  topic swaps, 299 cross);
 - SFT: full fine-tuning (135 M parameters fit easily), 2 epochs at lr 1e-4 over two demonstrations per prompt (the
   model's own answers made compliant; ~4.5 min). lr 2e-5 (the first full run) moved nothing: 6.2% -> 10.9%;
-- reward model: full fine-tuning of the start model with a value head, 1 epoch at lr 1e-4 over the ~950
-  comparisons (~11 minutes on a 2-core Xeon with AMX; one epoch over 759 comparisons ordered held-out pairs as well
+- reward model: full fine-tuning of the start model with a value head, 1 epoch at lr 1e-4 over the ~1000
+  comparisons (~12 minutes on a 2-core Xeon with AMX; one epoch over 759 comparisons ordered held-out pairs as well
   as two over 544, 83.1% vs 83.8%; 1 epoch at 2e-5 left its eval split at chance, 46%): held-out pair accuracy is
   the check;
-- PPO: 8 prompts a step, 40 steps (~12-25 s each), kl_ctl 0.1, actor lr 5e-5 with advantages whitened per batch
+- PPO: 8 prompts a step, 40 steps (~12-25 s each), kl_ctl 0.3, actor lr 5e-5 with advantages whitened per batch
   (at 2e-5 the policy hardly moved in 40 steps; at 1e-4 it found the reward model's blind spots within 20 steps,
-  dev pass rate 62.5% -> 34.4%): the eval every 10 steps on the dev set keeps the best actor, and the KL to the
+  dev pass rate 62.5% -> 34.4%; with kl_ctl 0.1 it drifted 5-10 nats per answer from the SFT actor and lost
+  formats, test 48.4% -> 39.1%): the eval every 10 steps on the dev set keeps the best actor, and the KL to the
   SFT actor is reported;
 - evaluation: 64 test prompts of seen types and 48 of held-out types, greedy, plus 2 samples (T=0.8) per seen
   test prompt. Threads: all cores (2), with OMP_WAIT_POLICY=PASSIVE so that a competing process does not make
@@ -142,7 +145,7 @@ STEPS: dict[str, dict[str, dict[str, Any]]] = {
                    "log_interval": 10},
         "ppo": {"max_steps": 40, "per_device_generation_batch_size": 8, "per_device_training_batch_size": 8,
                 "max_prompt_seq_len": 96, "max_answer_seq_len": 64, "actor_learning_rate": 5e-5,
-                "critic_learning_rate": 1e-5, "kl_ctl": 0.1, "whiten_advantages": True, "eval_interval": 10,
+                "critic_learning_rate": 1e-5, "kl_ctl": 0.3, "whiten_advantages": True, "eval_interval": 10,
                 "log_interval": 1, "save_interval": 0},
     },
     "small": {
