@@ -676,7 +676,7 @@ def demonstrations(candidates: Sequence[str], meta: dict, n: int) -> tuple[list[
     even one that passes ("I hope this helps!" for "end with 'I hope this helps!'"): SFT would teach the policy
     to drop the topic. A prompt whose samples are all off topic gets none."""
     picked = best_and_worst(candidates, meta)
-    ranked = ([picked[0]] if picked else []) + list(candidates)
+    ranked = list(dict.fromkeys(([picked[0]] if picked else []) + list(candidates)))  # each sample fixed once
     ready = [c for c in ranked if good_answer(c, meta)]
     made = [make_compliant(c, meta) for c in ranked if on_topic(c, meta) and not passes(c, meta)]
     made = [m for m in made if m.strip() and good_answer(m, meta) and m not in ready]
