@@ -106,6 +106,11 @@ def test_analyse_verdicts_and_report(tmp_path):
     # the generate() baseline is reported beside the hybrid engine, without a verdict of its own
     assert mid["decode_generate"]["decode_step_ms"] == pytest.approx(2 * mid["decode"]["decode_step_ms"])
     assert mid["decode_generate"]["verdict"] == "-"
+    # the real size has the real-models issue's targets: MFU 65%, PPO 1.5x floor, decode 70% of the bound (no TRL)
+    real = bench.analyse("real", built, mid_res, limits, cfg, "fp32")
+    assert real["sft"]["target"].startswith("MFU >= 65%") and real["sft"]["verdict"] == "FAIL; FAIL"
+    assert real["ppo"]["target"] == "step <= 1.5x floor" and real["ppo"]["verdict"] == "FAIL"
+    assert real["decode"]["target"].endswith(">= 70% of bandwidth bound") and real["decode"]["verdict"] == "PASS; FAIL"
     report = {"date": "now", "argv": [], "config": bench.dataclasses.asdict(cfg), "dtype": "fp32", "warmup": 1,
               "steps": 3, "rl_steps": 3, "machine": bench._machine(1), "versions": {"torch": "x"}, "limits": limits,
               "limits_end": {**limits, "matmul_fp32_flops": 0.5e11},

@@ -3,11 +3,11 @@
    Why C: at decode sizes a step is bandwidth-bound (every weight is read once for `rows` tokens), and in eager
    torch each of the ~25 small ops per layer costs 15-30 us on a CPU because the weight stream has just evicted
    the dispatcher from cache; here they are a few loops inside one OpenMP region. The GEMMs read weights packed
-   in 32-column panels (one sequential stream, no horizontal sums) with software prefetch well ahead, which
+   in panels of PANEL columns (one sequential stream, no horizontal sums) with software prefetch well ahead, which
    streams at 18-20 GB/s on the bench CPU where MKL's packed small-M GEMM reaches 14-15.
 
-   Two weight formats (Net.bf16): fp32 panels [N/32][K][32], or bf16 panels [N/32][K/2][32][2] (each column's two
-   consecutive k side by side: one 32-bit lane holds a (k, k+1) pair, half the bytes of fp32). A bf16 GEMM rounds
+   Two weight formats (Net.bf16): fp32 panels [N/P][K][P], or bf16 panels [N/P][K/2][P][2] (P = PANEL; each
+   column's two consecutive k side by side: one 32-bit lane holds a (k, k+1) pair, half the bytes of fp32). A bf16 GEMM rounds
    its input rows to bf16 pairs (as the torch bf16 model's activations are) and accumulates in fp32: with
    AVX512-BF16 one vdpbf16ps per 16 columns and k pair; elsewhere the pair is widened in registers (a 16-bit shift
    and a mask) for two fp32 FMAs. In bf16 the KV cache is bf16 (the one the torch prefill wrote) and everything
@@ -34,23 +34,28 @@ typedef int v16i __attribute__((vector_size(64)));
 typedef unsigned short bf16_t;
 typedef unsigned short v16h __attribute__((vector_size(32)));
 
-#define PANEL 32
-/* The GEMM's vector type and row block: MR rows x PANEL columns of accumulators (MR * NV vectors) stay in registers.
-   AVX-512 (32 registers of 16 floats): 64-byte vectors, MR 8 (16 accumulators, each panel read once per 8 rows).
-   Elsewhere (AVX2: 16 registers of 8 floats): 32-byte vectors, MR 2 (8 accumulators). GCC lowers 64-byte vectors
-   to AVX2 through the stack: the AVX-512 kernel ran SmolLM2 at 1.1 s a step (16 rows) on an AVX2 EPYC, 4x slower
-   than torch. */
+/* The GEMM's panel width (columns packed side by side), vector type and row block: MR rows x PANEL columns of
+   accumulators (MR * NV vectors) stay in registers, so each weight loaded feeds MR rows' FMAs.
+   AVX-512 (32 registers of 16 floats): 32-column panels of 64-byte vectors, MR 8 (16 accumulators).
+   Elsewhere (AVX2: 16 registers of 8 floats): 8-column panels of 32-byte vectors, MR 8 (8 accumulators): every
+   weight is read once for up to 8 rows, and a panel is one sequential stream. Its 32-column panels with 2-row
+   blocks (8 accumulators too) made 8 rows re-read each panel 4 times from L2; on a 2-core AVX2 EPYC (Zen 3) the
+   mid model's layer GEMMs for 8 rows took 15.4-17.1 ms instead of 18.2-20.6 (interleaved runs, 15-20% less).
+   GCC lowers 64-byte vectors to AVX2 through the stack: the AVX-512 kernel ran SmolLM2 at 1.1 s a step (16 rows)
+   on an AVX2 EPYC, 4x slower than torch. */
 #if defined(__AVX512F__)
+#define PANEL 32
 typedef float vf __attribute__((vector_size(64)));
 typedef unsigned int vfu __attribute__((vector_size(64)));
-#define MR 8
 #else
+#define PANEL 8
 typedef float vf __attribute__((vector_size(32)));
 typedef unsigned int vfu __attribute__((vector_size(32)));
-#define MR 2
 #endif
+#define MR 8
 #define VL ((int)(sizeof(vf) / sizeof(float)))
 #define NV (PANEL / VL)
+#define PF_EVERY (PANEL >= 16 ? 1 : 16 / PANEL) /* k steps per 64-byte line of a panel (one prefetch each) */
 #define KV_AHEAD 32 /* cache rows prefetched ahead in the attention */
 #ifndef PREFETCH
 #define PREFETCH 4096 /* 4-byte elements (floats or bf16 pairs) ahead of the panel read (16 KiB): best on the bench CPU */
@@ -127,7 +132,7 @@ static inline const void *ahead(const void *panel, size_t panel_elems, int M, in
     return w + panel_elems + (size_t)(m0 / MR) * panel_elems / blocks;
 }
 
-/* y[m, n] = (y +) sum_k x[m, k] W[n, k] for m < M, n < N; W packed [ceil(N/32)][K][32]; x has ceil(M/8)*8 rows
+/* y[m, n] = (y +) sum_k x[m, k] W[n, k] for m < M, n < N; W packed [ceil(N/PANEL)][K][PANEL]; x has ceil(M/8)*8 rows
    (the extra rows' results are dropped), y row stride ldy. Work-shared over panels: call inside a parallel region. */
 static void gemm(const float *x, int M, int K, const float *W, int N, float *y, int ldy, int accumulate) {
     int np = (N + PANEL - 1) / PANEL;
@@ -142,8 +147,10 @@ static void gemm(const float *x, int M, int K, const float *W, int N, float *y, 
             const float *pf = ahead(w, (size_t)K * PANEL, M, m0);
             for (int k = 0; k < K; k++) {
                 const float *wk = w + (size_t)k * PANEL;
-                __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR));
-                __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR) + 16);
+                if (k % PF_EVERY == 0) {
+                    __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR));
+                    if (PANEL > 16) __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR) + 16);
+                }
                 vf wv[NV];
                 for (int j = 0; j < NV; j++) wv[j] = *(const vf *)(wk + j * VL);
                 for (int i = 0; i < MR; i++) {
@@ -156,7 +163,7 @@ static void gemm(const float *x, int M, int K, const float *W, int N, float *y, 
     }
 }
 
-/* The bf16 GEMM: x as bf16 pairs [ceil(M/8)*8][K2] (K2 = ceil(K/2)), W packed [ceil(N/32)][K2][32] pairs. */
+/* The bf16 GEMM: x as bf16 pairs [ceil(M/8)*8][K2] (K2 = ceil(K/2)), W packed [ceil(N/PANEL)][K2][PANEL] pairs. */
 static void gemm_bf16(const unsigned *x, int M, int K2, const unsigned *W, int N, float *y, int ldy,
                       int accumulate) {
     int np = (N + PANEL - 1) / PANEL;
@@ -171,8 +178,10 @@ static void gemm_bf16(const unsigned *x, int M, int K2, const unsigned *W, int N
             const unsigned *pf = (const unsigned *)ahead(w, (size_t)K2 * PANEL, M, m0);
             for (int k = 0; k < K2; k++) {
                 const unsigned *wk = w + (size_t)k * PANEL;
-                __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR));
-                __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR) + 16);
+                if (k % PF_EVERY == 0) {
+                    __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR));
+                    if (PANEL > 16) __builtin_prefetch(pf + (size_t)k * PANEL / ((M + MR - 1) / MR) + 16);
+                }
 #if BF16_DOT
                 __m512bh w0 = (__m512bh)_mm512_load_si512(wk), w1 = (__m512bh)_mm512_load_si512(wk + 16);
                 for (int i = 0; i < MR; i++) {
@@ -396,8 +405,8 @@ void chatrlhf_decode_step(const Net *n, const long long *ids, int p, const float
     }
 }
 
-/* Panels for gemm: W [N, K] row-major -> [ceil(N/32)][K][32], columns past N zero. Each source row is read in order
-   (its panel, 4 KiB-128 KiB, stays in cache while its 32 rows are scattered into it). */
+/* Panels for gemm: W [N, K] row-major -> [ceil(N/PANEL)][K][PANEL], columns past N zero. Each source row is read in
+   order (its panel, 1 KiB-128 KiB, stays in cache while its PANEL rows are scattered into it). */
 void chatrlhf_pack(const float *W, int N, int K, float *out) {
     int np = (N + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static)
@@ -409,7 +418,7 @@ void chatrlhf_pack(const float *W, int N, int K, float *out) {
         }
 }
 
-/* Panels for gemm_bf16: W [N, K] bf16 row-major -> [ceil(N/32)][ceil(K/2)][32][2] (a (k, k+1) pair per 32-bit
+/* Panels for gemm_bf16: W [N, K] bf16 row-major -> [ceil(N/PANEL)][ceil(K/2)][PANEL][2] (a (k, k+1) pair per 32-bit
    word), zeros past N and K. */
 void chatrlhf_pack_bf16(const bf16_t *W, int N, int K, bf16_t *out) {
     int np = (N + PANEL - 1) / PANEL, K2 = (K + 1) / 2;
@@ -429,6 +438,9 @@ void chatrlhf_pack_bf16(const bf16_t *W, int N, int K, bf16_t *out) {
             }
         }
 }
+
+/* The columns of a packed panel in this build (chatrlhf_pack's layout). */
+int chatrlhf_panel(void) { return PANEL; }
 
 /* Which bf16 GEMM this build has: 1 = AVX512-BF16 dot products, 0 = widened in registers. */
 int chatrlhf_bf16_dot(void) { return BF16_DOT; }

@@ -37,7 +37,6 @@ import stat
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
-PANEL = 32
 _P = ctypes.POINTER
 _f = ctypes.c_float
 _v = ctypes.c_void_p
@@ -131,6 +130,7 @@ def _declare_decode(lib: ctypes.CDLL) -> None:
     lib.chatrlhf_pack_bf16.argtypes = lib.chatrlhf_pack.argtypes
     lib.chatrlhf_decode_step.restype = lib.chatrlhf_pack.restype = lib.chatrlhf_pack_bf16.restype = None
     lib.chatrlhf_bf16_dot.argtypes, lib.chatrlhf_bf16_dot.restype = [], ctypes.c_int
+    lib.chatrlhf_panel.argtypes, lib.chatrlhf_panel.restype = [], ctypes.c_int
 
 
 def _declare_fused(lib: ctypes.CDLL) -> None:
@@ -211,18 +211,20 @@ def _vptrs(ts: list[torch.Tensor]):
 DTYPES = (torch.float32, torch.bfloat16)  # the weight formats decode.c has
 
 
-def packed_numel(n: int, k: int, dtype: torch.dtype) -> int:
-    """Elements of W [n, k] in decode.c's GEMM layout (see :func:`pack`)."""
-    return (n + PANEL - 1) // PANEL * PANEL * ((k + 1) // 2 * 2 if dtype == torch.bfloat16 else k)
+def packed_numel(lib: ctypes.CDLL, n: int, k: int, dtype: torch.dtype) -> int:
+    """Elements of W [n, k] in the GEMM layout of ``lib``'s build (see :func:`pack`)."""
+    panel = lib.chatrlhf_panel()
+    return (n + panel - 1) // panel * panel * ((k + 1) // 2 * 2 if dtype == torch.bfloat16 else k)
 
 
 def pack(lib: ctypes.CDLL, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """W [N, K] -> decode.c's GEMM layout, flat (into ``out`` when given): fp32 panels [ceil(N/32), K, 32]; bf16
-    panels [ceil(N/32), ceil(K/2), 32, 2] (each column's k and k+1 side by side, zeros past N and K)."""
+    """W [N, K] -> decode.c's GEMM layout, flat (into ``out`` when given), in panels of P = ``lib.chatrlhf_panel()``
+    columns (32 on AVX-512, 8 elsewhere): fp32 [ceil(N/P), K, P]; bf16 [ceil(N/P), ceil(K/2), P, 2] (each column's
+    k and k+1 side by side, zeros past N and K)."""
     n, k = weight.shape
     w = weight.contiguous()
     if out is None:
-        out = torch.empty(packed_numel(n, k, w.dtype), dtype=w.dtype)
+        out = torch.empty(packed_numel(lib, n, k, w.dtype), dtype=w.dtype)
     (lib.chatrlhf_pack_bf16 if w.dtype == torch.bfloat16 else lib.chatrlhf_pack)(w.data_ptr(), n, k,
                                                                                   out.data_ptr())
     return out
@@ -284,10 +286,10 @@ class NativeStep:
         names = ("qkv", "o", "up", "down")
         mats = [L[k].weight for L in dec.layers for k in names] + [dec.head.weight]
         # packed copies, kept alive here: the Net struct holds only their addresses
-        self.arena, region = _arena(sum(packed_numel(*w.shape, dec.dtype) for w in mats), dec.dtype)
+        self.arena, region = _arena(sum(packed_numel(lib, *w.shape, dec.dtype) for w in mats), dec.dtype)
         if region is not None:
             weakref.finalize(self, _keep_spare, region)
-        views = list(torch.split(self.arena, [packed_numel(*w.shape, dec.dtype) for w in mats]))
+        views = list(torch.split(self.arena, [packed_numel(lib, *w.shape, dec.dtype) for w in mats]))
         for w, v in zip(mats, views):
             pack(lib, w, v)
         n_layers = len(dec.layers)
