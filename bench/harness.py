@@ -1240,8 +1240,9 @@ _MD_METHOD = ("## How the figures are computed", "",
               "by different factors, which would bias such a ratio.",
               "- Targets: mid PPO ≤ 1.4× floor and faster than TRL (GRPO too); tiny PPO ≥ 6× TRL PPO; mid SFT/RM MFU "
               "≥ 70%; SFT/RM no slower than the plain torch path (fused kernels off; fp32 runs only) and the default "
-              "decoder no slower than generate() at every size (0.97×: equal within noise); mid decode ≥ 60% of bound. "
-              "Real size (SmolLM2-135M's architecture): SFT/RM MFU ≥ 65%, PPO ≤ 1.5× floor, decode ≥ 70% of bound.",
+              "decoder no slower than generate() at every size (0.97×: equal within noise); mid decode ≥ 60% of "
+              "bound. Real size (SmolLM2-135M's architecture): SFT/RM MFU ≥ 65%, PPO ≤ 1.5× floor, decode ≥ 70% of "
+              "bound.",
               "")
 
 
