@@ -7,8 +7,8 @@
    streams at 18-20 GB/s on the bench CPU where MKL's packed small-M GEMM reaches 14-15.
 
    Two weight formats (Net.bf16): fp32 panels [N/P][K][P], or bf16 panels [N/P][K/2][P][2] (P = PANEL; each
-   column's two consecutive k side by side: one 32-bit lane holds a (k, k+1) pair, half the bytes of fp32). A bf16 GEMM rounds
-   its input rows to bf16 pairs (as the torch bf16 model's activations are) and accumulates in fp32: with
+   column's two consecutive k side by side: one 32-bit lane holds a (k, k+1) pair, half the bytes of fp32). A bf16
+   GEMM rounds its input rows to bf16 pairs (as the torch bf16 model's activations are) and accumulates in fp32: with
    AVX512-BF16 one vdpbf16ps per 16 columns and k pair; elsewhere the pair is widened in registers (a 16-bit shift
    and a mask) for two fp32 FMAs. In bf16 the KV cache is bf16 (the one the torch prefill wrote) and everything
    between the GEMMs (norms, RoPE, softmax, SwiGLU, residual stream) is fp32.
