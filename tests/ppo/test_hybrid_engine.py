@@ -274,6 +274,29 @@ def test_native_decode_step_equals_torch_step(tiny_model_factory, monkeypatch, r
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
+def test_next_decoder_reuses_the_dropped_decoders_weight_copies(tiny_model_factory):
+    """PPO builds a decoder per rollout: the fused copies (q/k/v and gate/up concatenated, norm scales folded in)
+    of the dropped one are reused in place by the next, which still decodes the current weights exactly."""
+    import gc
+
+    model, tok, ids, mask = _load(tiny_model_factory("llama", hidden=64, layers=2, vocab=512))
+    first = HybridDecoder(model, rows=3)
+    ptrs = {t.data_ptr() for t in first._copies}
+    assert len(ptrs) == 2 * 2 + 1  # qkv and gate/up per layer, the head with the final norm folded in
+    alive = HybridDecoder(model, rows=3)  # built while the first is alive: copies of its own
+    last = {t.data_ptr() for t in alive._copies}
+    assert len(last) == 5 and not ptrs & last
+    del first, alive  # the pool keeps the last one dropped
+    gc.collect()
+    with torch.no_grad():  # the weights change between rollouts
+        for p in model.parameters():
+            p.mul_(1.01)
+    dec = HybridDecoder(model, rows=3)
+    assert {t.data_ptr() for t in dec._copies} == last
+    ours = dec.generate(ids, mask, 12, tok.pad_token_id, None, min_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, _hf_greedy(model, tok, ids, mask, 12, None, min_new=12))
+
+
 def test_native_decode_can_be_turned_off(tiny_model_factory, monkeypatch):
     from chatrlhf.engine import native
 

@@ -120,3 +120,23 @@ def test_critic_free_runs_log_no_critic(ppo_cfg, capsys, algo):
     train = [r for r in rows if r["kind"] == "train"]
     assert train and not any(k in r for r in train for k in ("critic_loss", "vf_clipfrac", "value_error"))
     assert "critic_loss" not in res and "actor_loss" in res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_check_finds_one_nan_or_inf_and_passes_large_finite_sums(dtype):
+    """The guard's weight check is one sum per weight: one NaN or Inf anywhere fails it; finite weights whose fp16
+    sum would overflow (65504) pass, because fp16 sums in fp32."""
+    from chatrlhf.trainers.ppo.experience import _params_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.Linear(400, 300)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)  # 120,000 ones: beyond fp16's range as a sum
+    assert _params_finite(model)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with torch.no_grad():
+            saved = model[1].bias[7].item()
+            model[1].bias[7] = bad
+        assert not _params_finite(model), bad
+        with torch.no_grad():
+            model[1].bias[7] = saved
+    assert _params_finite(model)

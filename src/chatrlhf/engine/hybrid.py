@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -252,6 +253,30 @@ def _per_head_qkv(lin, n_heads: int):
     return SimpleNamespace(weight=w, bias=b)
 
 
+class _CopyPool:
+    """The fused weight copies (concatenated q/k/v and gate/up, norm scales folded in) of the last dropped decoder,
+    for the next decoder of the same shapes: PPO builds one per rollout. Fresh copies came as new pages every
+    rollout (~400 MB, ~100k page faults for SmolLM2-135M in fp32): glibc does not hand a freed block back to
+    torch's 64-byte-aligned request of the same size. Kept only while they are under an eighth of the machine's
+    memory (:func:`native.spare_fits`)."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape: tuple, like: torch.Tensor) -> torch.Tensor | None:
+        spare = self.free.get((tuple(shape), like.dtype, like.device))
+        return spare.pop() if spare else None
+
+    def give(self, tensors: list[torch.Tensor]) -> None:
+        self.free.clear()
+        if tensors and native_step.spare_fits(sum(t.numel() * t.element_size() for t in tensors)):
+            for t in tensors:
+                self.free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+
+
+_COPIES = _CopyPool()
+
+
 class _Proj:
     """One or several linear maps applied to the same input (fused q/k/v, gate/up).
 
@@ -264,15 +289,26 @@ class _Proj:
     PACK_MIN_ELEMENTS = 1 << 16  # below this, packing does not pay for itself
 
     def __init__(self, linears, rows: int, fuse: bool, in_scale: torch.Tensor | None = None,
-                 mkl_pack: bool = True):
+                 mkl_pack: bool = True, copies: list[torch.Tensor] | None = None):
         parts = [_parts(m) for m in linears]
         self.sizes = [w.shape[0] for w, _ in parts]
         self.fused = fuse
         self.packed = None
         if fuse:
-            self.weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
-            if in_scale is not None:  # W @ diag(s): a preceding norm's scale folded in (the module's own: a copy)
-                self.weight = self.weight.mul_(in_scale) if len(parts) > 1 else self.weight * in_scale
+            w0 = parts[0][0]
+            shape = (sum(self.sizes), w0.shape[1])
+            if len(parts) > 1 or in_scale is not None:  # a copy (``copies``: the decoder's, reused by the next)
+                out = _COPIES.take(shape, w0) if copies is not None else None
+                if len(parts) > 1:
+                    self.weight = torch.cat([w for w, _ in parts], out=out)
+                    if in_scale is not None:  # W @ diag(s): a preceding norm's scale folded in
+                        self.weight.mul_(in_scale)
+                else:
+                    self.weight = torch.mul(w0, in_scale, out=out)
+                if copies is not None:
+                    copies.append(self.weight)
+            else:
+                self.weight = w0
             self.bias = None
             if any(b is not None for _, b in parts):
                 self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
@@ -393,9 +429,11 @@ class HybridDecoder:
         lib = native_lib(model) if pack and native is not False and self.dtype in native_step.DTYPES else None
         mkl = lib is None  # the native step has its own weight layout; the prefill uses the plain fused matrices
         self.rotary_ndims = self.head_dim
+        self._copies: list[torch.Tensor] = []  # fused weight copies, handed to the next decoder when this one goes
+        weakref.finalize(self, _COPIES.give, self._copies)
         self.layers = [self._build_layer(layer, rows, pack, mkl) for layer in _layers(stack)]
         self._family_ends(model, stack, pack)
-        self.head = _Proj([model.get_output_embeddings()], rows, pack, _scale(self.final_norm), mkl)
+        self.head = _Proj([model.get_output_embeddings()], rows, pack, _scale(self.final_norm), mkl, self._copies)
         self.native = native_step.NativeStep(lib, self, rows) if lib is not None else None
 
     def _build_layer(self, layer, rows: int, pack: bool, mkl: bool) -> dict:
@@ -425,15 +463,16 @@ class HybridDecoder:
         a = layer.self_attn
         if self.kind == "opt":
             return dict(
-                qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack), o=_Proj([a.out_proj], rows, pack),
+                qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack, copies=self._copies),
+                o=_Proj([a.out_proj], rows, pack),
                 up=_Proj([layer.fc1], rows, pack), down=_Proj([layer.fc2], rows, pack),
                 ln1=_Norm(layer.self_attn_layer_norm), ln2=_Norm(layer.final_layer_norm), scaling=a.scaling,
                 pre_norm=layer.do_layer_norm_before, parallel=False)
         ln1, ln2 = _Norm(layer.input_layernorm, fold=pack), _Norm(layer.post_attention_layernorm, fold=pack)
         return dict(
-            qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack, _scale(ln1), mkl),
+            qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows, pack, _scale(ln1), mkl, self._copies),
             o=_Proj([a.o_proj], rows, pack, mkl_pack=mkl),
-            up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack, _scale(ln2), mkl),
+            up=_Proj([layer.mlp.gate_proj, layer.mlp.up_proj], rows, pack, _scale(ln2), mkl, self._copies),
             down=_Proj([layer.mlp.down_proj], rows, pack, mkl_pack=mkl), ln1=ln1, ln2=ln2,
             scaling=a.scaling, pre_norm=True, parallel=False)
 

@@ -259,12 +259,16 @@ def _arena(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap | No
     return torch.frombuffer(region, dtype=dtype, count=numel, offset=start), region
 
 
-def _keep_spare(region: mmap.mmap) -> None:
+def spare_fits(nbytes: int) -> bool:
+    """Whether memory kept for the next decoder (``nbytes``) is under an eighth of the machine's."""
     try:
-        small = len(region) * 8 <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return nbytes * 8 <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        small = False
-    if small:
+        return False
+
+
+def _keep_spare(region: mmap.mmap) -> None:
+    if spare_fits(len(region)):
         _spare[:] = [region]
 
 
