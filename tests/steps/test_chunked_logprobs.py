@@ -32,12 +32,13 @@ def _grads(out, params):
     return torch.autograd.grad(out, [p for p in params if p is not None], retain_graph=True)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["h@Wt", "(W@ht)t"])
 @pytest.mark.parametrize("chunk", [1, 4, 8, 21, 1000, None])
-def test_token_logprobs_and_entropy_equal_the_reference(chunk):
+def test_token_logprobs_and_entropy_equal_the_reference(chunk, transposed):
     h, w, b, t = _inputs()
     g = torch.Generator().manual_seed(1)
     g_lp, g_ent = torch.randn(B, K, generator=g), torch.randn(B, K, generator=g)
-    lp, ent = chunked_token_logprobs(h, w, t, chunk=chunk, entropy=True, bias=b)
+    lp, ent = chunked_token_logprobs(h, w, t, chunk=chunk, entropy=True, bias=b, transposed=transposed)
     ref_lp, ref_ent = _ref_logprobs(h, w, t, b)
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (B, K)
     torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
@@ -49,8 +50,9 @@ def test_token_logprobs_and_entropy_equal_the_reference(chunk):
             torch.testing.assert_close(gm, gr, rtol=0, atol=1e-5, msg=f"{name}: d/d {what}")
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["h@Wt", "(W@ht)t"])
 @pytest.mark.parametrize("chunk", [4, None])
-def test_frozen_head_precomputes_the_row_gradients(chunk):
+def test_frozen_head_precomputes_the_row_gradients(chunk, transposed):
     """Only the hidden states need a gradient (frozen / LoRA'd head, bias frozen too): forward keeps d logp/dh and
     d entropy/dh, backward only scales rows; the same gradients. entropy_grad=False: a detached entropy."""
     h, w, b, t = _inputs()
@@ -58,7 +60,7 @@ def test_frozen_head_precomputes_the_row_gradients(chunk):
     b.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     g_lp, g_ent = torch.randn(B, K, generator=g), torch.randn(B, K, generator=g)
-    lp, ent = chunked_token_logprobs(h, w, t, chunk=chunk, entropy=True, bias=b)
+    lp, ent = chunked_token_logprobs(h, w, t, chunk=chunk, entropy=True, bias=b, transposed=transposed)
     ref_lp, ref_ent = _ref_logprobs(h, w, t, b)
     for mine, ref in [((lp * g_lp).sum(), (ref_lp * g_lp).sum()), ((ent * g_ent).sum(), (ref_ent * g_ent).sum()),
                       ((lp * g_lp + ent * g_ent).sum(), (ref_lp * g_lp + ref_ent * g_ent).sum())]:
@@ -94,14 +96,15 @@ def test_token_logprobs_skip_ignored_rows_and_frozen_weights():
     assert not lp2.requires_grad and torch.equal(lp2, lp.detach())
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["h@Wt", "(W@ht)t"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("chunk", [1, 4, 21, None])
-def test_cross_entropy_equals_f_cross_entropy(reduction, chunk):
+def test_cross_entropy_equals_f_cross_entropy(reduction, chunk, transposed):
     h, w, b, t = _inputs()
     t = t.clone()
     t[0, :3] = -100
     t[1, 5] = -100
-    mine = chunked_cross_entropy(h, w, t, reduction=reduction, chunk=chunk, bias=b)
+    mine = chunked_cross_entropy(h, w, t, reduction=reduction, chunk=chunk, bias=b, transposed=transposed)
     ref = F.cross_entropy(F.linear(h, w, b).float().reshape(-1, V), t.reshape(-1), reduction=reduction)
     ref = ref.view(B, K) if reduction == "none" else ref
     torch.testing.assert_close(mine, ref, rtol=0, atol=1e-5)
@@ -414,3 +417,27 @@ def test_sft_run_gives_the_same_losses_with_and_without_chunking(base_args, tmp_
     for a, b_ in zip(on_losses + [on["eval_loss_start"], on["eval_loss"]],
                      off_losses + [off["eval_loss_start"], off["eval_loss"]]):
         assert abs(a - b_) < 1e-5, (on_losses, off_losses, on, off)
+
+
+def test_logits_layout_is_timed_once_per_shape_and_can_be_forced(monkeypatch, tmp_path):
+    """The chunk logits' layout (h W^T or (W h^T)^T) is the faster one on this machine: both timed on first use,
+    then remembered; CHATRLHF_PATH_LM_HEAD_LAYOUT forces either."""
+    from chatrlhf.engine import calibrate
+    from chatrlhf.trainers import lm_head
+
+    monkeypatch.setenv("CHATRLHF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "_decided", {})
+    monkeypatch.setattr(lm_head, "_layouts", {})
+    calls = []
+    orig = lm_head.chunk_logits
+    monkeypatch.setattr(lm_head, "chunk_logits",
+                        lambda *a, **k: calls.append(k.get("transposed", False)) or orig(*a, **k))
+    w = torch.randn(300, 16)
+    first = lm_head.logits_layout(w, None)
+    assert set(calls) == {False, True} and (tmp_path / "calibration.json").is_file()
+    n = len(calls)
+    assert lm_head.logits_layout(w, None) is first and len(calls) == n  # decided once
+    for forced in ("linear", "transposed"):
+        monkeypatch.setattr(lm_head, "_layouts", {})
+        monkeypatch.setenv("CHATRLHF_PATH_LM_HEAD_LAYOUT", forced)
+        assert lm_head.logits_layout(w, None) is (forced == "transposed") and len(calls) == n

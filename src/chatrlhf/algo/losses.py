@@ -179,9 +179,16 @@ def _chunk_grads(gz: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, dh: to
         db.add_(gz.float().sum(0))
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of one chunk: the matmul in the weights' dtype (as the plain lm head does), then upcast."""
-    return F.linear(h, weight, bias).float()
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 transposed: bool = False) -> torch.Tensor:
+    """fp32 logits [c, V] of one chunk: the matmul in the weights' dtype (as the plain lm head does), then upcast.
+    ``transposed``: computed as (W h^T)^T, a [V, c] product viewed as [c, V] (the same sums; MKL on a 2-core AVX2
+    EPYC ran it 1.2x faster at c = 256-512, H = 576, V = 49,152, the log-softmax and the gradients' matmuls taking
+    the transposed layout as it is). Which one runs is measured per machine and shape by the trainers."""
+    if not transposed:
+        return F.linear(h, weight, bias).float()
+    z = torch.mm(weight, h.t()) if bias is None else torch.addmm(bias[:, None], weight, h.t())
+    return z.t().float()
 
 
 def _lse_stats(z: torch.Tensor, entropy: bool):
@@ -204,7 +211,7 @@ class _TokenLogprobs(torch.autograd.Function):
     scales rows and nothing is recomputed: the plain path's FLOPs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, want_entropy, frozen, ent_grad):
+    def forward(ctx, hidden, weight, bias, targets, chunk, transposed, want_entropy, frozen, ent_grad):
         n = hidden.shape[0]
         lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(lp)
@@ -214,7 +221,7 @@ class _TokenLogprobs(torch.autograd.Function):
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             t = targets[a:b, None]
-            z = _chunk_logits(hidden[a:b], weight, bias)
+            z = chunk_logits(hidden[a:b], weight, bias, transposed)
             lse_c, pz = _lse_stats(z, want_entropy)
             lse[a:b] = lse_c
             lp[a:b] = z.gather(1, t).squeeze(1) - lse_c
@@ -231,7 +238,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 del logp, p, gz
             del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, d_lp, d_ent)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.transposed = chunk, transposed
         ctx.set_materialize_grads(False)
         if want_entropy:
             return lp, ent
@@ -244,7 +251,7 @@ class _TokenLogprobs(torch.autograd.Function):
         if g_ent is not None and ent is None:
             g_ent = None
         if g_lp is None and g_ent is None:
-            return (None,) * 8
+            return (None,) * 9
         if d_lp is not None:  # frozen head: the row gradients were computed in forward
             if g_ent is not None and d_ent is None:
                 raise RuntimeError("chunked_token_logprobs(entropy_grad=False): its entropy has no gradient")
@@ -253,7 +260,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 if g is not None:
                     part = d * g.to(d.dtype)[:, None]
                     dh = part if dh is None else dh.add_(part)
-            return dh, None, None, None, None, None, None, None
+            return dh, None, None, None, None, None, None, None, None
         n, chunk = hidden.shape[0], ctx.chunk
         dh = torch.empty_like(hidden) if need_h else None
         dw = _weight_grad_buffer(weight, need_w, n)
@@ -261,7 +268,7 @@ class _TokenLogprobs(torch.autograd.Function):
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             h = hidden[a:b]
-            logp = _chunk_logits(h, weight, bias).sub_(lse[a:b, None])  # log-softmax of the chunk
+            logp = chunk_logits(h, weight, bias, ctx.transposed).sub_(lse[a:b, None])  # log-softmax of the chunk
             p = logp.exp()
             if g_ent is not None:  # d H / d z_j = -p_j (log p_j + H)
                 logp.add_(ent[a:b, None]).mul_(p).mul_(-g_ent[a:b, None])
@@ -277,7 +284,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 gz = logp
             del p, logp
             _chunk_grads(gz.to(weight.dtype), weight, h, dh, dw, db, a, b)
-        return dh, dw, (db.to(bias.dtype) if db is not None else None), None, None, None, None, None
+        return dh, dw, (db.to(bias.dtype) if db is not None else None), None, None, None, None, None, None
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -285,7 +292,7 @@ class _CrossEntropySum(torch.autograd.Function):
     forward when asked (``grads``) and scaled by the scalar upstream gradient in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, grads):
+    def forward(ctx, hidden, weight, bias, targets, chunk, transposed, grads):
         need_h, need_w, need_b = grads
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -296,7 +303,7 @@ class _CrossEntropySum(torch.autograd.Function):
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             h, t = hidden[a:b], targets[a:b, None]
-            z = _chunk_logits(h, weight, bias)
+            z = chunk_logits(h, weight, bias, transposed)
             lse = torch.logsumexp(z, -1)
             total += (lse - z.gather(1, t).squeeze(1)).sum()
             if any_grad:  # d / d z_j = p_j - [j == t]
@@ -318,7 +325,7 @@ class _CrossEntropySum(torch.autograd.Function):
             for x in (dh, dw, db):
                 if x is not None:
                     x.mul_(g.to(x.dtype))
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def _rows(hidden: torch.Tensor, targets: torch.Tensor):
@@ -328,12 +335,13 @@ def _rows(hidden: torch.Tensor, targets: torch.Tensor):
 
 def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None,
                            entropy: bool = False, bias: torch.Tensor | None = None, ignore_index: int | None = None,
-                           entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           entropy_grad: bool = True,
+                           transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(hidden @ weight^T + bias)[target] for every row, and optionally the softmax's entropy, without
     the [..., V] logits: ``hidden`` [..., H], ``weight`` [V, H], ``targets`` [...] -> (logp [...], entropy [...] or
     None), fp32, differentiable in hidden, weight and bias (the entropy too unless ``entropy_grad`` is False: then
     it comes back detached). Peak extra memory is a few [chunk, V] fp32 tensors. Rows whose target is
-    ``ignore_index`` are skipped: logp 0 and entropy 0 there, no gradient."""
+    ``ignore_index`` are skipped: logp 0 and entropy 0 there, no gradient. ``transposed``: see :func:`chunk_logits`."""
     shape = targets.shape
     h, t = _rows(hidden, targets)
     keep = None
@@ -347,8 +355,8 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     else:
         grad = torch.is_grad_enabled()
         frozen = grad and h.requires_grad and not weight.requires_grad and not (bias is not None and bias.requires_grad)
-        lp, ent = _TokenLogprobs.apply(h, weight, bias, t, _chunk_rows(chunk, h.shape[0]), bool(entropy), frozen,
-                                       bool(entropy_grad))
+        lp, ent = _TokenLogprobs.apply(h, weight, bias, t, _chunk_rows(chunk, h.shape[0]), bool(transposed),
+                                       bool(entropy), frozen, bool(entropy_grad))
         if entropy and not entropy_grad:
             ent = ent.detach()
     if keep is not None:
@@ -360,12 +368,14 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                           reduction: str = "mean", chunk: int | None = None,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
+                          bias: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias).float().view(-1, V), labels.view(-1), ignore_index,
     reduction=...)`` without the logits (fp32 maths; labelled rows only go through the head). ``reduction``:
-    "mean" (over labelled rows; NaN when there are none, as cross_entropy), "sum", or "none" (``labels``' shape)."""
+    "mean" (over labelled rows; NaN when there are none, as cross_entropy), "sum", or "none" (``labels``' shape).
+    ``transposed``: see :func:`chunk_logits`."""
     if reduction == "none":
-        lp, _ = chunked_token_logprobs(hidden, weight, labels, chunk=chunk, bias=bias, ignore_index=ignore_index)
+        lp, _ = chunked_token_logprobs(hidden, weight, labels, chunk=chunk, bias=bias, ignore_index=ignore_index,
+                                       transposed=transposed)
         return -lp
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
@@ -379,5 +389,5 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if count == 0:  # as cross_entropy: 0 for "sum", NaN for "mean"; on the autograd graph of hidden
         total = h.sum(dtype=torch.float32) * 0
     else:
-        total = _CrossEntropySum.apply(h, weight, bias, t, _chunk_rows(chunk, count), flags)
+        total = _CrossEntropySum.apply(h, weight, bias, t, _chunk_rows(chunk, count), bool(transposed), flags)
     return total / count if reduction == "mean" else total

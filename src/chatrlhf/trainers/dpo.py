@@ -62,7 +62,7 @@ def pair_logps(model, batch: dict, fp32: bool = True) -> tuple[torch.Tensor, tor
     head = lm_head.head_inputs(model, batch["input_ids"], batch["attention_mask"], keep)
     if head is not None:
         lp = chunked_token_logprobs(head.hidden, head.weight, lm_head.next_token_targets(labels, keep),
-                                    bias=head.bias, ignore_index=-100)[0].sum(-1)
+                                    bias=head.bias, ignore_index=-100, transposed=head.transposed)[0].sum(-1)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         lp = sequence_logprobs(logits.float() if fp32 else logits, labels)

@@ -77,7 +77,7 @@ def sft_loss(engine, batch: dict, fp32: bool = False, reduction: str = "mean") -
         logits, labels = answer_logits(engine, batch)
         return lm_loss(logits, labels, fp32=fp32, reduction=reduction)
     return chunked_cross_entropy(head.hidden, head.weight, lm_head.next_token_targets(labels, keep),
-                                 reduction=reduction, bias=head.bias)
+                                 reduction=reduction, bias=head.bias, transposed=head.transposed)
 
 
 @torch.no_grad()

@@ -118,7 +118,7 @@ def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, star
     head = lm_head.head_inputs(model, seq, attention_mask, keep, **_position_kw(model, attention_mask))
     if head is not None:
         return chunked_token_logprobs(head.hidden[:, :-1], head.weight, seq[:, start + 1:], entropy=entropy,
-                                      bias=head.bias, entropy_grad=entropy_grad)
+                                      bias=head.bias, entropy_grad=entropy_grad, transposed=head.transposed)
     logits = lm_forward(model, seq, attention_mask, logits_to_keep=keep)[:, :-1]
     logp = F.log_softmax(logits.float(), dim=-1)
     del logits  # freed before the entropy's [B, K, V] temporaries
