@@ -433,8 +433,10 @@ def test_logits_layout_is_timed_once_per_shape_and_can_be_forced(monkeypatch, tm
     monkeypatch.setattr(lm_head, "chunk_logits",
                         lambda *a, **k: calls.append(k.get("transposed", False)) or orig(*a, **k))
     w = torch.randn(300, 16)
+    rng = torch.get_rng_state()
     first = lm_head.logits_layout(w, None)
     assert set(calls) == {False, True} and (tmp_path / "calibration.json").is_file()
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout's stream untouched: a resumed run repeats the first
     n = len(calls)
     assert lm_head.logits_layout(w, None) is first and len(calls) == n  # decided once
     for forced in ("linear", "transposed"):

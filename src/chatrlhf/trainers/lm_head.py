@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -72,19 +73,27 @@ def logits_layout(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     the faster of the two products for its shape, dtype and device, timed side by side once on this machine
     (engine/calibrate.py, cached; ``CHATRLHF_PATH_LM_HEAD_LAYOUT=linear|transposed`` forces one). Both give the
     same sums; on a 2-core AVX2 EPYC at SmolLM2's head (V = 49,152, H = 576), the transposed one ran a chunk's
-    logits 1.2x faster and SFT's chunked cross-entropy forward + backward 1.1-1.2x."""
+    logits 1.2x faster and SFT's chunked cross-entropy forward + backward 1.1-1.2x. Under torch.distributed every
+    rank takes rank 0's choice (ranks calibrating at once could pick differently, and the two round differently:
+    a run must not depend on which rank timed what)."""
     V, H = weight.shape
     key = (V, H, weight.dtype, weight.device, bias is not None)
     if key not in _layouts:
-        rows = min(LAYOUT_ROWS, max(V // 4, 1))
-        h = torch.randn(rows, H, dtype=weight.dtype, device=weight.device)
+        rows = LAYOUT_ROWS
+        # its own generator: a draw from the global one would shift dropout's masks, and a resumed run (which
+        # decides this later, at its first step) would then not repeat the uninterrupted one bit for bit
+        gen = torch.Generator(device=weight.device).manual_seed(0)
+        h = torch.randn(rows, H, generator=gen, device=weight.device).to(weight.dtype)
         w, b = weight.detach(), None if bias is None else bias.detach()
         choice = calibrate.choose(
             "lm_head_layout", {"rows": rows, "hidden": H, "vocab": V, "dtype": str(weight.dtype).split(".")[-1],
                                "bias": b is not None, "device": weight.device.type},
             {"linear": lambda: chunk_logits(h, w, b), "transposed": lambda: chunk_logits(h, w, b, transposed=True)},
             device=weight.device, describe=f"{rows} x {H} -> {V}")
-        _layouts[key] = choice == "transposed"
+        transposed = torch.tensor([float(choice == "transposed")], device=weight.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(transposed, src=0)
+        _layouts[key] = bool(transposed.item())
     return _layouts[key]
 
 
