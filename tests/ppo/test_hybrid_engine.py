@@ -241,14 +241,19 @@ def test_folded_rms_norm_matches_llama_rms_norm():
     assert not _Norm(mod, fold=False).fold
 
 
-@pytest.mark.parametrize("rows,kv", [(1, 4), (11, 2)], ids=["1-row", "11-rows-gqa"])
-def test_native_decode_step_equals_torch_step(tiny_model_factory, monkeypatch, rows, kv):
+@pytest.mark.parametrize("rows,kv,wide", [(1, 4, False), (11, 2, False), (3, 1, True)],
+                         ids=["1-row", "11-rows-gqa", "3-rows-80-wide-heads"])
+def test_native_decode_step_equals_torch_step(tiny_model_factory, monkeypatch, rows, kv, wide):
     """decode.c's step against the torch step on the same decoder state, logits compared at every position: one
-    row (seven zero rows of padding in its GEMM block) and 11 rows (two blocks) with 4 query heads on 2 K/V heads."""
+    row (seven zero rows of padding in its GEMM block), 11 rows (two blocks) with 4 query heads on 2 K/V heads,
+    and heads 80 wide (SmolLM2's are 64: the attention's 64-column chunks plus a 16-column tail), 2 on 1 K/V head."""
     from chatrlhf.engine.native import NativeStep
 
-    base = tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
-    model, tok, ids, mask = _load(base if kv == 4 else _variant(base, f"gqa{kv}", num_key_value_heads=kv))
+    if wide:
+        base = tiny_model_factory("llama", hidden=160, layers=2, heads=2, kv_heads=kv, vocab=512)
+    else:
+        base = tiny_model_factory("llama", hidden=64, layers=2, vocab=512)
+    model, tok, ids, mask = _load(base if kv == 4 or wide else _variant(base, f"gqa{kv}", num_key_value_heads=kv))
     idx = torch.arange(rows) % ids.shape[0]
     ids, mask = ids[idx], mask[idx]
     nat = HybridDecoder(model, rows=rows)

@@ -18,7 +18,7 @@
    with rotate_half's sign folded into `sin`, K/V written to the cache at position p, softmax attention over
    positions 0..p with an additive mask, o-projection added to x, SwiGLU MLP (fused gate|up) added to x; then the
    final norm and the lm head. Written with GCC vector extensions, so it builds for AVX2, AVX-512 or NEON. */
-#pragma GCC diagnostic ignored "-Wpsabi" /* v16 arguments of static functions: no ABI crosses them */
+#pragma GCC diagnostic ignored "-Wpsabi" /* vector arguments of static functions: no ABI crosses them */
 #include <math.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(CHATRLHF_NO_BF16_DOT)
@@ -28,11 +28,7 @@
 #define BF16_DOT 0
 #endif
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef unsigned int v16u __attribute__((vector_size(64)));
-typedef int v16i __attribute__((vector_size(64)));
 typedef unsigned short bf16_t;
-typedef unsigned short v16h __attribute__((vector_size(32)));
 
 /* The GEMM's panel width (columns packed side by side), vector type and row block: MR rows x PANEL columns of
    accumulators (MR * NV vectors) stay in registers, so each weight loaded feeds MR rows' FMAs.
@@ -42,16 +38,20 @@ typedef unsigned short v16h __attribute__((vector_size(32)));
    blocks (8 accumulators too) made 8 rows re-read each panel 4 times from L2; on a 2-core AVX2 EPYC (Zen 3) the
    mid model's layer GEMMs for 8 rows took 15.4-17.1 ms instead of 18.2-20.6 (interleaved runs, 15-20% less).
    GCC lowers 64-byte vectors to AVX2 through the stack: the AVX-512 kernel ran SmolLM2 at 1.1 s a step (16 rows)
-   on an AVX2 EPYC, 4x slower than torch. */
+   on an AVX2 EPYC, 4x slower than torch. So every vector in this file is the machine's own width (vf, VL lanes):
+   the attention, softmax and SwiGLU in 64-byte vectors took 5.5 ms of a SmolLM2 step (8 rows, 49 positions) on a
+   2-core AVX2 EPYC, 2.7 ms in 32-byte ones. */
 #if defined(__AVX512F__)
 #define PANEL 32
-typedef float vf __attribute__((vector_size(64)));
-typedef unsigned int vfu __attribute__((vector_size(64)));
+#define VBYTES 64
 #else
 #define PANEL 8
-typedef float vf __attribute__((vector_size(32)));
-typedef unsigned int vfu __attribute__((vector_size(32)));
+#define VBYTES 32
 #endif
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef unsigned int vfu __attribute__((vector_size(VBYTES)));
+typedef int vfi __attribute__((vector_size(VBYTES)));
+typedef unsigned short vfh __attribute__((vector_size(VBYTES / 2)));
 #define MR 8
 #define VL ((int)(sizeof(vf) / sizeof(float)))
 #define NV (PANEL / VL)
@@ -89,22 +89,22 @@ static inline unsigned f2bf(float f) { /* round to nearest even */
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
-/* exp of 16 lanes (Cephes' expf: 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial), within 2 ulp of expf but
+/* exp of VL lanes (Cephes' expf: 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial), within 2 ulp of expf but
    0 below exp(-87) ~ 1.6e-38: libm's scalar expf was most of SwiGLU's time. */
-static inline __attribute__((always_inline)) v16 vsel(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
+static inline __attribute__((always_inline)) vf vsel(vfi m, vf a, vf b) { return (vf)(((vfi)a & m) | ((vfi)b & ~m)); }
 
-static inline __attribute__((always_inline)) v16 vexp(v16 x) {
-    const v16 magic = (v16){0} + 12582912.f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const v16 lo = (v16){0} - 87.f, inf = (v16){0} + INFINITY;
-    v16i big = x > 88.72283935546875f; /* expf overflows */
+static inline __attribute__((always_inline)) vf vexp(vf x) {
+    const vf magic = (vf){0} + 12582912.f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const vf lo = (vf){0} - 87.f, inf = (vf){0} + INFINITY;
+    vfi big = x > 88.72283935546875f; /* expf overflows */
     x = vsel(x < lo, lo, x);
-    v16 t = x * 1.44269504088896341f + magic, nf = t - magic;
-    v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    v16 y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
+    vf t = x * 1.44269504088896341f + magic, nf = t - magic;
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
              + 1.6666665459e-1f) * r + 5.0000001201e-1f;
     y = y * r * r + r + 1.f;
-    v16u e = ((v16u)t - 0x4B400000u + 126u) << 23; /* 2^(n-1): n in [-125, 128] after the clamp */
-    v16 out = y * (v16)e * 2.f;
+    vfu e = ((vfu)t - 0x4B400000u + 126u) << 23; /* 2^(n-1): n in [-125, 128] after the clamp */
+    vf out = y * (vf)e * 2.f;
     return vsel(big, inf, out);
 }
 
@@ -239,13 +239,13 @@ static void norm_rows(const Net *n, float floor, const float *g) {
     }
 }
 
-/* 16 cache values from element `off` of an fp32 or bf16 cache, as fp32. */
-static inline __attribute__((always_inline)) v16 kv16(const void *C, size_t off, int bf) {
-    v16 f;
+/* VL cache values from element `off` of an fp32 or bf16 cache, as fp32. */
+static inline __attribute__((always_inline)) vf kvv(const void *C, size_t off, int bf) {
+    vf f;
     if (bf) {
-        v16h h;
+        vfh h;
         memcpy(&h, (const bf16_t *)C + off, sizeof h);
-        return (v16)(__builtin_convertvector(h, v16u) << 16);
+        return (vf)(__builtin_convertvector(h, vfu) << 16);
     }
     memcpy(&f, (const float *)C + off, sizeof f);
     return f;
@@ -260,17 +260,17 @@ static inline void kv_prefetch(const void *C, size_t off, int hd, int bf) {
     for (int j = 0; j < hd * (bf ? 2 : 4); j += 64) __builtin_prefetch(c + j);
 }
 
-/* q . C[off .. off+hd): in 16-lane blocks (a scalar sum is one long dependency chain), then the tail. */
+/* q . C[off .. off+hd): in VL-lane blocks (a scalar sum is one long dependency chain), then the tail. */
 static inline float kv_dot(const float *q, const void *C, size_t off, int hd, int bf) {
-    v16 acc = {0};
+    vf acc = {0};
     int e = 0;
-    for (; e + 16 <= hd; e += 16) {
-        v16 qv;
+    for (; e + VL <= hd; e += VL) {
+        vf qv;
         memcpy(&qv, q + e, sizeof qv);
-        acc += qv * kv16(C, off + e, bf);
+        acc += qv * kvv(C, off + e, bf);
     }
     float d = 0.f;
-    for (int j = 0; j < 16; j++) d += acc[j];
+    for (int j = 0; j < VL; j++) d += acc[j];
     for (; e < hd; e++) d += q[e] * kv1(C, off + e, bf);
     return d;
 }
@@ -278,14 +278,35 @@ static inline float kv_dot(const float *q, const void *C, size_t off, int hd, in
 /* o[0..hd) += w * C[off .. off+hd) */
 static inline void kv_axpy(float w, const void *C, size_t off, int hd, int bf, float *o) {
     int e = 0;
-    for (; e + 16 <= hd; e += 16) {
-        v16 ov;
+    for (; e + VL <= hd; e += VL) {
+        vf ov;
         memcpy(&ov, o + e, sizeof ov);
-        ov += w * kv16(C, off + e, bf);
+        ov += w * kvv(C, off + e, bf);
         memcpy(o + e, &ov, sizeof ov);
     }
     for (; e < hd; e++) o[e] += w * kv1(C, off + e, bf);
 }
+
+/* o[0..hd) = sum_t (w[t] * inv) * C[off + t*hd .. off + (t+1)*hd) for t < n, summed in t order: in chunks of 64
+   columns whose sums stay in registers over all t (independent FMA chains; kept in memory, each axpy's load and
+   store made this loop 3x slower), the rest of hd by kv_axpy. */
+static inline void kv_weighted_sum(const float *w, float inv, int n, const void *C, size_t off, int hd, int bf,
+                                   float *o) {
+    int e = 0;
+    for (; e + 64 <= hd; e += 64) {
+        vf acc[64 / VL] = {{0}};
+        for (int t = 0; t < n; t++) {
+            float wt = w[t] * inv;
+            for (int j = 0; j < 64 / VL; j++) acc[j] += wt * kvv(C, off + (size_t)t * hd + e + j * VL, bf);
+        }
+        memcpy(o + e, acc, sizeof acc);
+    }
+    if (e < hd) {
+        memset(o + e, 0, (hd - e) * sizeof(float));
+        for (int t = 0; t < n; t++) kv_axpy(w[t] * inv, C, off + (size_t)t * hd + e, hd - e, bf, o + e);
+    }
+}
+
 
 /* RoPE on the q and k heads of n->qkv (in place), then k and v into layer l's cache at position p. */
 static void rope_and_cache(const Net *n, int l, int p, const float *cos, const float *sin) {
@@ -314,42 +335,52 @@ static void rope_and_cache(const Net *n, int l, int p, const float *cos, const f
     }
 }
 
-/* Attention of each (row, head) over positions 0..p; into n->att, or n->xb as bf16 pairs (head_dim even). */
+/* Attention of each (row, head) over positions 0..p; into n->att, or n->xb as bf16 pairs (head_dim even). Work items
+   are (row, KV head): the `group` query heads that share a KV head read each cached K and V row once. */
 static void attention(const Net *n, int l, int p, const float *mask) {
     const int nh = n->n_heads, nkv = n->n_kv, hd = n->head_dim, S = n->max_len, group = nh / nkv, bf = n->bf16;
-    const int nqkv = (nh + 2 * nkv) * hd;
+    const int nqkv = (nh + 2 * nkv) * hd, items = n->rows * nkv;
 #pragma omp for schedule(static)
-    for (int bi = 0; bi < n->rows * nh; bi++) {
-        int b = bi / nh, i = bi % nh, g = i / group;
-        const float *q = n->qkv + (size_t)b * nqkv + (size_t)i * hd, *mk = mask + (size_t)b * S;
+    for (int bg = 0; bg < items; bg++) {
+        int b = bg / nkv, g = bg % nkv;
+        const float *q = n->qkv + (size_t)b * nqkv + (size_t)g * group * hd, *mk = mask + (size_t)b * S;
         size_t base = ((size_t)b * nkv + g) * S * hd;
-        float *sc = n->scores + (size_t)bi * S, mx = -INFINITY, sum = 0.f;
+        float *sc = n->scores + (size_t)(b * nh + g * group) * S, mx[group], sum[group];
+        for (int i = 0; i < group; i++) mx[i] = -INFINITY, sum[i] = 0.f;
         /* the cache rows come from memory (the weight stream has evicted them): fetch the next item's first K rows
            now, this item's K rows KV_AHEAD ahead, and its V rows for the second loop */
-        if (bi + 1 < n->rows * nh) {
-            int b1 = (bi + 1) / nh, g1 = (bi + 1) % nh / group;
-            size_t base1 = ((size_t)b1 * nkv + g1) * S * hd;
+        if (bg + 1 < items) {
+            size_t base1 = base + (size_t)S * hd; /* (row, KV head) items are consecutive in the cache */
             for (int t = 0; t < KV_AHEAD && t <= p; t++) kv_prefetch(n->kc[l], base1 + (size_t)t * hd, hd, bf);
         }
         for (int t = 0; t <= p; t++) {
             if (t + KV_AHEAD <= p) kv_prefetch(n->kc[l], base + (size_t)(t + KV_AHEAD) * hd, hd, bf);
             kv_prefetch(n->vc[l], base + (size_t)t * hd, hd, bf);
-            sc[t] = kv_dot(q, n->kc[l], base + (size_t)t * hd, hd, bf) * n->scale + mk[t];
-            mx = sc[t] > mx ? sc[t] : mx;
+            for (int i = 0; i < group; i++) {
+                float s = kv_dot(q + (size_t)i * hd, n->kc[l], base + (size_t)t * hd, hd, bf) * n->scale + mk[t];
+                sc[(size_t)i * S + t] = s;
+                mx[i] = s > mx[i] ? s : mx[i];
+            }
         }
-        int t = 0;
-        for (; t + 16 <= p + 1; t += 16) {
-            v16 e;
-            memcpy(&e, sc + t, sizeof e);
-            e = vexp(e - mx);
-            memcpy(sc + t, &e, sizeof e);
-            for (int j = 0; j < 16; j++) sum += e[j];
+        for (int i = 0; i < group; i++) {
+            float *si = sc + (size_t)i * S;
+            int t = 0;
+            for (; t + VL <= p + 1; t += VL) {
+                vf e;
+                memcpy(&e, si + t, sizeof e);
+                e = vexp(e - mx[i]);
+                memcpy(si + t, &e, sizeof e);
+                for (int j = 0; j < VL; j++) sum[i] += e[j];
+            }
+            for (; t <= p; t++) sum[i] += (si[t] = expf(si[t] - mx[i]));
+            sum[i] = 1.f / sum[i];
         }
-        for (; t <= p; t++) sum += (sc[t] = expf(sc[t] - mx));
-        float *o = n->att + (size_t)b * nh * hd + (size_t)i * hd, inv = 1.f / sum;
-        memset(o, 0, hd * sizeof(float));
-        for (int t = 0; t <= p; t++) kv_axpy(sc[t] * inv, n->vc[l], base + (size_t)t * hd, hd, bf, o);
-        if (bf) to_pairs(o, hd, n->xb + (size_t)b * (nh * hd / 2) + (size_t)i * hd / 2);
+        float *o = n->att + (size_t)b * nh * hd + (size_t)g * group * hd;
+        for (int i = 0; i < group; i++)
+            kv_weighted_sum(sc + (size_t)i * S, sum[i], p + 1, n->vc[l], base, hd, bf, o + (size_t)i * hd);
+        if (bf)
+            for (int i = 0; i < group; i++)
+                to_pairs(o + (size_t)i * hd, hd, n->xb + (size_t)b * (nh * hd / 2) + (size_t)(g * group + i) * hd / 2);
     }
 }
 
@@ -361,8 +392,8 @@ static void swiglu(const Net *n) {
         float *a = n->act + (size_t)b * I;
         const float *gr = n->gu + (size_t)b * 2 * I, *ur = gr + I;
         int j = 0;
-        for (; j + 16 <= I; j += 16) {
-            v16 g, u;
+        for (; j + VL <= I; j += VL) {
+            vf g, u;
             memcpy(&g, gr + j, sizeof g);
             memcpy(&u, ur + j, sizeof u);
             g = g / (1.f + vexp(-g)) * u;
