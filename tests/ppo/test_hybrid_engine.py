@@ -129,7 +129,7 @@ def test_sampling_matches_the_model_distribution(family_model):
                                         k), -1)[0]
     torch.manual_seed(0)
     seq = HybridDecoder(model, rows=n).generate(ids1, mask1, 1, tok.pad_token_id, tok.eos_token_id,
-                                               do_sample=True, temperature=T, top_k=k)
+                                                do_sample=True, temperature=T, top_k=k)
     got = torch.bincount(seq[:, -1], minlength=logits.numel()).float() / n
     assert got[want == 0].sum() == 0  # nothing outside the top-k
     assert 0.5 * (got - want).abs().sum() < 0.05  # total variation distance
